@@ -1,0 +1,2 @@
+//! The dataplane agent: `source -> model -> dataplane -> kernel`.
+pub mod model;

@@ -1,0 +1,94 @@
+//! Which endpoints may serve a Service port on this node, as kube-proxy's
+//! `CategorizeEndpoints` decides (pkg/proxy/topology.go).
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+
+use super::{
+    Backend, NodeInfo,
+    service::{Protocol, ServicePort, ServiceSpec},
+};
+
+/// An endpoint address with the port that serves one Service port.
+#[derive(Debug)]
+struct Candidate<'a> {
+    backend: Backend,
+    endpoint: &'a Endpoint,
+}
+
+/// The backends for one Service port: ready endpoints, or if there are none,
+/// serving-and-terminating ones (kube-proxy's terminating fallback, KEP-1669);
+/// never endpoints that are not serving. With `internalTrafficPolicy: Local`
+/// only endpoints on this node count, and none means none (no fallback to
+/// other nodes).
+pub fn backends_for_port(
+    port: &ServicePort,
+    spec: &ServiceSpec,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+) -> Vec<Backend> {
+    let candidates: Vec<Candidate> = slices
+        .iter()
+        .filter_map(|slice| Some((slice, endpoint_port_for(slice, port)?)))
+        .flat_map(|(slice, target_port)| {
+            slice.endpoints.iter().filter_map(move |endpoint| {
+                let ip = endpoint.addresses.first()?.parse::<Ipv4Addr>().ok()?;
+                Some(Candidate {
+                    backend: Backend {
+                        ip,
+                        port: target_port,
+                    },
+                    endpoint,
+                })
+            })
+        })
+        .filter(|c| !spec.internal_traffic_local || c.endpoint.node_name.as_deref() == Some(node.name.as_str()))
+        .collect();
+
+    let ready: BTreeSet<Backend> = candidates
+        .iter()
+        .filter(|c| is_ready(c.endpoint))
+        .map(|c| c.backend)
+        .collect();
+    let chosen = if ready.is_empty() {
+        candidates
+            .iter()
+            .filter(|c| is_serving(c.endpoint) && is_terminating(c.endpoint))
+            .map(|c| c.backend)
+            .collect()
+    } else {
+        ready
+    };
+    chosen.into_iter().collect()
+}
+
+/// The port number an EndpointSlice gives for a Service port: the slice port
+/// with the same name and protocol. This is how a named `targetPort` is
+/// resolved: the EndpointSlice controller already did it per pod.
+fn endpoint_port_for(slice: &EndpointSlice, port: &ServicePort) -> Option<u16> {
+    slice.ports.as_deref()?.iter().find_map(|slice_port| {
+        let same_name = slice_port.name.as_deref().unwrap_or("") == port.name;
+        let same_protocol = Protocol::parse(slice_port.protocol.as_deref()).ok() == Some(port.protocol);
+        let number = u16::try_from(slice_port.port?).ok().filter(|p| *p != 0)?;
+        (same_name && same_protocol).then_some(number)
+    })
+}
+
+// The API documents a nil condition as "unknown" and consumers treat nil
+// ready and serving as true, nil terminating as false.
+fn is_ready(endpoint: &Endpoint) -> bool {
+    endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+}
+
+fn is_serving(endpoint: &Endpoint) -> bool {
+    let conditions = endpoint.conditions.as_ref();
+    conditions
+        .and_then(|c| c.serving)
+        .or_else(|| conditions.and_then(|c| c.ready))
+        .unwrap_or(true)
+}
+
+fn is_terminating(endpoint: &Endpoint) -> bool {
+    endpoint.conditions.as_ref().and_then(|c| c.terminating).unwrap_or(false)
+}

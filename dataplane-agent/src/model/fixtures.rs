@@ -1,0 +1,148 @@
+//! Builders for the model's table tests: one line per object.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use super::{ClusterState, ObjectName};
+
+pub fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some("default".into()),
+        labels: (!labels.is_empty()).then(|| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A ClusterIP Service with `(name, port, protocol)` ports.
+pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, i32, &str)]) -> Service {
+    Service {
+        metadata: meta(name, &[]),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(cluster_ip.into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(port_name, port, protocol)| ServicePort {
+                        name: (!port_name.is_empty()).then(|| port_name.to_string()),
+                        port: *port,
+                        protocol: Some(protocol.to_string()),
+                        target_port: Some(IntOrString::Int(*port)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Ep<'a> {
+    pub ip: &'a str,
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+    pub node: &'a str,
+}
+
+pub const fn ready(ip: &str) -> Ep<'_> {
+    Ep {
+        ip,
+        ready: Some(true),
+        serving: Some(true),
+        terminating: Some(false),
+        node: "node-a",
+    }
+}
+
+pub const fn not_ready(ip: &str) -> Ep<'_> {
+    Ep {
+        ready: Some(false),
+        serving: Some(false),
+        terminating: Some(false),
+        ..ready(ip)
+    }
+}
+
+pub const fn terminating_serving(ip: &str) -> Ep<'_> {
+    Ep {
+        ready: Some(false),
+        serving: Some(true),
+        terminating: Some(true),
+        ..ready(ip)
+    }
+}
+
+pub const fn terminating_not_serving(ip: &str) -> Ep<'_> {
+    Ep {
+        ready: Some(false),
+        serving: Some(false),
+        terminating: Some(true),
+        ..ready(ip)
+    }
+}
+
+pub const fn on_node<'a>(ep: Ep<'a>, node: &'a str) -> Ep<'a> {
+    Ep { node, ..ep }
+}
+
+/// An IPv4 EndpointSlice of Service `service` with `(name, port, protocol)`
+/// ports.
+pub fn slice(name: &str, service: &str, ports: &[(&str, i32, &str)], endpoints: &[Ep]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: meta(name, &[("kubernetes.io/service-name", service)]),
+        address_type: "IPv4".into(),
+        ports: Some(
+            ports
+                .iter()
+                .map(|(port_name, port, protocol)| EndpointPort {
+                    name: Some(port_name.to_string()),
+                    port: Some(*port),
+                    protocol: Some(protocol.to_string()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        endpoints: endpoints
+            .iter()
+            .map(|ep| Endpoint {
+                addresses: vec![ep.ip.into()],
+                conditions: Some(EndpointConditions {
+                    ready: ep.ready,
+                    serving: ep.serving,
+                    terminating: ep.terminating,
+                }),
+                node_name: Some(ep.node.into()),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+pub fn cluster(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
+    ClusterState {
+        services: services
+            .into_iter()
+            .map(|s| (ObjectName::of(&s.metadata), s))
+            .collect(),
+        endpoint_slices: slices
+            .into_iter()
+            .map(|s| (ObjectName::of(&s.metadata), s))
+            .collect(),
+        nodes: BTreeMap::new(),
+    }
+}

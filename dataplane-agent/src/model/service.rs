@@ -1,0 +1,152 @@
+//! Which Services kube-proxy would proxy, and their validated frontends.
+
+use std::{fmt, net::Ipv4Addr, net::IpAddr};
+
+use k8s_openapi::api::core::v1::Service;
+
+use super::ObjectName;
+
+/// Services with this label belong to another proxy; kube-proxy without a
+/// proxy name of its own skips every one of them.
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the API server on headless Services and their EndpointSlices.
+pub(super) const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Kubernetes' spelling; a missing protocol means TCP.
+    pub fn parse(protocol: Option<&str>) -> Result<Self, String> {
+        match protocol.unwrap_or("TCP") {
+            "TCP" => Ok(Self::Tcp),
+            "UDP" => Ok(Self::Udp),
+            "SCTP" => Ok(Self::Sctp),
+            other => Err(format!("unknown protocol {other:?}")),
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => dataplane_common::IPPROTO_TCP,
+            Self::Udp => dataplane_common::IPPROTO_UDP,
+            Self::Sctp => dataplane_common::IPPROTO_SCTP,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        [Self::Tcp, Self::Udp, Self::Sctp]
+            .into_iter()
+            .find(|p| p.number() == number)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// A Service port, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// The parts of a proxied Service the model needs, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+    pub internal_traffic_local: bool,
+}
+
+#[derive(Debug)]
+pub enum Classified {
+    Proxied(ServiceSpec),
+    /// Not ours to proxy (headless, ExternalName, another proxy's); not an
+    /// error.
+    Ignored,
+}
+
+/// Decides whether kube-proxy would proxy this Service, and validates it.
+/// An invalid Service is an `Err` with the reason; the caller skips only it.
+pub fn classify(name: &ObjectName, service: &Service) -> Result<Classified, String> {
+    let labels = service.metadata.labels.as_ref();
+    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)) {
+        return Ok(Classified::Ignored);
+    }
+    if name.name.is_empty() {
+        return Err("metadata.name is empty".into());
+    }
+    let Some(spec) = service.spec.as_ref() else {
+        return Err("has no spec".into());
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(Classified::Ignored);
+    }
+    let declared_ips: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(ips), _) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        (_, Some(ip)) => vec![ip.as_str()],
+        _ => vec![],
+    };
+    if declared_ips.is_empty() || declared_ips.iter().any(|ip| ip.is_empty() || *ip == "None") {
+        return Ok(Classified::Ignored);
+    }
+    let mut cluster_ips = Vec::new();
+    for ip in declared_ips {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() => {
+                return Err(format!("clusterIP {ip} is not a usable address"));
+            }
+            Ok(IpAddr::V4(v4)) => cluster_ips.push(v4),
+            // The IPv6 family of a dual-stack Service waits for the IPv6
+            // datapath; its IPv4 family is still served.
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("clusterIP {ip:?} is not an IP address")),
+        }
+    }
+    if cluster_ips.is_empty() {
+        return Err("has only IPv6 clusterIPs, which are not supported yet".into());
+    }
+    let ports = spec.ports.as_deref().unwrap_or(&[]);
+    if ports.is_empty() {
+        return Err("has no ports".into());
+    }
+    let mut validated = Vec::with_capacity(ports.len());
+    for port in ports {
+        let port_name = port.name.clone().unwrap_or_default();
+        let number = u16::try_from(port.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {:?} has invalid number {}", port_name, port.port))?;
+        let protocol = Protocol::parse(port.protocol.as_deref())
+            .map_err(|e| format!("port {port_name:?}: {e}"))?;
+        if validated
+            .iter()
+            .any(|p: &ServicePort| p.port == number && p.protocol == protocol)
+        {
+            return Err(format!("port {number}/{protocol} is declared twice"));
+        }
+        validated.push(ServicePort {
+            name: port_name,
+            port: number,
+            protocol,
+        });
+    }
+    Ok(Classified::Proxied(ServiceSpec {
+        cluster_ips,
+        ports: validated,
+        internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+    }))
+}

@@ -1,0 +1,284 @@
+//! kube-proxy's Service semantics as a table: each row is a cluster, the
+//! node it is seen from, and the frontends and backends that must result.
+
+use super::{fixtures::*, *};
+
+const NODE: &str = "node-a";
+
+fn node() -> NodeInfo {
+    NodeInfo { name: NODE.into() }
+}
+
+/// Frontends as `"ip:port/PROTO" -> ["ip:port", ..]`, easy to read in a table.
+fn rendered(desired: &DesiredDataplane) -> Vec<(String, Vec<String>)> {
+    desired
+        .frontends
+        .iter()
+        .map(|(frontend, entry)| {
+            (
+                frontend.to_string(),
+                entry.backends.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect()
+}
+
+fn expect(rows: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+    rows.iter()
+        .map(|(f, b)| (f.to_string(), b.iter().map(|s| s.to_string()).collect()))
+        .collect()
+}
+
+struct Case {
+    name: &'static str,
+    cluster: ClusterState,
+    frontends: &'static [(&'static str, &'static [&'static str])],
+    /// Substrings of the reasons of skipped objects, in order.
+    skipped: &'static [&'static str],
+}
+
+const WEB: &[(&str, i32, &str)] = &[("http", 80, "TCP")];
+const WEB_EP: &[(&str, i32, &str)] = &[("http", 8080, "TCP")];
+
+fn with_labels(mut s: k8s_openapi::api::core::v1::Service, labels: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Service {
+    s.metadata = meta(s.metadata.name.as_deref().unwrap_or(""), labels);
+    s
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "ready endpoints serve, not-ready ones do not",
+            cluster: cluster(
+                vec![service("web", "10.96.0.10", WEB)],
+                vec![slice("web-1", "web", WEB_EP, &[ready("10.0.0.1"), not_ready("10.0.0.2"), ready("10.0.0.3")])],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080", "10.0.0.3:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "without ready endpoints, serving terminating ones are the fallback",
+            cluster: cluster(
+                vec![service("web", "10.96.0.10", WEB)],
+                vec![slice(
+                    "web-1",
+                    "web",
+                    WEB_EP,
+                    &[terminating_serving("10.0.0.1"), terminating_not_serving("10.0.0.2"), not_ready("10.0.0.3")],
+                )],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "a ready endpoint wins over terminating ones",
+            cluster: cluster(
+                vec![service("web", "10.96.0.10", WEB)],
+                vec![slice("web-1", "web", WEB_EP, &[terminating_serving("10.0.0.1"), ready("10.0.0.2")])],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.2:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "no endpoints at all: the frontend exists with no backend (reject)",
+            cluster: cluster(vec![service("web", "10.96.0.10", WEB)], vec![]),
+            frontends: &[("10.96.0.10:80/TCP", &[])],
+            skipped: &[],
+        },
+        Case {
+            name: "nil conditions mean ready",
+            cluster: cluster(
+                vec![service("web", "10.96.0.10", WEB)],
+                vec![slice(
+                    "web-1",
+                    "web",
+                    WEB_EP,
+                    &[Ep { ready: None, serving: None, terminating: None, ..ready("10.0.0.1") }],
+                )],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "internalTrafficPolicy Local keeps only this node's endpoints",
+            cluster: {
+                let mut svc = service("web", "10.96.0.10", WEB);
+                svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+                cluster(
+                    vec![svc],
+                    vec![slice("web-1", "web", WEB_EP, &[ready("10.0.0.1"), on_node(ready("10.0.0.2"), "node-b")])],
+                )
+            },
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "internalTrafficPolicy Local without a local endpoint rejects, no fallback",
+            cluster: {
+                let mut svc = service("web", "10.96.0.10", WEB);
+                svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+                cluster(vec![svc], vec![slice("web-1", "web", WEB_EP, &[on_node(ready("10.0.0.2"), "node-b")])])
+            },
+            frontends: &[("10.96.0.10:80/TCP", &[])],
+            skipped: &[],
+        },
+        Case {
+            name: "named ports map to each slice port by name; TCP and UDP on one number are two frontends",
+            cluster: cluster(
+                vec![service(
+                    "dns",
+                    "10.96.0.10",
+                    &[("dns-tcp", 53, "TCP"), ("dns", 53, "UDP"), ("metrics", 9153, "TCP")],
+                )],
+                vec![slice(
+                    "dns-1",
+                    "dns",
+                    &[("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP"), ("metrics", 9154, "TCP")],
+                    &[ready("10.0.0.1")],
+                )],
+            ),
+            frontends: &[
+                ("10.96.0.10:53/TCP", &["10.0.0.1:5354"]),
+                ("10.96.0.10:53/UDP", &["10.0.0.1:5353"]),
+                ("10.96.0.10:9153/TCP", &["10.0.0.1:9154"]),
+            ],
+            skipped: &[],
+        },
+        Case {
+            name: "slices of one Service merge and duplicate endpoints collapse",
+            cluster: cluster(
+                vec![service("web", "10.96.0.10", WEB)],
+                vec![
+                    slice("web-1", "web", WEB_EP, &[ready("10.0.0.2"), ready("10.0.0.1")]),
+                    slice("web-2", "web", WEB_EP, &[ready("10.0.0.1"), ready("10.0.0.3")]),
+                ],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "headless, ExternalName and other proxies' Services are ignored silently",
+            cluster: {
+                let mut external = service("ext", "", WEB);
+                external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
+                let mut headless_slice = slice("hl-1", "hl", WEB_EP, &[ready("10.0.0.9")]);
+                headless_slice
+                    .metadata
+                    .labels
+                    .as_mut()
+                    .unwrap()
+                    .insert("service.kubernetes.io/headless".into(), "".into());
+                cluster(
+                    vec![
+                        service("hl", "None", WEB),
+                        external,
+                        with_labels(
+                            service("other", "10.96.0.11", WEB),
+                            &[("service.kubernetes.io/service-proxy-name", "someone-else")],
+                        ),
+                        service("web", "10.96.0.10", WEB),
+                    ],
+                    vec![headless_slice, slice("web-1", "web", WEB_EP, &[ready("10.0.0.1")])],
+                )
+            },
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "invalid objects are skipped with a reason and the valid Service still works",
+            cluster: {
+                let mut fqdn = slice("fqdn-1", "web", WEB_EP, &[]);
+                fqdn.address_type = "FQDN".into();
+                let mut unlabelled = slice("nolabel", "web", WEB_EP, &[]);
+                unlabelled.metadata.labels = None;
+                cluster(
+                    vec![
+                        service("bad-ip", "10.96.0.300", WEB),
+                        service("port-zero", "10.96.0.12", &[("http", 0, "TCP")]),
+                        service("bad-proto", "10.96.0.13", &[("http", 80, "ICMP")]),
+                        service("web", "10.96.0.10", WEB),
+                    ],
+                    vec![
+                        fqdn,
+                        unlabelled,
+                        slice("orphan-1", "missing", WEB_EP, &[ready("10.0.0.5")]),
+                        slice("web-1", "web", WEB_EP, &[ready("10.0.0.1")]),
+                    ],
+                )
+            },
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[
+                "addressType \"FQDN\"",
+                "no kubernetes.io/service-name label",
+                "Service default/missing is unknown",
+                "clusterIP \"10.96.0.300\" is not an IP address",
+                "unknown protocol \"ICMP\"",
+                "invalid number 0",
+            ],
+        },
+        Case {
+            name: "two Services claiming one frontend: the first by name keeps it",
+            cluster: cluster(
+                vec![service("a", "10.96.0.10", WEB), service("b", "10.96.0.10", WEB)],
+                vec![slice("a-1", "a", WEB_EP, &[ready("10.0.0.1")]), slice("b-1", "b", WEB_EP, &[ready("10.0.0.2")])],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &["already used by Service default/a"],
+        },
+        Case {
+            name: "dual-stack Services serve their IPv4 family; IPv6-only ones are skipped",
+            cluster: {
+                let mut dual = service("dual", "10.96.0.10", WEB);
+                dual.spec.as_mut().unwrap().cluster_ips = Some(vec!["fd00::10".into(), "10.96.0.10".into()]);
+                cluster(
+                    vec![dual, service("v6", "fd00::11", WEB)],
+                    vec![slice("dual-1", "dual", WEB_EP, &[ready("10.0.0.1")])],
+                )
+            },
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &["only IPv6 clusterIPs"],
+        },
+        Case {
+            name: "a slice port that matches no Service port contributes nothing",
+            cluster: cluster(
+                vec![service("web", "10.96.0.10", WEB)],
+                vec![slice("web-1", "web", &[("other", 8080, "TCP")], &[ready("10.0.0.1")])],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &[])],
+            skipped: &[],
+        },
+    ]
+}
+
+#[test]
+fn kube_proxy_semantics_table() {
+    for case in cases() {
+        let desired = desired(&case.cluster, &node());
+        assert_eq!(rendered(&desired), expect(case.frontends), "case: {}", case.name);
+        let reasons: Vec<String> = desired.skipped.iter().map(ToString::to_string).collect();
+        assert_eq!(reasons.len(), case.skipped.len(), "case: {}: skipped {reasons:#?}", case.name);
+        for (reason, wanted) in reasons.iter().zip(case.skipped) {
+            assert!(reason.contains(wanted), "case: {}: {reason:?} should contain {wanted:?}", case.name);
+        }
+    }
+}
+
+#[test]
+fn frontends_remember_their_service_and_port_name() {
+    let desired = desired(
+        &cluster(vec![service("web", "10.96.0.10", WEB)], vec![]),
+        &node(),
+    );
+    let entry = desired.frontends.values().next().expect("one frontend");
+    assert_eq!(entry.service, ObjectName::new("default", "web"));
+    assert_eq!(entry.port_name, "http");
+}
+
+#[test]
+fn desired_is_deterministic() {
+    let cluster = cluster(
+        vec![service("web", "10.96.0.10", WEB)],
+        vec![slice("web-1", "web", WEB_EP, &[ready("10.0.0.3"), ready("10.0.0.1"), ready("10.0.0.2")])],
+    );
+    assert_eq!(desired(&cluster, &node()), desired(&cluster, &node()));
+}

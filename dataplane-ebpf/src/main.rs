@@ -1,0 +1,33 @@
+//! BPF entry points. Each hook is a thin wrapper around the module that owns
+//! its concern.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod sock;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+
+/// cgroup `connect4`: a TCP connect() to a Service frontend is redirected to
+/// one of its backends before the first packet exists.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate_connect4(&ctx)
+}
+
+/// cgroup `getpeername4`: a translated socket reports the Service address
+/// as its peer, as it would through kube-proxy's DNAT.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse_getpeername4(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

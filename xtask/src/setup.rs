@@ -1,0 +1,156 @@
+//! `cargo xtask setup`: installs what a fresh machine lacks to build and run
+//! the dataplane, following shared/TOOLCHAIN.md. Idempotent: every step first
+//! checks whether it is already done.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::util::{command_succeeds, run, stdout_of};
+
+const NIGHTLY: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPFFS: &str = "/sys/fs/bpf";
+
+pub fn setup() -> Result<()> {
+    check_kernel()?;
+    ensure_nightly_with_rust_src().context("setup step 1/3: nightly toolchain with rust-src")?;
+    ensure_bpf_linker().context("setup step 2/3: bpf-linker against nightly's own LLVM")?;
+    ensure_bpffs().context("setup step 3/3: mounting bpffs")?;
+    Ok(())
+}
+
+fn check_kernel() -> Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading the kernel release: the dataplane needs Linux")?;
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    if (major, minor) < (6, 6) {
+        bail!(
+            "kernel {} is too old: the dataplane needs Linux >= 6.6 (TCX links, bpf_set_retval in sock_addr programs)",
+            release.trim()
+        );
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        eprintln!("setup: warning: not root; loading programs, tests and the demo need root");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn ensure_nightly_with_rust_src() -> Result<()> {
+    let toolchains = stdout_of(Command::new("rustup").args(["toolchain", "list"]))
+        .context("running rustup: the build needs rustup to fetch the nightly toolchain")?;
+    if !toolchains.lines().any(|line| line.starts_with("nightly")) {
+        println!("setup: installing the nightly toolchain (BPF programs need -Z build-std)");
+        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+    }
+    let installed = stdout_of(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if !installed.lines().any(|line| line.starts_with("rust-src")) {
+        println!("setup: adding rust-src to nightly (needed to build core for bpfel-unknown-none)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))?;
+    }
+    Ok(())
+}
+
+/// The libLLVM shipped inside the nightly toolchain, which bpf-linker must
+/// link against so both speak the same LLVM bitcode.
+struct NightlyLlvm {
+    lib_dir: PathBuf,
+    /// e.g. `LLVM-22-rust-1.97.0-nightly`, for `-l dylib=`.
+    link_name: String,
+    major: u32,
+}
+
+fn nightly_llvm() -> Result<NightlyLlvm> {
+    let sysroot = stdout_of(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
+    for entry in std::fs::read_dir(&lib_dir).with_context(|| format!("listing {}", lib_dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        // libLLVM-22-rust-1.97.0-nightly.so
+        let Some(link_name) = name.strip_prefix("lib").and_then(|n| n.strip_suffix(".so")) else {
+            continue;
+        };
+        let Some(rest) = link_name.strip_prefix("LLVM-") else {
+            continue;
+        };
+        if let Some(major) = rest.split('-').next().and_then(|m| m.parse().ok()) {
+            return Ok(NightlyLlvm {
+                lib_dir,
+                link_name: link_name.to_owned(),
+                major,
+            });
+        }
+    }
+    bail!(
+        "no libLLVM-<major>-rust-*.so in {}: the nightly toolchain does not ship its LLVM as a shared library",
+        lib_dir.display()
+    )
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let llvm = nightly_llvm()?;
+    let stamp = cargo_home().join(".dataplane-bpf-linker-llvm");
+    let wanted_stamp = format!("{BPF_LINKER_VERSION} {}", llvm.link_name);
+    let stamp_matches = std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == wanted_stamp);
+    if stamp_matches && command_succeeds(Command::new("bpf-linker").arg("--version")) {
+        return Ok(());
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (LLVM {}); about a minute",
+        llvm.link_name, llvm.major
+    );
+    let lib_dir = llvm.lib_dir.display();
+    let rustflags = format!(
+        "-L {lib_dir} -l dylib={} -C link-arg=-Wl,-rpath,{lib_dir}",
+        llvm.link_name
+    );
+    run(Command::new("cargo")
+        .env("RUSTFLAGS", rustflags)
+        .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{},no-llvm-linking", llvm.major)))
+    .context("cargo install bpf-linker failed; it needs the package registry and a C toolchain")?;
+    if !command_succeeds(Command::new("bpf-linker").arg("--version")) {
+        bail!("bpf-linker was installed but does not run; is ~/.cargo/bin on PATH?");
+    }
+    std::fs::write(&stamp, wanted_stamp).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+pub fn bpffs_mounted() -> Result<bool> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    Ok(mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        let _source = fields.next();
+        fields.next() == Some(BPFFS) && fields.next() == Some("bpf")
+    }))
+}
+
+fn ensure_bpffs() -> Result<()> {
+    if bpffs_mounted()? {
+        return Ok(());
+    }
+    println!("setup: mounting bpffs at {BPFFS}");
+    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+        .context("mount -t bpf failed: pinned maps need bpffs, and mounting it needs root")
+}
