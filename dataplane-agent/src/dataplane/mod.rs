@@ -1,0 +1,3 @@
+//! Makes the kernel match the model: loads and attaches the programs, pins
+//! them, and writes the maps safely. The only module that touches BPF.
+pub mod state;

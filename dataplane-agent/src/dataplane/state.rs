@@ -1,0 +1,281 @@
+//! The map contents the agent believes are in the kernel, and the ordered,
+//! make-before-break steps that turn them into the desired contents.
+//!
+//! Pure apart from the [`MapStore`] it writes through, so the ordering rules
+//! are unit-tested with a fake store.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use dataplane_common::{BackendKey, BackendValue, SCOPE_ANY, ServiceKey, ServiceValue};
+
+use crate::model::{Backend, DesiredDataplane, Frontend, Protocol};
+
+/// A mirror of SERVICES and BACKENDS. The agent is their only writer, so
+/// after reading them once at start it keeps this copy exact by updating it
+/// after every successful map write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinnedState {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<BackendKey, BackendValue>,
+}
+
+/// Writes to the kernel maps (or to a fake in tests).
+pub trait MapStore {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Self::Error>;
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
+    fn put_backend(&mut self, key: &BackendKey, value: &BackendValue) -> Result<(), Self::Error>;
+    fn delete_backend(&mut self, key: &BackendKey) -> Result<(), Self::Error>;
+}
+
+pub fn service_key(frontend: &Frontend) -> ServiceKey {
+    ServiceKey {
+        vip_be: ipv4_be(frontend.ip),
+        port_be: frontend.port.to_be(),
+        protocol: frontend.protocol.number(),
+        scope: SCOPE_ANY,
+    }
+}
+
+pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend {
+        ip: ipv4_of_be(key.vip_be),
+        port: u16::from_be(key.port_be),
+        protocol: Protocol::from_number(key.protocol)?,
+    })
+}
+
+pub fn backend_value(backend: &Backend) -> BackendValue {
+    BackendValue {
+        ip_be: ipv4_be(backend.ip),
+        node_ip_be: 0,
+        port_be: backend.port.to_be(),
+        flags: 0,
+    }
+}
+
+pub fn backend_of(value: &BackendValue) -> Backend {
+    Backend {
+        ip: ipv4_of_be(value.ip_be),
+        port: u16::from_be(value.port_be),
+    }
+}
+
+/// The address as the kernel stores it in `user_ip4`: the wire bytes in
+/// memory order.
+pub fn ipv4_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn ipv4_of_be(ip_be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(ip_be.to_ne_bytes())
+}
+
+/// Why one frontend could not be programmed. Every other frontend is
+/// unaffected, and this one keeps serving its previous backends (if any).
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("{count} backends exceed the limit of {limit} per Service")]
+    TooManyBackends { count: usize, limit: usize },
+    #[error("no free Service id (all {0} in use)")]
+    NoServiceId(u32),
+    #[error("writing the maps: {0}")]
+    Map(String),
+}
+
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    pub updated: usize,
+    pub removed: usize,
+    pub failed: Vec<(Frontend, FrontendError)>,
+}
+
+impl PinnedState {
+    /// The backends a frontend currently balances over, in slot order.
+    pub fn current_backends(&self, value: &ServiceValue) -> Vec<BackendValue> {
+        (0..value.backend_count)
+            .map_while(|index| {
+                self.backends
+                    .get(&BackendKey {
+                        service_id: value.service_id,
+                        generation: value.generation,
+                        index,
+                    })
+                    .copied()
+            })
+            .collect()
+    }
+
+    /// Backend slots that no Service entry can reach any more.
+    pub fn unreachable_backends(&self) -> BTreeSet<BackendKey> {
+        let live: BTreeSet<(u32, u16)> = self
+            .services
+            .values()
+            .map(|v| (v.service_id, v.generation))
+            .collect();
+        let counts: BTreeMap<u32, u16> = self
+            .services
+            .values()
+            .map(|v| (v.service_id, v.backend_count))
+            .collect();
+        self.backends
+            .keys()
+            .filter(|k| {
+                !live.contains(&(k.service_id, k.generation))
+                    || counts.get(&k.service_id).is_none_or(|count| k.index >= *count)
+            })
+            .copied()
+            .collect()
+    }
+
+    fn allocate_id(&self, taken: &mut BTreeSet<u32>, max: u32) -> Option<u32> {
+        let in_use: BTreeSet<u32> = self.services.values().map(|v| v.service_id).collect();
+        let id = (1..=max).find(|id| !in_use.contains(id) && !taken.contains(id))?;
+        taken.insert(id);
+        Some(id)
+    }
+
+    /// Makes the maps hold `desired`, frontend by frontend:
+    ///
+    /// 1. for each new or changed frontend, write a complete new generation
+    ///    of backend slots, then flip the SERVICES entry to it in one update;
+    /// 2. delete SERVICES entries that are no longer desired.
+    ///
+    /// Slots of old generations are left for [`PinnedState::sweep`], which
+    /// the caller runs a grace period later, so a connect() that read the
+    /// old entry an instant before the flip still finds its backend.
+    pub fn apply<S: MapStore>(
+        &mut self,
+        desired: &DesiredDataplane,
+        store: &mut S,
+        limits: &Limits,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let mut taken_ids = BTreeSet::new();
+        for (frontend, entry) in &desired.frontends {
+            match self.apply_frontend(frontend, &entry.backends, store, limits, &mut taken_ids) {
+                Ok(true) => report.updated += 1,
+                Ok(false) => {}
+                Err(error) => report.failed.push((*frontend, error)),
+            }
+        }
+        let wanted: BTreeSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
+        let unwanted: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in unwanted {
+            match store.delete_service(&key) {
+                Ok(()) => {
+                    self.services.remove(&key);
+                    report.removed += 1;
+                }
+                Err(error) => {
+                    if let Some(frontend) = frontend_of(&key) {
+                        report.failed.push((frontend, FrontendError::Map(error.to_string())));
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    /// Returns whether the frontend changed.
+    fn apply_frontend<S: MapStore>(
+        &mut self,
+        frontend: &Frontend,
+        backends: &[Backend],
+        store: &mut S,
+        limits: &Limits,
+        taken_ids: &mut BTreeSet<u32>,
+    ) -> Result<bool, FrontendError> {
+        if backends.len() > limits.max_backends_per_service {
+            return Err(FrontendError::TooManyBackends {
+                count: backends.len(),
+                limit: limits.max_backends_per_service,
+            });
+        }
+        let key = service_key(frontend);
+        let wanted: Vec<BackendValue> = backends.iter().map(backend_value).collect();
+        let current = self.services.get(&key).copied();
+        if let Some(current) = current
+            && current.backend_count as usize == wanted.len()
+            && self.current_backends(&current) == wanted
+        {
+            return Ok(false);
+        }
+        let (service_id, generation) = match current {
+            Some(current) => (current.service_id, current.generation.wrapping_add(1)),
+            None => (
+                self.allocate_id(taken_ids, limits.max_services)
+                    .ok_or(FrontendError::NoServiceId(limits.max_services))?,
+                0,
+            ),
+        };
+        let map_error = |e: S::Error| FrontendError::Map(e.to_string());
+        for (index, value) in wanted.iter().enumerate() {
+            let slot = BackendKey {
+                service_id,
+                generation,
+                // Bounded by the limit check above, itself at most u16::MAX.
+                index: index as u16,
+            };
+            store.put_backend(&slot, value).map_err(map_error)?;
+            self.backends.insert(slot, *value);
+        }
+        let value = ServiceValue {
+            service_id,
+            backend_count: wanted.len() as u16,
+            generation,
+            flags: 0,
+            affinity_timeout_s: 0,
+        };
+        store.put_service(&key, &value).map_err(map_error)?;
+        self.services.insert(key, value);
+        Ok(true)
+    }
+
+    /// Deletes backend slots in `retired` that are still unreachable.
+    /// Returns how many were deleted and the first error, if any.
+    pub fn sweep<S: MapStore>(&mut self, retired: &BTreeSet<BackendKey>, store: &mut S) -> (usize, Option<S::Error>) {
+        let unreachable = self.unreachable_backends();
+        let mut deleted = 0;
+        let mut first_error = None;
+        for key in retired.intersection(&unreachable) {
+            match store.delete_backend(key) {
+                Ok(()) => {
+                    self.backends.remove(key);
+                    deleted += 1;
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        (deleted, first_error)
+    }
+}
+
+/// Capacity limits the agent enforces before touching the maps.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_services: u32,
+    pub max_backends_per_service: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_services: dataplane_common::SERVICES_MAX_ENTRIES,
+            max_backends_per_service: usize::from(u16::MAX),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,259 @@
+use super::*;
+use crate::model::{FrontendEntry, ObjectName};
+
+/// A fake kernel: two maps, an op log, optional injected failures, and an
+/// invariant check after every write: each frontend's SERVICES entry always
+/// points at a complete set of slots.
+#[derive(Default)]
+struct FakeMaps {
+    state: PinnedState,
+    log: Vec<String>,
+    /// Fail writes of backends with this IP (a "full map" for that Service).
+    fail_backend_ip: Option<Ipv4Addr>,
+    /// After every write: the backend set each frontend would balance over.
+    visible_history: Vec<BTreeMap<ServiceKey, BTreeSet<Backend>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected failure")]
+struct Injected;
+
+impl FakeMaps {
+    fn record(&mut self, op: String) {
+        self.log.push(op);
+        let mut visible = BTreeMap::new();
+        for (key, value) in &self.state.services {
+            let slots = self.state.current_backends(value);
+            assert_eq!(
+                slots.len(),
+                value.backend_count as usize,
+                "{key:?} points at missing slots after {:?}",
+                self.log
+            );
+            visible.insert(*key, slots.iter().map(backend_of).collect());
+        }
+        self.visible_history.push(visible);
+    }
+}
+
+impl MapStore for FakeMaps {
+    type Error = Injected;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Injected> {
+        self.state.services.insert(*key, *value);
+        self.record(format!("put_service {}", frontend_of(key).unwrap()));
+        Ok(())
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), Injected> {
+        self.state.services.remove(key);
+        self.record(format!("delete_service {}", frontend_of(key).unwrap()));
+        Ok(())
+    }
+    fn put_backend(&mut self, key: &BackendKey, value: &BackendValue) -> Result<(), Injected> {
+        if self.fail_backend_ip == Some(backend_of(value).ip) {
+            return Err(Injected);
+        }
+        self.state.backends.insert(*key, *value);
+        self.record(format!("put_backend {}/{}/{}", key.service_id, key.generation, key.index));
+        Ok(())
+    }
+    fn delete_backend(&mut self, key: &BackendKey) -> Result<(), Injected> {
+        self.state.backends.remove(key);
+        self.record(format!("delete_backend {}/{}/{}", key.service_id, key.generation, key.index));
+        Ok(())
+    }
+}
+
+fn frontend(last_octet: u8) -> Frontend {
+    Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, last_octet),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn backends(last_octets: &[u8]) -> Vec<Backend> {
+    last_octets
+        .iter()
+        .map(|o| Backend {
+            ip: Ipv4Addr::new(10, 0, 0, *o),
+            port: 8080,
+        })
+        .collect()
+}
+
+fn desired(frontends: &[(u8, &[u8])]) -> DesiredDataplane {
+    DesiredDataplane {
+        frontends: frontends
+            .iter()
+            .map(|(f, b)| {
+                (
+                    frontend(*f),
+                    FrontendEntry {
+                        service: ObjectName::new("default", format!("svc-{f}")),
+                        port_name: String::new(),
+                        backends: backends(b),
+                    },
+                )
+            })
+            .collect(),
+        skipped: vec![],
+    }
+}
+
+fn set(last_octets: &[u8]) -> BTreeSet<Backend> {
+    backends(last_octets).into_iter().collect()
+}
+
+/// Applies, then sweeps what the apply retired, as the agent does.
+fn converge(mirror: &mut PinnedState, maps: &mut FakeMaps, want: &DesiredDataplane) -> ApplyReport {
+    let report = mirror.apply(want, maps, &Limits::default());
+    let retired = mirror.unreachable_backends();
+    let (_, error) = mirror.sweep(&retired, maps);
+    assert!(error.is_none());
+    report
+}
+
+#[test]
+fn new_service_writes_backends_before_the_service_entry() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    let report = converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
+    assert_eq!(report.updated, 1);
+    assert_eq!(
+        maps.log,
+        ["put_backend 1/0/0", "put_backend 1/0/1", "put_service 10.96.0.10:80/TCP"]
+    );
+    assert_eq!(mirror, maps.state);
+}
+
+#[test]
+fn changing_backends_never_exposes_a_removed_or_partial_set() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2, 3])]));
+    maps.visible_history.clear();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 3, 4])]));
+
+    let key = service_key(&frontend(10));
+    let (old, new) = (set(&[1, 2, 3]), set(&[1, 3, 4]));
+    for visible in &maps.visible_history {
+        let now = &visible[&key];
+        assert!(*now == old || *now == new, "saw a mixed backend set {now:?}");
+    }
+    assert_eq!(maps.visible_history.last().unwrap()[&key], new);
+    // The old generation is gone after the sweep, and the mirror is exact.
+    assert_eq!(maps.state.backends.len(), 3);
+    assert_eq!(mirror, maps.state);
+}
+
+#[test]
+fn old_generation_stays_until_the_sweep() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
+    mirror.apply(&desired(&[(10, &[1])]), &mut maps, &Limits::default());
+    // A connect() that read the old entry just before the flip must still
+    // find its slot.
+    assert_eq!(maps.state.backends.len(), 3);
+    let retired = mirror.unreachable_backends();
+    assert_eq!(retired.len(), 2);
+    mirror.sweep(&retired, &mut maps);
+    assert_eq!(maps.state.backends.len(), 1);
+}
+
+#[test]
+fn an_unchanged_desired_state_writes_nothing() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    let want = desired(&[(10, &[1, 2]), (11, &[3])]);
+    converge(&mut mirror, &mut maps, &want);
+    maps.log.clear();
+    let report = converge(&mut mirror, &mut maps, &want);
+    assert_eq!(report.updated, 0);
+    assert!(maps.log.is_empty(), "{:?}", maps.log);
+}
+
+#[test]
+fn removed_frontends_are_deleted_and_their_slots_swept() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2]), (11, &[3])]));
+    let report = converge(&mut mirror, &mut maps, &desired(&[(11, &[3])]));
+    assert_eq!(report.removed, 1);
+    assert_eq!(maps.state.services.len(), 1);
+    assert_eq!(maps.state.backends.len(), 1);
+    assert_eq!(mirror, maps.state);
+}
+
+#[test]
+fn service_ids_survive_a_restart_and_a_restarted_agent_rewrites_nothing() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    let want = desired(&[(10, &[1]), (11, &[2]), (12, &[3])]);
+    converge(&mut mirror, &mut maps, &want);
+    let ids_before: Vec<u32> = maps.state.services.values().map(|v| v.service_id).collect();
+
+    // A new agent starts from what it reads back from the pinned maps.
+    let mut restarted = maps.state.clone();
+    maps.log.clear();
+    converge(&mut restarted, &mut maps, &want);
+    assert!(maps.log.is_empty(), "{:?}", maps.log);
+
+    // Adding a frontend does not renumber the others; freed ids are reused.
+    converge(&mut restarted, &mut maps, &desired(&[(10, &[1]), (12, &[3])]));
+    converge(&mut restarted, &mut maps, &desired(&[(10, &[1]), (12, &[3]), (13, &[4])]));
+    let id_of = |o: u8| maps.state.services[&service_key(&frontend(o))].service_id;
+    assert_eq!(id_of(10), ids_before[0]);
+    assert_eq!(id_of(12), ids_before[2]);
+    assert_eq!(id_of(13), ids_before[1], "the freed id is reused");
+}
+
+#[test]
+fn a_failing_frontend_keeps_its_old_backends_and_others_still_update() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1]), (11, &[2])]));
+    maps.fail_backend_ip = Some(Ipv4Addr::new(10, 0, 0, 9));
+    let report = converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 9]), (11, &[3])]));
+
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, frontend(10));
+    assert_eq!(report.updated, 1);
+    let visible = maps.visible_history.last().unwrap();
+    assert_eq!(visible[&service_key(&frontend(10))], set(&[1]), "old backends kept, never half");
+    assert_eq!(visible[&service_key(&frontend(11))], set(&[3]));
+    assert_eq!(mirror, maps.state, "partial slots of the failed update were swept");
+}
+
+#[test]
+fn too_many_backends_is_an_error_for_that_frontend_only() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    let limits = Limits {
+        max_backends_per_service: 2,
+        ..Limits::default()
+    };
+    let report = mirror.apply(&desired(&[(10, &[1, 2, 3]), (11, &[4])]), &mut maps, &limits);
+    assert!(matches!(
+        report.failed.as_slice(),
+        [(f, FrontendError::TooManyBackends { count: 3, limit: 2 })] if *f == frontend(10)
+    ));
+    assert_eq!(maps.state.services.len(), 1);
+}
+
+#[test]
+fn a_frontend_without_backends_is_programmed_with_count_zero() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[])]));
+    let value = maps.state.services[&service_key(&frontend(10))];
+    assert_eq!(value.backend_count, 0);
+}
+
+#[test]
+fn keys_use_network_byte_order() {
+    let key = service_key(&frontend(10));
+    assert_eq!(key.vip_be.to_ne_bytes(), [10, 96, 0, 10]);
+    assert_eq!(key.port_be.to_ne_bytes(), [0, 80]);
+    assert_eq!(frontend_of(&key), Some(frontend(10)));
+}
