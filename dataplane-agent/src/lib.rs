@@ -1,3 +1,6 @@
 //! The dataplane agent: `source -> model -> dataplane -> kernel`.
 pub mod dataplane;
+pub mod dump;
 pub mod model;
+pub mod run;
+pub mod source;

@@ -1,1 +1,214 @@
-fn main(){}
+//! `dataplane-agent`: run, inspect and remove the eBPF Service dataplane.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use dataplane_agent::{
+    dataplane::{kernel, pins, state::Limits},
+    dump,
+    run::{self, RunConfig},
+};
+
+#[derive(Parser)]
+#[command(name = "dataplane-agent", version, about = "eBPF kube-proxy replacement: the node agent")]
+struct Cli {
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DumpWhat {
+    Services,
+    Backends,
+    Stats,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Program the dataplane and keep it in sync with the cluster state.
+    Run(RunArgs),
+    /// Print the pinned maps.
+    Dump {
+        what: DumpWhat,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+        bpffs_dir: PathBuf,
+    },
+    /// Detach every program and remove every pin.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+        bpffs_dir: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of Service/EndpointSlice/Node YAML to serve, watched for
+    /// changes.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for watching a real API server (the kube source).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Node interfaces for the north-south (TC/XDP) datapath; checked to
+    /// exist. Socket load balancing needs none.
+    #[arg(long, value_delimiter = ',')]
+    interfaces: Vec<String>,
+    /// cgroup v2 directory whose processes get socket load balancing;
+    /// default: the cgroup v2 root (mounted if the host has none).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// bpffs directory for the pinned maps and program links.
+    #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
+    bpffs_dir: PathBuf,
+    /// This node's name, as in its Node object.
+    #[arg(long, env = "NODE_NAME")]
+    hostname_override: Option<String>,
+    /// Minimum time between two syncs; bursts of changes coalesce.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    min_sync_period: Duration,
+    /// Most backends one Service port may have.
+    #[arg(long, default_value_t = Limits::default().max_backends_per_service)]
+    max_backends_per_service: usize,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn node_name(flag: Option<String>) -> Result<String> {
+    if let Some(name) = flag.filter(|n| !n.is_empty()) {
+        return Ok(name.to_lowercase());
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .context("reading the hostname; pass --hostname-override or set NODE_NAME")?;
+    Ok(hostname.trim().to_lowercase())
+}
+
+fn check_interfaces(interfaces: &[String]) -> Result<()> {
+    for interface in interfaces.iter().filter(|i| !i.is_empty()) {
+        let path = PathBuf::from("/sys/class/net").join(interface);
+        if !path.exists() {
+            bail!("--interfaces: no interface {interface:?} in this network namespace");
+        }
+    }
+    Ok(())
+}
+
+async fn run_agent(args: RunArgs) -> Result<()> {
+    if args.kubeconfig.is_some() {
+        bail!("--kubeconfig: the Kubernetes API source is not available in this build yet; use --manifests DIR");
+    }
+    let manifests = args
+        .manifests
+        .context("--manifests DIR is required (the Kubernetes API source is not available yet)")?;
+    check_interfaces(&args.interfaces)?;
+    let cgroup = match args.cgroup {
+        Some(cgroup) => cgroup,
+        None => pins::default_cgroup2_root()?,
+    };
+    let config = RunConfig {
+        manifests,
+        cgroup,
+        bpffs_dir: args.bpffs_dir,
+        node_name: node_name(args.hostname_override)?,
+        min_sync_period: args.min_sync_period,
+        sweep_grace: Duration::from_secs(1),
+        limits: Limits {
+            max_backends_per_service: args.max_backends_per_service.min(usize::from(u16::MAX)),
+            ..Limits::default()
+        },
+    };
+    run::run(config).await
+}
+
+fn print_dump(what: DumpWhat, output: Output, bpffs_dir: PathBuf) -> Result<()> {
+    let layout = pins::PinLayout::new(bpffs_dir);
+    match what {
+        DumpWhat::Stats => {
+            let stats = kernel::read_stats(&layout)?;
+            match output {
+                Output::Json => {
+                    let map: serde_json::Map<String, serde_json::Value> =
+                        stats.iter().map(|(s, v)| (s.name().to_owned(), (*v).into())).collect();
+                    println!("{}", serde_json::to_string_pretty(&map)?);
+                }
+                Output::Table => {
+                    for (stat, value) in stats {
+                        println!("{:<28} {value}", stat.name());
+                    }
+                }
+            }
+        }
+        DumpWhat::Services => {
+            let rows = dump::service_rows(&dump::read(&layout)?);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Table => print!("{}", dump::services_table(&rows)),
+            }
+        }
+        DumpWhat::Backends => {
+            let rows = dump::backend_rows(&dump::read(&layout)?);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Table => print!("{}", dump::backends_table(&rows)),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?
+            .block_on(run_agent(args)),
+        Command::Dump {
+            what,
+            output,
+            bpffs_dir,
+        } => print_dump(what, output, bpffs_dir),
+        Command::Cleanup { bpffs_dir } => {
+            let report = kernel::cleanup(&pins::PinLayout::new(&bpffs_dir))?;
+            println!(
+                "detached {} program link(s), removed {} map pin(s) and {}",
+                report.links.len(),
+                report.maps.len(),
+                bpffs_dir.display()
+            );
+            Ok(())
+        }
+        Command::Version => {
+            println!("dataplane-agent {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

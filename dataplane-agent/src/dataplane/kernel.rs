@@ -1,0 +1,231 @@
+//! The BPF side of the dataplane: loading the object with its pinned maps,
+//! attaching and pinning program links, and the map store the agent writes
+//! through.
+
+use std::{fs::File, path::Path};
+
+use anyhow::{Context as _, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use dataplane_common::{
+    BackendKey, BackendValue, ServiceKey, ServiceValue, Stat, map_names, program_names,
+};
+
+use super::{
+    pins::PinLayout,
+    state::{MapStore, PinnedState},
+};
+
+/// The programs, built by build.rs from the dataplane-ebpf crate.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane-ebpf"));
+
+/// Socket-LB programs and the link each is pinned under.
+pub const SOCKET_PROGRAMS: [&str; 2] = [program_names::SOCK_CONNECT4, program_names::SOCK_GETPEERNAME4];
+
+pub struct KernelMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, BackendValue>,
+}
+
+impl MapStore for KernelMaps {
+    type Error = MapError;
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        self.services.insert(key, value, 0)
+    }
+    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        ignore_missing(self.services.remove(key))
+    }
+    fn put_backend(&mut self, key: &BackendKey, value: &BackendValue) -> Result<(), MapError> {
+        self.backends.insert(key, value, 0)
+    }
+    fn delete_backend(&mut self, key: &BackendKey) -> Result<(), MapError> {
+        ignore_missing(self.backends.remove(key))
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+impl KernelMaps {
+    /// Reads both maps completely: what a previous agent left is the
+    /// starting point, so ids stay stable and unchanged Services are not
+    /// rewritten.
+    pub fn read(&self) -> Result<PinnedState> {
+        let mut state = PinnedState::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.context("reading SERVICES")?;
+            state.services.insert(key, value);
+        }
+        for entry in self.backends.iter() {
+            let (key, value) = entry.context("reading BACKENDS")?;
+            state.backends.insert(key, value);
+        }
+        Ok(state)
+    }
+}
+
+/// The loaded object: programs not yet attached, maps pinned (created, or
+/// reused from a previous agent).
+pub struct Loaded {
+    ebpf: Ebpf,
+    pub layout: PinLayout,
+}
+
+impl Loaded {
+    pub fn load(layout: PinLayout) -> Result<Self> {
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&layout.dir)
+            .load(PROGRAM_OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the BPF object with maps pinned in {}; if they were made by an incompatible version, run `dataplane-agent cleanup`",
+                    layout.dir.display()
+                )
+            })?;
+        Ok(Self { ebpf, layout })
+    }
+
+    pub fn take_maps(&mut self) -> Result<KernelMaps> {
+        Ok(KernelMaps {
+            services: typed_map(self.ebpf.take_map(map_names::SERVICES), map_names::SERVICES)?,
+            backends: typed_map(self.ebpf.take_map(map_names::BACKENDS), map_names::BACKENDS)?,
+        })
+    }
+
+    /// Attaches the socket-LB programs to `cgroup` and pins their links.
+    ///
+    /// If a previous agent's links are pinned, the new link is attached
+    /// first (multi-attach: both run, and the second sees an address that
+    /// is no longer a Service) and then renamed over the old pin, which
+    /// drops the old link's last reference and detaches it. No connect()
+    /// ever runs without a program.
+    pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<()> {
+        let cgroup_dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        std::fs::create_dir_all(self.layout.links_dir())
+            .with_context(|| format!("creating {}", self.layout.links_dir().display()))?;
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()
+                .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+            // A cgroup bpf_link is always multi-attach and the kernel
+            // rejects any flag on it (kernel/bpf/cgroup.c,
+            // cgroup_bpf_link_attach), so `Single` (flags 0) is right here.
+            let link_id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            let link: FdLink = program
+                .take_link(link_id)
+                .with_context(|| format!("taking the link of {name}"))?
+                .try_into()
+                .with_context(|| format!("{name} was not attached through a bpf_link (kernel < 5.7?)"))?;
+            replace_pinned_link(link, &self.layout.link(name))?;
+        }
+        Ok(())
+    }
+}
+
+fn replace_pinned_link(link: FdLink, pin: &Path) -> Result<()> {
+    // bpffs refuses names with a dot (kernel/bpf/inode.c, bpf_lookup).
+    let mut staged_name = pin.file_name().unwrap_or_default().to_os_string();
+    staged_name.push("_staged");
+    let staged = pin.with_file_name(staged_name);
+    if staged.exists() {
+        std::fs::remove_file(&staged).with_context(|| format!("removing stale {}", staged.display()))?;
+    }
+    link.pin(&staged)
+        .with_context(|| format!("pinning link at {}", staged.display()))?;
+    std::fs::rename(&staged, pin).with_context(|| format!("moving link pin to {}", pin.display()))?;
+    Ok(())
+}
+
+fn typed_map<M>(map: Option<Map>, name: &str) -> Result<M>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    map.with_context(|| format!("map {name} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Opens a pinned map by name, for readers such as `dump`.
+pub fn open_pinned<M>(layout: &PinLayout, name: &str) -> Result<M>
+where
+    M: TryFrom<Map, Error = MapError>,
+{
+    let path = layout.map(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening {}: is the agent running with this --bpffs-dir?", path.display()))?;
+    typed_map(Some(Map::from_map_data(data)?), name)
+}
+
+pub fn open_pinned_maps(layout: &PinLayout) -> Result<KernelMaps> {
+    Ok(KernelMaps {
+        services: open_pinned(layout, map_names::SERVICES)?,
+        backends: open_pinned(layout, map_names::BACKENDS)?,
+    })
+}
+
+/// Sums the per-CPU STATS counters.
+pub fn read_stats(layout: &PinLayout) -> Result<Vec<(Stat, u64)>> {
+    let stats: PerCpuArray<MapData, u64> = open_pinned(layout, map_names::STATS)?;
+    Stat::ALL
+        .iter()
+        .map(|stat| {
+            let values = stats
+                .get(&(*stat as u32), 0)
+                .with_context(|| format!("reading stat {}", stat.name()))?;
+            Ok((*stat, values.iter().sum()))
+        })
+        .collect()
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Detaches every program (by removing the link pins, their last
+/// reference) and removes every map pin and the directory.
+pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    let links_dir = layout.links_dir();
+    if links_dir.exists() {
+        for entry in std::fs::read_dir(&links_dir).with_context(|| format!("listing {}", links_dir.display()))? {
+            let path = entry?.path();
+            std::fs::remove_file(&path).with_context(|| format!("removing link pin {}", path.display()))?;
+            report.links.push(path.display().to_string());
+        }
+        std::fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
+    }
+    for name in map_names::ALL {
+        let path = layout.map(name);
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("removing map pin {}", path.display()))?;
+            report.maps.push(path.display().to_string());
+        }
+    }
+    if layout.dir.exists() {
+        std::fs::remove_dir(&layout.dir).with_context(|| {
+            format!(
+                "removing {}: it holds files the agent did not create",
+                layout.dir.display()
+            )
+        })?;
+    }
+    Ok(report)
+}

@@ -1,0 +1,160 @@
+//! The agent's main loop: source -> model -> dataplane, coalesced.
+
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result};
+use dataplane_common::BackendKey;
+use tokio::time::Instant;
+use tracing::{error, info, info_span, warn};
+
+use crate::{
+    dataplane::{
+        kernel::{KernelMaps, Loaded},
+        pins::{self, PinLayout},
+        state::{Limits, PinnedState},
+    },
+    model::{self, NodeInfo},
+    source::manifests,
+};
+
+/// Everything `dataplane-agent run` needs, resolved from flags.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub manifests: PathBuf,
+    pub cgroup: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub node_name: String,
+    pub min_sync_period: Duration,
+    /// How long retired backend slots stay readable after a flip.
+    pub sweep_grace: Duration,
+    pub limits: Limits,
+}
+
+/// The dataplane as the agent holds it while running.
+struct Agent {
+    config: RunConfig,
+    maps: KernelMaps,
+    mirror: PinnedState,
+    /// Backend slots unreachable since the last sync, deleted at the next
+    /// sweep.
+    retired: BTreeSet<BackendKey>,
+    invalid_objects_total: u64,
+}
+
+impl Agent {
+    fn sync(&mut self) -> Result<()> {
+        let span = info_span!("sync");
+        let _entered = span.enter();
+        let started = std::time::Instant::now();
+        self.sweep();
+        let loaded = manifests::load_dir(&self.config.manifests)?;
+        for problem in &loaded.problems {
+            warn!(%problem, "skipping manifest");
+        }
+        let node = NodeInfo {
+            name: self.config.node_name.clone(),
+        };
+        let desired = model::desired(&loaded.cluster, &node);
+        for skipped in &desired.skipped {
+            warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
+        }
+        let invalid = loaded.problems.len() + desired.skipped.len();
+        self.invalid_objects_total += invalid as u64;
+
+        let report = self.mirror.apply(&desired, &mut self.maps, &self.config.limits);
+        for (frontend, error) in &report.failed {
+            let service = desired.frontends.get(frontend).map(|e| e.service.to_string());
+            error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
+        }
+        self.retired = self.mirror.unreachable_backends();
+        info!(
+            services = model::services_of(&desired).len(),
+            frontends = desired.frontends.len(),
+            updated = report.updated,
+            removed = report.removed,
+            failed = report.failed.len(),
+            invalid_objects = invalid,
+            invalid_objects_total = self.invalid_objects_total,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "synced"
+        );
+        Ok(())
+    }
+
+    fn sweep(&mut self) {
+        if self.retired.is_empty() {
+            return;
+        }
+        let retired = std::mem::take(&mut self.retired);
+        let (deleted, error) = self.mirror.sweep(&retired, &mut self.maps);
+        if let Some(error) = error {
+            warn!(%error, deleted, "could not delete every retired backend slot; retrying at the next sync");
+            self.retired = self.mirror.unreachable_backends();
+        }
+    }
+}
+
+pub async fn run(config: RunConfig) -> Result<()> {
+    let layout = PinLayout::new(&config.bpffs_dir);
+    pins::ensure_bpffs_dir(&layout.dir)?;
+    pins::ensure_cgroup2(&config.cgroup)?;
+    let mut watch = manifests::watch_dir(&config.manifests)?;
+
+    let mut loaded = Loaded::load(layout)?;
+    let maps = loaded.take_maps()?;
+    let mirror = maps.read().context("reading the pinned maps left by a previous agent")?;
+    info!(
+        services = mirror.services.len(),
+        backends = mirror.backends.len(),
+        bpffs_dir = %config.bpffs_dir.display(),
+        "adopted pinned maps"
+    );
+    let mut agent = Agent {
+        config,
+        maps,
+        mirror,
+        retired: BTreeSet::new(),
+        invalid_objects_total: 0,
+    };
+    // Converge before attaching, so the first connect() through the new
+    // programs already sees every Service.
+    agent.sync()?;
+    loaded.attach_socket_lb(&agent.config.cgroup)?;
+    info!(cgroup = %agent.config.cgroup.display(), "socket load balancing attached; ready");
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut sweep_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            change = watch.changes.recv() => {
+                if change.is_none() {
+                    anyhow::bail!("the manifest directory watcher stopped");
+                }
+                // Coalesce a burst of file events into one sync, as
+                // kube-proxy's BoundedFrequencyRunner does.
+                tokio::time::sleep(agent.config.min_sync_period).await;
+                while watch.changes.try_recv().is_ok() {}
+                if let Err(error) = agent.sync() {
+                    error!(error = format!("{error:#}"), "sync failed; the dataplane keeps its last state");
+                }
+                sweep_at = (!agent.retired.is_empty()).then(|| Instant::now() + agent.config.sweep_grace);
+            }
+            () = sleep_until_or_forever(sweep_at) => {
+                agent.sweep();
+                sweep_at = None;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+        }
+    }
+    info!("stopping; programs and maps stay pinned and keep serving");
+    Ok(())
+}
+
+async fn sleep_until_or_forever(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

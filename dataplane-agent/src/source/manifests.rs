@@ -1,0 +1,295 @@
+//! A directory of Kubernetes YAML (Service, EndpointSlice, Node; several
+//! documents per file and `kind: List` allowed) as the cluster state,
+//! watched for changes. The embedded default for local runs and demos, and
+//! plain L4 load balancing without Kubernetes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use k8s_openapi::{
+    api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice},
+    serde::de::DeserializeOwned,
+};
+use notify::{RecursiveMode, Watcher as _};
+use serde::Deserialize as _;
+use tokio::sync::mpsc;
+
+use crate::model::{ClusterState, ObjectName};
+
+/// A document or object that could not be used, for one log line and one
+/// counter increment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseProblem {
+    pub file: PathBuf,
+    /// 1-based position of the YAML document in its file.
+    pub document: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ParseProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} document {}: {}", self.file.display(), self.document, self.reason)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub cluster: ClusterState,
+    pub problems: Vec<ParseProblem>,
+}
+
+/// Reads every `*.yaml`, `*.yml` and `*.json` file of `dir` (not
+/// recursively, in name order, hidden files skipped, as kubectl apply -f
+/// does). A bad document is reported and skipped; the rest still load.
+pub fn load_dir(dir: &Path) -> Result<Loaded> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading manifest directory {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| is_manifest(path))
+        .collect();
+    files.sort();
+    let mut loaded = Loaded::default();
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => parse_into(&file, &text, &mut loaded),
+            Err(error) => loaded.problems.push(ParseProblem {
+                file,
+                document: 0,
+                reason: format!("cannot read: {error}"),
+            }),
+        }
+    }
+    Ok(loaded)
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    let extension = path.extension().and_then(|e| e.to_str());
+    !hidden && path.is_file() && matches!(extension, Some("yaml" | "yml" | "json"))
+}
+
+/// Parses one file's documents into `loaded`.
+pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let position = index + 1;
+        let problem = |reason: String| ParseProblem {
+            file: file.to_path_buf(),
+            document: position,
+            reason,
+        };
+        let value = match serde_yaml::Value::deserialize(document) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(value) => value,
+            Err(error) => {
+                loaded.problems.push(problem(format!("invalid YAML: {error}")));
+                // The parser cannot resynchronise after a syntax error.
+                break;
+            }
+        };
+        add_object(value, &mut loaded.cluster, &mut |reason| loaded.problems.push(problem(reason)));
+    }
+}
+
+fn add_object(value: serde_yaml::Value, cluster: &mut ClusterState, report: &mut dyn FnMut(String)) {
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+    match kind.as_str() {
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+            let items = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            for item in items {
+                add_object(item, cluster, report);
+            }
+        }
+        "Service" => {
+            if let Some(service) = typed::<Service>(value, &kind, report) {
+                let name = ObjectName::of(&service.metadata);
+                insert_unique(&mut cluster.services, name, service, &kind, report);
+            }
+        }
+        "EndpointSlice" => {
+            if let Some(slice) = typed::<EndpointSlice>(value, &kind, report) {
+                let name = ObjectName::of(&slice.metadata);
+                insert_unique(&mut cluster.endpoint_slices, name, slice, &kind, report);
+            }
+        }
+        "Node" => {
+            if let Some(node) = typed::<Node>(value, &kind, report) {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                if cluster.nodes.insert(name.clone(), node).is_some() {
+                    report(format!("Node {name} is defined twice; the last one is used"));
+                }
+            }
+        }
+        "" => report("document has no kind".into()),
+        other => tracing::debug!(kind = other, "ignoring a kind the dataplane does not use"),
+    }
+}
+
+fn typed<T: DeserializeOwned>(value: serde_yaml::Value, kind: &str, report: &mut dyn FnMut(String)) -> Option<T> {
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    match serde_yaml::from_value(value) {
+        Ok(object) => Some(object),
+        Err(error) => {
+            report(format!("{kind} {name} does not match the Kubernetes schema: {error}"));
+            None
+        }
+    }
+}
+
+fn insert_unique<T>(
+    objects: &mut std::collections::BTreeMap<ObjectName, T>,
+    name: ObjectName,
+    object: T,
+    kind: &str,
+    report: &mut dyn FnMut(String),
+) {
+    if name.name.is_empty() {
+        report(format!("{kind} has no metadata.name"));
+    } else if objects.contains_key(&name) {
+        report(format!("{kind} {name} is defined twice; the first one is used"));
+    } else {
+        objects.insert(name, object);
+    }
+}
+
+/// Watches `dir` and sends a unit on every change. The receiver coalesces.
+pub struct DirWatch {
+    _watcher: notify::RecommendedWatcher,
+    pub changes: mpsc::UnboundedReceiver<()>,
+}
+
+pub fn watch_dir(dir: &Path) -> Result<DirWatch> {
+    let (sender, changes) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            Ok(event) if event.kind.is_access() => {}
+            Ok(_) => {
+                let _receiver_gone = sender.send(());
+            }
+            Err(error) => tracing::warn!(%error, "manifest directory watch error; resyncing"),
+        }
+    })
+    .context("creating the manifest directory watcher")?;
+    // Recursive so that ConfigMap volumes, which swap a `..data` symlink to
+    // a new hidden directory, are noticed too.
+    watcher
+        .watch(dir, RecursiveMode::Recursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    Ok(DirWatch {
+        _watcher: watcher,
+        changes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Loaded {
+        let mut loaded = Loaded::default();
+        parse_into(Path::new("test.yaml"), text, &mut loaded);
+        loaded
+    }
+
+    const SERVICE_AND_SLICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.0.0.1]
+  conditions: {ready: true}
+"#;
+
+    #[test]
+    fn reads_multi_document_files() {
+        let loaded = parse(SERVICE_AND_SLICE);
+        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        assert!(loaded.cluster.services.contains_key(&ObjectName::new("shop", "web")));
+        assert!(loaded.cluster.endpoint_slices.contains_key(&ObjectName::new("shop", "web-abc")));
+    }
+
+    #[test]
+    fn reads_lists_and_nodes_and_ignores_other_kinds() {
+        let loaded = parse(
+            r#"
+kind: List
+items:
+- {kind: Node, metadata: {name: node-a}}
+- {kind: ConfigMap, metadata: {name: cfg}, data: {a: b}}
+- {kind: Service, metadata: {name: s}, spec: {clusterIP: 10.96.0.1, ports: [{port: 1}]}}
+"#,
+        );
+        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        assert!(loaded.cluster.nodes.contains_key("node-a"));
+        assert_eq!(loaded.cluster.services.len(), 1);
+    }
+
+    #[test]
+    fn a_schema_error_skips_only_that_object() {
+        let loaded = parse(&format!(
+            "{SERVICE_AND_SLICE}\n---\nkind: Service\nmetadata: {{name: broken}}\nspec: {{ports: 7}}\n"
+        ));
+        assert_eq!(loaded.cluster.services.len(), 1);
+        assert_eq!(loaded.problems.len(), 1);
+        let problem = loaded.problems[0].to_string();
+        assert!(problem.contains("document 3"), "{problem}");
+        assert!(problem.contains("Service broken"), "{problem}");
+    }
+
+    #[test]
+    fn invalid_yaml_is_reported_with_its_position_and_earlier_documents_load() {
+        let loaded = parse(&format!("{SERVICE_AND_SLICE}\n---\nkind: Service\nmetadata: [unclosed\n"));
+        assert_eq!(loaded.cluster.services.len(), 1);
+        assert_eq!(loaded.problems.len(), 1);
+        assert!(loaded.problems[0].reason.contains("invalid YAML"), "{:?}", loaded.problems);
+    }
+
+    #[test]
+    fn duplicates_and_nameless_objects_are_reported() {
+        let loaded = parse(&format!(
+            "{SERVICE_AND_SLICE}\n---\n{SERVICE_AND_SLICE}\n---\nkind: Service\nmetadata: {{}}\n---\nfoo: bar\n"
+        ));
+        let reasons: Vec<&str> = loaded.problems.iter().map(|p| p.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(reasons[0].contains("shop/web is defined twice"));
+        assert!(reasons[1].contains("shop/web-abc is defined twice"));
+        assert!(reasons[2].contains("no metadata.name"));
+        assert!(reasons[3].contains("no kind"));
+    }
+
+    #[test]
+    fn load_dir_reads_manifest_files_only() {
+        let dir = std::env::temp_dir().join(format!("dataplane-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), SERVICE_AND_SLICE).unwrap();
+        std::fs::write(dir.join("notes.txt"), "kind: Service").unwrap();
+        std::fs::write(dir.join(".hidden.yaml"), "kind: Service").unwrap();
+        let loaded = load_dir(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
+        assert_eq!(loaded.cluster.services.len(), 1);
+    }
+}

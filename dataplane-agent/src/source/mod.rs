@@ -1,0 +1,2 @@
+//! Where cluster state comes from. Only this module reads it.
+pub mod manifests;
