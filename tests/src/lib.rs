@@ -1,0 +1,6 @@
+//! The one network-namespace harness: tests and `cargo xtask demo` build
+//! their little clusters with it.
+pub mod probe;
+pub mod testbed;
+
+pub use testbed::{Host, Testbed};

@@ -1,0 +1,424 @@
+//! A node network namespace with hosts (clients, pods) hanging off it by
+//! veth pairs, a cgroup for socket load balancing, a bpffs pin directory, a
+//! manifest directory and the real agent binary: all uniquely named and
+//! removed on drop, also after a panic.
+//!
+//! ```text
+//!   host "client" 10.200.1.2 --eth0--+
+//!   host "pod1"   10.200.2.2 --eth0--+-- node netns (routes between them)
+//!   host "pod2"   10.200.3.2 --eth0--+
+//! ```
+
+use std::{
+    fs::File,
+    io::Write as _,
+    net::Ipv4Addr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::probe::{Attempt, parse_attempts};
+
+/// Names start with this and the creating process id, so a later run can
+/// tell leftovers of a killed run from a live run's objects.
+const PREFIX: &str = "dpt";
+const NETNS_DIR: &str = "/run/netns";
+
+/// `ip netns add` races with itself when it first sets up /run/netns.
+static NETNS_LOCK: Mutex<()> = Mutex::new(());
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Clone, Debug)]
+pub struct Host {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+pub struct Testbed {
+    pub id: String,
+    pub node_netns: String,
+    pub hosts: Vec<Host>,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub manifests: PathBuf,
+    agent: Option<Child>,
+    children: Vec<Child>,
+}
+
+fn run(command: &mut Command) -> Result<Output> {
+    let output = command.output().with_context(|| format!("starting {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(output)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// A binary built next to the running executable (target/<profile>/ or its
+/// deps/ subdirectory).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "{name} is not built next to {}; run `cargo build -p dataplane-agent -p dataplane-testbed` (cargo xtask test does)",
+        exe.display()
+    )
+}
+
+pub fn cgroup2_root() -> Result<PathBuf> {
+    dataplane_agent::dataplane::pins::default_cgroup2_root()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The pid embedded in a name such as `dpt123x4-node`.
+fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(PREFIX)?;
+    rest.split('x').next()?.parse().ok()
+}
+
+/// Removes namespaces, cgroups and pins that a killed run left behind.
+fn remove_leftovers() {
+    let dead = |name: &str| owner_pid(name).is_some_and(|pid| !pid_alive(pid));
+    if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                let _ = ip(&["netns", "del", &name]);
+            }
+        }
+    }
+    let pin_root = Path::new("/sys/fs/bpf");
+    if let Ok(entries) = std::fs::read_dir(pin_root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                let _ = dataplane_agent::dataplane::kernel::cleanup(
+                    &dataplane_agent::dataplane::pins::PinLayout::new(entry.path()),
+                );
+            }
+        }
+    }
+    if let Ok(root) = cgroup2_root()
+        && let Ok(entries) = std::fs::read_dir(&root)
+    {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
+impl Testbed {
+    /// A node namespace, a cgroup, a pin directory and a manifest directory.
+    pub fn new() -> Result<Self> {
+        remove_leftovers();
+        let id = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        let work_dir = std::env::temp_dir().join(&id);
+        let testbed = Self {
+            node_netns: format!("{id}-node"),
+            cgroup: cgroup2_root()?.join(&id),
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&id),
+            manifests: work_dir.join("manifests"),
+            work_dir,
+            id,
+            hosts: Vec::new(),
+            agent: None,
+            children: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever was created.
+        testbed.add_netns(&testbed.node_netns.clone())?;
+        ip(&["-n", &testbed.node_netns, "link", "set", "lo", "up"])?;
+        run(Command::new("ip").args(["netns", "exec", &testbed.node_netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        std::fs::create_dir_all(&testbed.cgroup)
+            .with_context(|| format!("creating cgroup {}", testbed.cgroup.display()))?;
+        std::fs::create_dir_all(&testbed.manifests)?;
+        Ok(testbed)
+    }
+
+    fn add_netns(&self, name: &str) -> Result<()> {
+        let _guard = NETNS_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        ip(&["netns", "add", name])
+    }
+
+    /// Adds a host namespace `name` wired to the node, with address
+    /// 10.200.<n>.2 and a default route through the node (10.200.<n>.1).
+    pub fn host(&mut self, name: &str) -> Result<Host> {
+        let index = self.hosts.len() + 1;
+        let netns = format!("{}-{name}", self.id);
+        self.add_netns(&netns)?;
+        self.hosts.push(Host {
+            name: name.into(),
+            netns: netns.clone(),
+            ip: Ipv4Addr::new(10, 200, index as u8, 2),
+        });
+        let node_if = format!("h{index}");
+        let (node_ip, host_ip) = (format!("10.200.{index}.1/24"), format!("10.200.{index}.2/24"));
+        let node = self.node_netns.clone();
+        ip(&["-n", &node, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&["-n", &node, "addr", "add", &node_ip, "dev", &node_if])?;
+        ip(&["-n", &node, "link", "set", &node_if, "up"])?;
+        ip(&["-n", &netns, "addr", "add", &host_ip, "dev", "eth0"])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.200.{index}.1")])?;
+        Ok(self.hosts.last().cloned().context("host just added")?)
+    }
+
+    /// A command that will run inside `netns`, and inside the testbed's
+    /// cgroup if `in_cgroup` (so socket load balancing applies to it).
+    pub fn command_in(&self, netns: &str, in_cgroup: bool, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+        let netns_file = File::open(Path::new(NETNS_DIR).join(netns))
+            .with_context(|| format!("opening netns {netns}"))?;
+        let procs = if in_cgroup {
+            Some(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.cgroup.join("cgroup.procs"))
+                    .with_context(|| format!("opening {}/cgroup.procs", self.cgroup.display()))?,
+            )
+        } else {
+            None
+        };
+        let mut command = Command::new(program);
+        // SAFETY: only async-signal-safe calls (setns, write) between fork
+        // and exec, on descriptors opened before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(procs) = &procs {
+                    // "0" moves the writing process itself.
+                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+
+    /// Starts a TCP server in `host` that answers with its name and the
+    /// source address it saw; returns once it listens.
+    pub fn serve(&mut self, host: &Host, port: u16) -> Result<()> {
+        let mut child = self
+            .command_in(&host.netns, false, sibling_binary("dataplane-probe")?)?
+            .args(["serve", "--listen", &format!("0.0.0.0:{port}"), "--name", &host.name])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the probe server")?;
+        let stdout = child.stdout.take().context("probe stdout")?;
+        self.children.push(child);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        if !line.starts_with("listening") {
+            bail!("probe server in {} did not start: {line:?}", host.name);
+        }
+        Ok(())
+    }
+
+    /// `count` TCP connections from `host` (inside the testbed's cgroup) to
+    /// `to`, one result per attempt.
+    pub fn connect(&self, host: &Host, to: &str, count: usize) -> Result<Vec<Attempt>> {
+        let output = run(self
+            .command_in(&host.netns, true, sibling_binary("dataplane-probe")?)?
+            .args(["connect", "--to", to, "--count", &count.to_string(), "--timeout-ms", "2000"]))?;
+        parse_attempts(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        // Write then rename, so the agent never reads half a file.
+        let staged = self.work_dir.join(format!(".{file}.tmp"));
+        std::fs::File::create(&staged)?.write_all(yaml.as_bytes())?;
+        std::fs::rename(&staged, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.work_dir.join("agent.log")
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.agent_log_path()).unwrap_or_default()
+    }
+
+    /// The agent with this testbed's manifests, cgroup and pins, run in the
+    /// node namespace; returns once it reports ready.
+    pub fn start_agent(&mut self, extra_args: &[&str]) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log_path())?;
+        let ready_marks_before = self.agent_log().matches(READY_MARK).count();
+        let child = self
+            .command_in(&self.node_netns, false, sibling_binary("dataplane-agent")?)?
+            .arg("run")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&self.pin_dir)
+            .args(["--hostname-override", "node-a"])
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dataplane-agent")?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.agent_log().matches(READY_MARK).count() == ready_marks_before {
+            if let Some(agent) = self.agent.as_mut()
+                && let Some(status) = agent.try_wait()?
+            {
+                bail!("dataplane-agent exited with {status}:\n{}", self.agent_log());
+            }
+            if Instant::now() > deadline {
+                bail!("dataplane-agent not ready after 30s:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops the agent: SIGKILL models a crash, SIGTERM a normal stop.
+    pub fn stop_agent(&mut self, signal: i32) -> Result<()> {
+        if let Some(mut agent) = self.agent.take() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(agent.id() as i32, signal) };
+            agent.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `dataplane-agent <args>` against this testbed's pins.
+    pub fn agent_cli(&self, args: &[&str]) -> Result<Output> {
+        Command::new(sibling_binary("dataplane-agent")?)
+            .args(args)
+            .arg("--bpffs-dir")
+            .arg(&self.pin_dir)
+            .env("NO_COLOR", "1")
+            .output()
+            .context("running dataplane-agent")
+    }
+
+    /// `dump services -o json`.
+    pub fn dump_services(&self) -> Result<Vec<serde_json::Value>> {
+        let output = self.agent_cli(&["dump", "services", "-o", "json"])?;
+        if !output.status.success() {
+            bail!("dump failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// Polls `condition` until it holds or `timeout` passes.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut condition: impl FnMut() -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if condition()? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting until {what}; agent log:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The line the agent logs once its programs are attached.
+pub const READY_MARK: &str = "socket load balancing attached; ready";
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent log of {} ---\n{}", self.id, self.agent_log());
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = self.stop_agent(libc::SIGTERM);
+        let _ = dataplane_agent::dataplane::kernel::cleanup(
+            &dataplane_agent::dataplane::pins::PinLayout::new(&self.pin_dir),
+        );
+        for host in &self.hosts {
+            let _ = ip(&["netns", "del", &host.netns]);
+        }
+        let _ = ip(&["netns", "del", &self.node_netns]);
+        // A cgroup can be removed once its last process has gone; processes
+        // just killed may take a moment to leave.
+        for _ in 0..50 {
+            if !self.cgroup.exists() || std::fs::remove_dir(&self.cgroup).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_is_read_back_from_names() {
+        assert_eq!(owner_pid("dpt123x4-node"), Some(123));
+        assert_eq!(owner_pid("dpt123x4"), Some(123));
+        assert_eq!(owner_pid("dataplane"), None);
+        assert_eq!(owner_pid("other"), None);
+    }
+}
+
+/// Ids of the programs behind the link pins in `pin_dir/links`.
+pub fn pinned_program_ids(pin_dir: &Path) -> Result<Vec<u32>> {
+    let layout = dataplane_agent::dataplane::pins::PinLayout::new(pin_dir);
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(layout.links_dir())? {
+        let link = aya::programs::links::PinnedLink::from_pin(entry?.path())?;
+        let link: aya::programs::links::FdLink = link.into();
+        ids.push(link.info()?.program_id());
+    }
+    Ok(ids)
+}
+
+/// Ids of every BPF program loaded in the kernel.
+pub fn loaded_program_ids() -> Result<std::collections::BTreeSet<u32>> {
+    aya::programs::loaded_programs()
+        .map(|info| Ok(info?.id()))
+        .collect()
+}
