@@ -19,5 +19,7 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::default(),
     )
-    .context("building the BPF programs; run `cargo xtask setup` if bpf-linker or rust-src is missing")
+    .context(
+        "building the BPF programs; run `cargo xtask setup` if bpf-linker or rust-src is missing",
+    )
 }

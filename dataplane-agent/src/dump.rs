@@ -65,20 +65,29 @@ pub fn read(layout: &PinLayout) -> Result<PinnedState> {
 }
 
 pub fn services_table(rows: &[ServiceRow]) -> String {
-    let mut out = format!("{:<24} {:>6} {:>4}  {}\n", "FRONTEND", "ID", "GEN", "BACKENDS");
+    let mut out = format!(
+        "{:<24} {:>6} {:>4}  {}\n",
+        "FRONTEND", "ID", "GEN", "BACKENDS"
+    );
     for row in rows {
         let backends = if row.backends.is_empty() {
             "(none: refused)".to_owned()
         } else {
             row.backends.join(", ")
         };
-        out += &format!("{:<24} {:>6} {:>4}  {}\n", row.frontend, row.service_id, row.generation, backends);
+        out += &format!(
+            "{:<24} {:>6} {:>4}  {}\n",
+            row.frontend, row.service_id, row.generation, backends
+        );
     }
     out
 }
 
 pub fn backends_table(rows: &[BackendRow]) -> String {
-    let mut out = format!("{:>6} {:>4} {:>5}  {:<22} {}\n", "ID", "GEN", "SLOT", "BACKEND", "STATE");
+    let mut out = format!(
+        "{:>6} {:>4} {:>5}  {:<22} {}\n",
+        "ID", "GEN", "SLOT", "BACKEND", "STATE"
+    );
     for row in rows {
         let state = if row.live { "live" } else { "retired" };
         out += &format!(

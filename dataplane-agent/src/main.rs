@@ -11,7 +11,11 @@ use dataplane_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "dataplane-agent", version, about = "eBPF kube-proxy replacement: the node agent")]
+#[command(
+    name = "dataplane-agent",
+    version,
+    about = "eBPF kube-proxy replacement: the node agent"
+)]
 struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -93,7 +97,9 @@ struct RunArgs {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -121,7 +127,9 @@ fn check_interfaces(interfaces: &[String]) -> Result<()> {
 
 async fn run_agent(args: RunArgs) -> Result<()> {
     if args.kubeconfig.is_some() {
-        bail!("--kubeconfig: the Kubernetes API source is not available in this build yet; use --manifests DIR");
+        bail!(
+            "--kubeconfig: the Kubernetes API source is not available in this build yet; use --manifests DIR"
+        );
     }
     let manifests = args
         .manifests
@@ -153,8 +161,10 @@ fn print_dump(what: DumpWhat, output: Output, bpffs_dir: PathBuf) -> Result<()> 
             let stats = kernel::read_stats(&layout)?;
             match output {
                 Output::Json => {
-                    let map: serde_json::Map<String, serde_json::Value> =
-                        stats.iter().map(|(s, v)| (s.name().to_owned(), (*v).into())).collect();
+                    let map: serde_json::Map<String, serde_json::Value> = stats
+                        .iter()
+                        .map(|(s, v)| (s.name().to_owned(), (*v).into()))
+                        .collect();
                     println!("{}", serde_json::to_string_pretty(&map)?);
                 }
                 Output::Table => {

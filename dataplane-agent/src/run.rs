@@ -61,9 +61,14 @@ impl Agent {
         let invalid = loaded.problems.len() + desired.skipped.len();
         self.invalid_objects_total += invalid as u64;
 
-        let report = self.mirror.apply(&desired, &mut self.maps, &self.config.limits);
+        let report = self
+            .mirror
+            .apply(&desired, &mut self.maps, &self.config.limits);
         for (frontend, error) in &report.failed {
-            let service = desired.frontends.get(frontend).map(|e| e.service.to_string());
+            let service = desired
+                .frontends
+                .get(frontend)
+                .map(|e| e.service.to_string());
             error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
         }
         self.retired = self.mirror.unreachable_backends();
@@ -102,7 +107,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
     let mut loaded = Loaded::load(layout)?;
     let maps = loaded.take_maps()?;
-    let mirror = maps.read().context("reading the pinned maps left by a previous agent")?;
+    let mirror = maps
+        .read()
+        .context("reading the pinned maps left by a previous agent")?;
     info!(
         services = mirror.services.len(),
         backends = mirror.backends.len(),

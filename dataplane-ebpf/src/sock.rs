@@ -23,7 +23,8 @@ pub fn translate_connect4(ctx: &SockAddrContext) -> i32 {
     let addr = ctx.sock_addr;
     // SAFETY: the kernel hands sock_addr programs a valid context; these
     // fields are readable for connect4.
-    let (protocol, vip_be, port_be) = unsafe { ((*addr).protocol, (*addr).user_ip4, (*addr).user_port) };
+    let (protocol, vip_be, port_be) =
+        unsafe { ((*addr).protocol, (*addr).user_ip4, (*addr).user_port) };
     if protocol != u32::from(IPPROTO_TCP) {
         return ALLOW;
     }

@@ -26,7 +26,9 @@ pub fn parse_attempts(stdout: &str) -> anyhow::Result<Vec<Attempt>> {
     stdout
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|line| serde_json::from_str(line).map_err(|e| anyhow::anyhow!("bad probe line {line:?}: {e}")))
+        .map(|line| {
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("bad probe line {line:?}: {e}"))
+        })
         .collect()
 }
 
@@ -40,9 +42,14 @@ pub struct BackendTally {
 pub fn tally(attempts: &[Attempt]) -> BTreeMap<String, BackendTally> {
     let mut out: BTreeMap<String, BackendTally> = BTreeMap::new();
     for attempt in attempts.iter().filter(|a| a.ok) {
-        let entry = out.entry(attempt.backend.clone().unwrap_or_default()).or_default();
+        let entry = out
+            .entry(attempt.backend.clone().unwrap_or_default())
+            .or_default();
         entry.served += 1;
-        *entry.sources.entry(attempt.source_seen.clone().unwrap_or_default()).or_default() += 1;
+        *entry
+            .sources
+            .entry(attempt.source_seen.clone().unwrap_or_default())
+            .or_default() += 1;
     }
     out
 }

@@ -56,7 +56,9 @@ pub struct Testbed {
 }
 
 fn run(command: &mut Command) -> Result<Output> {
-    let output = command.output().with_context(|| format!("starting {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("starting {command:?}"))?;
     if !output.status.success() {
         bail!(
             "{command:?} failed: {}",
@@ -158,7 +160,14 @@ impl Testbed {
         // From here on, Drop cleans up whatever was created.
         testbed.add_netns(&testbed.node_netns.clone())?;
         ip(&["-n", &testbed.node_netns, "link", "set", "lo", "up"])?;
-        run(Command::new("ip").args(["netns", "exec", &testbed.node_netns, "sysctl", "-qw", "net.ipv4.ip_forward=1"]))?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &testbed.node_netns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]))?;
         std::fs::create_dir_all(&testbed.cgroup)
             .with_context(|| format!("creating cgroup {}", testbed.cgroup.display()))?;
         std::fs::create_dir_all(&testbed.manifests)?;
@@ -166,7 +175,9 @@ impl Testbed {
     }
 
     fn add_netns(&self, name: &str) -> Result<()> {
-        let _guard = NETNS_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = NETNS_LOCK
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         ip(&["netns", "add", name])
     }
 
@@ -182,21 +193,40 @@ impl Testbed {
             ip: Ipv4Addr::new(10, 200, index as u8, 2),
         });
         let node_if = format!("h{index}");
-        let (node_ip, host_ip) = (format!("10.200.{index}.1/24"), format!("10.200.{index}.2/24"));
+        let (node_ip, host_ip) = (
+            format!("10.200.{index}.1/24"),
+            format!("10.200.{index}.2/24"),
+        );
         let node = self.node_netns.clone();
-        ip(&["-n", &node, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+        ip(&[
+            "-n", &node, "link", "add", &node_if, "type", "veth", "peer", "name", "eth0", "netns",
+            &netns,
+        ])?;
         ip(&["-n", &node, "addr", "add", &node_ip, "dev", &node_if])?;
         ip(&["-n", &node, "link", "set", &node_if, "up"])?;
         ip(&["-n", &netns, "addr", "add", &host_ip, "dev", "eth0"])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.200.{index}.1")])?;
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.200.{index}.1"),
+        ])?;
         Ok(self.hosts.last().cloned().context("host just added")?)
     }
 
     /// A command that will run inside `netns`, and inside the testbed's
     /// cgroup if `in_cgroup` (so socket load balancing applies to it).
-    pub fn command_in(&self, netns: &str, in_cgroup: bool, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    pub fn command_in(
+        &self,
+        netns: &str,
+        in_cgroup: bool,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
         let netns_file = File::open(Path::new(NETNS_DIR).join(netns))
             .with_context(|| format!("opening netns {netns}"))?;
         let procs = if in_cgroup {
@@ -234,7 +264,13 @@ impl Testbed {
     pub fn serve(&mut self, host: &Host, port: u16) -> Result<()> {
         let mut child = self
             .command_in(&host.netns, false, sibling_binary("dataplane-probe")?)?
-            .args(["serve", "--listen", &format!("0.0.0.0:{port}"), "--name", &host.name])
+            .args([
+                "serve",
+                "--listen",
+                &format!("0.0.0.0:{port}"),
+                "--name",
+                &host.name,
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the probe server")?;
@@ -253,7 +289,15 @@ impl Testbed {
     pub fn connect(&self, host: &Host, to: &str, count: usize) -> Result<Vec<Attempt>> {
         let output = run(self
             .command_in(&host.netns, true, sibling_binary("dataplane-probe")?)?
-            .args(["connect", "--to", to, "--count", &count.to_string(), "--timeout-ms", "2000"]))?;
+            .args([
+                "connect",
+                "--to",
+                to,
+                "--count",
+                &count.to_string(),
+                "--timeout-ms",
+                "2000",
+            ]))?;
         parse_attempts(&String::from_utf8_lossy(&output.stdout))
     }
 
@@ -304,7 +348,10 @@ impl Testbed {
             if let Some(agent) = self.agent.as_mut()
                 && let Some(status) = agent.try_wait()?
             {
-                bail!("dataplane-agent exited with {status}:\n{}", self.agent_log());
+                bail!(
+                    "dataplane-agent exited with {status}:\n{}",
+                    self.agent_log()
+                );
             }
             if Instant::now() > deadline {
                 bail!("dataplane-agent not ready after 30s:\n{}", self.agent_log());
@@ -345,14 +392,22 @@ impl Testbed {
     }
 
     /// Polls `condition` until it holds or `timeout` passes.
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut condition: impl FnMut() -> Result<bool>) -> Result<()> {
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if condition()? {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("timed out waiting until {what}; agent log:\n{}", self.agent_log());
+                bail!(
+                    "timed out waiting until {what}; agent log:\n{}",
+                    self.agent_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -7,10 +7,21 @@ use dataplane_testbed::{Host, Testbed, probe::tally};
 
 const VIP: &str = "10.96.0.10";
 
-fn service(name: &str, cluster_ip: &str, port: u16, target_port: u16, backends: &[&Host]) -> String {
+fn service(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    target_port: u16,
+    backends: &[&Host],
+) -> String {
     let endpoints: String = backends
         .iter()
-        .map(|b| format!("- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n", b.ip))
+        .map(|b| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n",
+                b.ip
+            )
+        })
         .collect();
     format!(
         r#"apiVersion: v1
@@ -68,20 +79,31 @@ fn clusterip_reaches_both_backends_and_each_sees_the_client_ip() {
         );
     }
     for attempt in &attempts {
-        assert_eq!(attempt.peer.as_deref(), Some("10.96.0.10:80"), "getpeername() shows the Service");
-        assert_eq!(attempt.local.as_deref(), Some(client.ip.to_string().as_str()));
+        assert_eq!(
+            attempt.peer.as_deref(),
+            Some("10.96.0.10:80"),
+            "getpeername() shows the Service"
+        );
+        assert_eq!(
+            attempt.local.as_deref(),
+            Some(client.ip.to_string().as_str())
+        );
     }
 }
 
 #[test]
 fn service_without_endpoints_refuses_at_once() {
     let (mut tb, client, _pod1, _pod2) = two_backends();
-    tb.write_manifest("empty.yaml", &service("empty", VIP, 80, 8080, &[])).unwrap();
+    tb.write_manifest("empty.yaml", &service("empty", VIP, 80, 8080, &[]))
+        .unwrap();
     tb.start_agent(&[]).unwrap();
     let attempts = tb.connect(&client, &format!("{VIP}:80"), 5).unwrap();
     for attempt in attempts {
         assert_eq!(attempt.errno, Some(libc::ECONNREFUSED), "{attempt:?}");
-        assert!(attempt.micros < 1_000_000, "refused, not timed out: {attempt:?}");
+        assert!(
+            attempt.micros < 1_000_000,
+            "refused, not timed out: {attempt:?}"
+        );
     }
 }
 
@@ -90,7 +112,8 @@ fn bad_manifests_are_logged_by_name_and_valid_services_keep_working() {
     let (mut tb, client, pod1, pod2) = two_backends();
     tb.write_manifest("good.yaml", &service("web", VIP, 80, 8080, &[&pod1, &pod2]))
         .unwrap();
-    tb.write_manifest("broken.yaml", "kind: Service\nmetadata: [unclosed\n").unwrap();
+    tb.write_manifest("broken.yaml", "kind: Service\nmetadata: [unclosed\n")
+        .unwrap();
     tb.write_manifest(
         "invalid.yaml",
         &format!(
@@ -103,36 +126,57 @@ fn bad_manifests_are_logged_by_name_and_valid_services_keep_working() {
     tb.start_agent(&[]).unwrap();
 
     let log = tb.agent_log();
-    assert!(log.contains("broken.yaml document 1: invalid YAML"), "{log}");
-    assert!(log.contains("default/bad-ip") && log.contains("10.96.0.300"), "{log}");
-    assert!(log.contains("default/port-zero") && log.contains("invalid number 0"), "{log}");
+    assert!(
+        log.contains("broken.yaml document 1: invalid YAML"),
+        "{log}"
+    );
+    assert!(
+        log.contains("default/bad-ip") && log.contains("10.96.0.300"),
+        "{log}"
+    );
+    assert!(
+        log.contains("default/port-zero") && log.contains("invalid number 0"),
+        "{log}"
+    );
 
     let attempts = tb.connect(&client, &format!("{VIP}:80"), 20).unwrap();
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
     let services = tb.dump_services().unwrap();
-    assert_eq!(services.len(), 1, "only the valid Service is programmed: {services:?}");
+    assert_eq!(
+        services.len(),
+        1,
+        "only the valid Service is programmed: {services:?}"
+    );
 }
 
 #[test]
 fn manifest_changes_apply_while_running() {
     let (mut tb, client, pod1, pod2) = two_backends();
-    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod1])).unwrap();
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod1]))
+        .unwrap();
     tb.start_agent(&[]).unwrap();
     let only_pod1 = tally(&tb.connect(&client, &format!("{VIP}:80"), 10).unwrap());
     assert_eq!(only_pod1.keys().collect::<Vec<_>>(), ["pod1"]);
 
-    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod2])).unwrap();
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod2]))
+        .unwrap();
     tb.wait_until("pod2 replaced pod1", Duration::from_secs(10), || {
         let services = tb.dump_services()?;
         Ok(services[0]["backends"] == serde_json::json!([format!("{}:8080", pod2.ip)]))
     })
     .unwrap();
     let only_pod2 = tally(&tb.connect(&client, &format!("{VIP}:80"), 10).unwrap());
-    assert_eq!(only_pod2.keys().collect::<Vec<_>>(), ["pod2"], "a removed endpoint is never chosen");
+    assert_eq!(
+        only_pod2.keys().collect::<Vec<_>>(),
+        ["pod2"],
+        "a removed endpoint is never chosen"
+    );
 
     std::fs::remove_file(tb.manifests.join("web.yaml")).unwrap();
-    tb.wait_until("the Service is gone", Duration::from_secs(10), || Ok(tb.dump_services()?.is_empty()))
-        .unwrap();
+    tb.wait_until("the Service is gone", Duration::from_secs(10), || {
+        Ok(tb.dump_services()?.is_empty())
+    })
+    .unwrap();
 }
 
 #[test]
@@ -145,11 +189,22 @@ fn a_crashed_agent_leaves_traffic_flowing_and_a_restart_adopts_the_maps() {
 
     tb.stop_agent(libc::SIGKILL).unwrap();
     let attempts = tb.connect(&client, &format!("{VIP}:80"), 20).unwrap();
-    assert!(attempts.iter().all(|a| a.ok), "pinned programs keep serving: {attempts:?}");
+    assert!(
+        attempts.iter().all(|a| a.ok),
+        "pinned programs keep serving: {attempts:?}"
+    );
 
     tb.start_agent(&[]).unwrap();
-    assert!(tb.agent_log().contains("updated=0"), "nothing rewritten on restart:\n{}", tb.agent_log());
-    assert_eq!(tb.dump_services().unwrap(), ids_before, "ids and slots are stable");
+    assert!(
+        tb.agent_log().contains("updated=0"),
+        "nothing rewritten on restart:\n{}",
+        tb.agent_log()
+    );
+    assert_eq!(
+        tb.dump_services().unwrap(),
+        ids_before,
+        "ids and slots are stable"
+    );
     let attempts = tb.connect(&client, &format!("{VIP}:80"), 20).unwrap();
     assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
 }
@@ -160,19 +215,38 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
     tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod1, &pod2]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
-    assert!(tb.connect(&client, &format!("{VIP}:80"), 3).unwrap().iter().all(|a| a.ok));
+    assert!(
+        tb.connect(&client, &format!("{VIP}:80"), 3)
+            .unwrap()
+            .iter()
+            .all(|a| a.ok)
+    );
     let program_ids = dataplane_testbed::testbed::pinned_program_ids(&tb.pin_dir).unwrap();
-    assert_eq!(program_ids.len(), 2, "connect4 and getpeername4 are attached");
+    assert_eq!(
+        program_ids.len(),
+        2,
+        "connect4 and getpeername4 are attached"
+    );
     tb.stop_agent(libc::SIGTERM).unwrap();
 
     let output = tb.agent_cli(&["cleanup"]).unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(!tb.pin_dir.exists(), "no pin is left behind");
     let loaded = dataplane_testbed::testbed::loaded_program_ids().unwrap();
     for id in program_ids {
-        assert!(!loaded.contains(&id), "program {id} is still loaded after cleanup");
+        assert!(
+            !loaded.contains(&id),
+            "program {id} is still loaded after cleanup"
+        );
     }
     // The VIP is just an unrouted address again.
     let attempts = tb.connect(&client, &format!("{VIP}:80"), 1).unwrap();
-    assert!(!attempts[0].ok && attempts[0].backend.is_none(), "{attempts:?}");
+    assert!(
+        !attempts[0].ok && attempts[0].backend.is_none(),
+        "{attempts:?}"
+    );
 }

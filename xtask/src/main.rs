@@ -1,9 +1,14 @@
 //! The one entry point for everything beyond `cargo build`.
+mod demo;
 mod setup;
 mod util;
 
-use anyhow::Result;
+use std::process::Command;
+
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+
+use crate::util::run;
 
 #[derive(Parser)]
 #[command(about = "Build, test and demo the eBPF Service dataplane")]
@@ -16,10 +21,84 @@ struct Cli {
 enum Task {
     /// Install what the build needs (nightly rust-src, bpf-linker, bpffs).
     Setup,
+    /// Build the agent (with its BPF programs) and the test probe.
+    Build,
+    /// fmt, clippy, and every unit, program and integration test (root).
+    Test {
+        /// Arguments passed to `cargo test` after `--` (e.g. a test name).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// A small namespace cluster, the real agent, traffic through a Service.
+    Demo {
+        /// Connections to send through the Service.
+        #[arg(long, default_value_t = 30)]
+        connections: usize,
+    },
+}
+
+fn build() -> Result<()> {
+    run(Command::new("cargo").args([
+        "build",
+        "-p",
+        "dataplane-agent",
+        "-p",
+        "dataplane-testbed",
+        "--bins",
+    ]))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} loads BPF programs and creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+fn test(cargo_test_args: &[String]) -> Result<()> {
+    require_root("cargo xtask test")?;
+    setup::setup()?;
+    println!("xtask: cargo fmt --check");
+    run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
+    println!("xtask: cargo clippy (host crates)");
+    run(Command::new("cargo").args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    println!("xtask: cargo clippy (BPF programs, bpfel target)");
+    run(Command::new("cargo")
+        .args([
+            "+nightly",
+            "clippy",
+            "-p",
+            "dataplane-ebpf",
+            "--bins",
+            "--release",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--", "-D", "warnings"])
+        .env("CARGO_TARGET_DIR", "target/bpf-clippy")
+        .env("RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\""))?;
+    build()?;
+    println!("xtask: cargo test (unit, program and integration tests)");
+    run(Command::new("cargo")
+        .arg("test")
+        .arg("--")
+        .args(cargo_test_args))?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
+        Task::Build => {
+            setup::setup()?;
+            build()
+        }
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Demo { connections } => {
+            require_root("cargo xtask demo")?;
+            setup::setup()?;
+            build()?;
+            demo::demo(connections)
+        }
     }
 }

@@ -33,15 +33,10 @@ fn check_kernel() -> Result<()> {
         );
     }
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc_geteuid() } != 0 {
+    if unsafe { libc::geteuid() } != 0 {
         eprintln!("setup: warning: not root; loading programs, tests and the demo need root");
     }
     Ok(())
-}
-
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 fn ensure_nightly_with_rust_src() -> Result<()> {
@@ -49,7 +44,13 @@ fn ensure_nightly_with_rust_src() -> Result<()> {
         .context("running rustup: the build needs rustup to fetch the nightly toolchain")?;
     if !toolchains.lines().any(|line| line.starts_with("nightly")) {
         println!("setup: installing the nightly toolchain (BPF programs need -Z build-std)");
-        run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let installed = stdout_of(Command::new("rustup").args([
         "component",
@@ -77,7 +78,9 @@ struct NightlyLlvm {
 fn nightly_llvm() -> Result<NightlyLlvm> {
     let sysroot = stdout_of(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
     let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
-    for entry in std::fs::read_dir(&lib_dir).with_context(|| format!("listing {}", lib_dir.display()))? {
+    for entry in
+        std::fs::read_dir(&lib_dir).with_context(|| format!("listing {}", lib_dir.display()))?
+    {
         let name = entry?.file_name().to_string_lossy().into_owned();
         // libLLVM-22-rust-1.97.0-nightly.so
         let Some(link_name) = name.strip_prefix("lib").and_then(|n| n.strip_suffix(".so")) else {
@@ -119,7 +122,14 @@ fn ensure_bpf_linker() -> Result<()> {
     );
     run(Command::new("cargo")
         .env("RUSTFLAGS", rustflags)
-        .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
         .args(["--no-default-features", "--features"])
         .arg(format!("llvm-{},no-llvm-linking", llvm.major)))
     .context("cargo install bpf-linker failed; it needs the package registry and a C toolchain")?;
@@ -138,7 +148,8 @@ fn cargo_home() -> PathBuf {
 }
 
 pub fn bpffs_mounted() -> Result<bool> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     Ok(mounts.lines().any(|line| {
         let mut fields = line.split_whitespace();
         let _source = fields.next();

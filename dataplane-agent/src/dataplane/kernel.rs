@@ -20,10 +20,14 @@ use super::{
 };
 
 /// The programs, built by build.rs from the dataplane-ebpf crate.
-static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane-ebpf"));
+static PROGRAM_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane-ebpf"));
 
 /// Socket-LB programs and the link each is pinned under.
-pub const SOCKET_PROGRAMS: [&str; 2] = [program_names::SOCK_CONNECT4, program_names::SOCK_GETPEERNAME4];
+pub const SOCKET_PROGRAMS: [&str; 2] = [
+    program_names::SOCK_CONNECT4,
+    program_names::SOCK_GETPEERNAME4,
+];
 
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -107,7 +111,8 @@ impl Loaded {
     /// drops the old link's last reference and detaches it. No connect()
     /// ever runs without a program.
     pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<()> {
-        let cgroup_dir = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let cgroup_dir =
+            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         std::fs::create_dir_all(self.layout.links_dir())
             .with_context(|| format!("creating {}", self.layout.links_dir().display()))?;
         for name in SOCKET_PROGRAMS {
@@ -130,7 +135,9 @@ impl Loaded {
                 .take_link(link_id)
                 .with_context(|| format!("taking the link of {name}"))?
                 .try_into()
-                .with_context(|| format!("{name} was not attached through a bpf_link (kernel < 5.7?)"))?;
+                .with_context(|| {
+                    format!("{name} was not attached through a bpf_link (kernel < 5.7?)")
+                })?;
             replace_pinned_link(link, &self.layout.link(name))?;
         }
         Ok(())
@@ -143,11 +150,13 @@ fn replace_pinned_link(link: FdLink, pin: &Path) -> Result<()> {
     staged_name.push("_staged");
     let staged = pin.with_file_name(staged_name);
     if staged.exists() {
-        std::fs::remove_file(&staged).with_context(|| format!("removing stale {}", staged.display()))?;
+        std::fs::remove_file(&staged)
+            .with_context(|| format!("removing stale {}", staged.display()))?;
     }
     link.pin(&staged)
         .with_context(|| format!("pinning link at {}", staged.display()))?;
-    std::fs::rename(&staged, pin).with_context(|| format!("moving link pin to {}", pin.display()))?;
+    std::fs::rename(&staged, pin)
+        .with_context(|| format!("moving link pin to {}", pin.display()))?;
     Ok(())
 }
 
@@ -166,8 +175,12 @@ where
     M: TryFrom<Map, Error = MapError>,
 {
     let path = layout.map(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening {}: is the agent running with this --bpffs-dir?", path.display()))?;
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {}: is the agent running with this --bpffs-dir?",
+            path.display()
+        )
+    })?;
     typed_map(Some(Map::from_map_data(data)?), name)
 }
 
@@ -205,17 +218,22 @@ pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
     let links_dir = layout.links_dir();
     if links_dir.exists() {
-        for entry in std::fs::read_dir(&links_dir).with_context(|| format!("listing {}", links_dir.display()))? {
+        for entry in std::fs::read_dir(&links_dir)
+            .with_context(|| format!("listing {}", links_dir.display()))?
+        {
             let path = entry?.path();
-            std::fs::remove_file(&path).with_context(|| format!("removing link pin {}", path.display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing link pin {}", path.display()))?;
             report.links.push(path.display().to_string());
         }
-        std::fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
+        std::fs::remove_dir(&links_dir)
+            .with_context(|| format!("removing {}", links_dir.display()))?;
     }
     for name in map_names::ALL {
         let path = layout.map(name);
         if path.exists() {
-            std::fs::remove_file(&path).with_context(|| format!("removing map pin {}", path.display()))?;
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing map pin {}", path.display()))?;
             report.maps.push(path.display().to_string());
         }
     }

@@ -47,9 +47,13 @@ fn filesystem_magic(path: &Path) -> Result<i64> {
     // SAFETY: statfs writes into the zeroed struct; the path is NUL-terminated.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("statfs {}", path.display()));
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
     }
-    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between architectures")]
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs between architectures"
+    )]
     Ok(stat.f_type as i64)
 }
 
@@ -97,7 +101,8 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
 /// The cgroup v2 root to attach socket programs to: the first cgroup2 mount
 /// of this mount namespace, or a new mount at [`FALLBACK_CGROUP2`].
 pub fn default_cgroup2_root() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     let found = mounts.lines().find_map(|line| {
         let mut fields = line.split_whitespace();
         let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
@@ -107,7 +112,8 @@ pub fn default_cgroup2_root() -> Result<PathBuf> {
         return Ok(root);
     }
     let fallback = PathBuf::from(FALLBACK_CGROUP2);
-    std::fs::create_dir_all(&fallback).with_context(|| format!("creating {}", fallback.display()))?;
+    std::fs::create_dir_all(&fallback)
+        .with_context(|| format!("creating {}", fallback.display()))?;
     mount("cgroup2", &fallback).context("no cgroup v2 mount found and mounting one failed")?;
     Ok(fallback)
 }

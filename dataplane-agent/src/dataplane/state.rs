@@ -125,7 +125,9 @@ impl PinnedState {
             .keys()
             .filter(|k| {
                 !live.contains(&(k.service_id, k.generation))
-                    || counts.get(&k.service_id).is_none_or(|count| k.index >= *count)
+                    || counts
+                        .get(&k.service_id)
+                        .is_none_or(|count| k.index >= *count)
             })
             .copied()
             .collect()
@@ -177,7 +179,9 @@ impl PinnedState {
                 }
                 Err(error) => {
                     if let Some(frontend) = frontend_of(&key) {
-                        report.failed.push((frontend, FrontendError::Map(error.to_string())));
+                        report
+                            .failed
+                            .push((frontend, FrontendError::Map(error.to_string())));
                     }
                 }
             }
@@ -242,7 +246,11 @@ impl PinnedState {
 
     /// Deletes backend slots in `retired` that are still unreachable.
     /// Returns how many were deleted and the first error, if any.
-    pub fn sweep<S: MapStore>(&mut self, retired: &BTreeSet<BackendKey>, store: &mut S) -> (usize, Option<S::Error>) {
+    pub fn sweep<S: MapStore>(
+        &mut self,
+        retired: &BTreeSet<BackendKey>,
+        store: &mut S,
+    ) -> (usize, Option<S::Error>) {
         let unreachable = self.unreachable_backends();
         let mut deleted = 0;
         let mut first_error = None;

@@ -43,7 +43,10 @@ pub fn backends_for_port(
                 })
             })
         })
-        .filter(|c| !spec.internal_traffic_local || c.endpoint.node_name.as_deref() == Some(node.name.as_str()))
+        .filter(|c| {
+            !spec.internal_traffic_local
+                || c.endpoint.node_name.as_deref() == Some(node.name.as_str())
+        })
         .collect();
 
     let ready: BTreeSet<Backend> = candidates
@@ -69,7 +72,8 @@ pub fn backends_for_port(
 fn endpoint_port_for(slice: &EndpointSlice, port: &ServicePort) -> Option<u16> {
     slice.ports.as_deref()?.iter().find_map(|slice_port| {
         let same_name = slice_port.name.as_deref().unwrap_or("") == port.name;
-        let same_protocol = Protocol::parse(slice_port.protocol.as_deref()).ok() == Some(port.protocol);
+        let same_protocol =
+            Protocol::parse(slice_port.protocol.as_deref()).ok() == Some(port.protocol);
         let number = u16::try_from(slice_port.port?).ok().filter(|p| *p != 0)?;
         (same_name && same_protocol).then_some(number)
     })
@@ -78,7 +82,11 @@ fn endpoint_port_for(slice: &EndpointSlice, port: &ServicePort) -> Option<u16> {
 // The API documents a nil condition as "unknown" and consumers treat nil
 // ready and serving as true, nil terminating as false.
 fn is_ready(endpoint: &Endpoint) -> bool {
-    endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+    endpoint
+        .conditions
+        .as_ref()
+        .and_then(|c| c.ready)
+        .unwrap_or(true)
 }
 
 fn is_serving(endpoint: &Endpoint) -> bool {
@@ -90,5 +98,9 @@ fn is_serving(endpoint: &Endpoint) -> bool {
 }
 
 fn is_terminating(endpoint: &Endpoint) -> bool {
-    endpoint.conditions.as_ref().and_then(|c| c.terminating).unwrap_or(false)
+    endpoint
+        .conditions
+        .as_ref()
+        .and_then(|c| c.terminating)
+        .unwrap_or(false)
 }

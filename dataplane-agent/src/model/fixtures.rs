@@ -102,7 +102,12 @@ pub const fn on_node<'a>(ep: Ep<'a>, node: &'a str) -> Ep<'a> {
 
 /// An IPv4 EndpointSlice of Service `service` with `(name, port, protocol)`
 /// ports.
-pub fn slice(name: &str, service: &str, ports: &[(&str, i32, &str)], endpoints: &[Ep]) -> EndpointSlice {
+pub fn slice(
+    name: &str,
+    service: &str,
+    ports: &[(&str, i32, &str)],
+    endpoints: &[Ep],
+) -> EndpointSlice {
     EndpointSlice {
         metadata: meta(name, &[("kubernetes.io/service-name", service)]),
         address_type: "IPv4".into(),

@@ -13,7 +13,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Service, core::v1::Node, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
 
 pub use service::Protocol;
 
@@ -140,7 +140,10 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
                 continue;
             }
         };
-        let slices = slices_by_service.get(name).map(Vec::as_slice).unwrap_or(&[]);
+        let slices = slices_by_service
+            .get(name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         for port in &spec.ports {
             let backends = endpoints::backends_for_port(port, &spec, slices, node);
             for ip in &spec.cluster_ips {
@@ -153,7 +156,10 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
                     out.skipped.push(Skipped {
                         kind: "Service",
                         object: name.clone(),
-                        reason: format!("frontend {frontend} is already used by Service {}", existing.service),
+                        reason: format!(
+                            "frontend {frontend} is already used by Service {}",
+                            existing.service
+                        ),
                     });
                     continue;
                 }
@@ -213,7 +219,11 @@ fn group_slices<'a>(
 
 /// A distinct set of the Services the desired state programs, for logs.
 pub fn services_of(desired: &DesiredDataplane) -> BTreeSet<&ObjectName> {
-    desired.frontends.values().map(|entry| &entry.service).collect()
+    desired
+        .frontends
+        .values()
+        .map(|entry| &entry.service)
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Which Services kube-proxy would proxy, and their validated frontends.
 
-use std::{fmt, net::Ipv4Addr, net::IpAddr};
+use std::{fmt, net::IpAddr, net::Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Service;
 
@@ -83,7 +83,9 @@ pub enum Classified {
 /// An invalid Service is an `Err` with the reason; the caller skips only it.
 pub fn classify(name: &ObjectName, service: &Service) -> Result<Classified, String> {
     let labels = service.metadata.labels.as_ref();
-    if labels.is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL)) {
+    if labels
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
+    {
         return Ok(Classified::Ignored);
     }
     if name.name.is_empty() {

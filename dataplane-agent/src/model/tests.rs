@@ -40,7 +40,10 @@ struct Case {
 const WEB: &[(&str, i32, &str)] = &[("http", 80, "TCP")];
 const WEB_EP: &[(&str, i32, &str)] = &[("http", 8080, "TCP")];
 
-fn with_labels(mut s: k8s_openapi::api::core::v1::Service, labels: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Service {
+fn with_labels(
+    mut s: k8s_openapi::api::core::v1::Service,
+    labels: &[(&str, &str)],
+) -> k8s_openapi::api::core::v1::Service {
     s.metadata = meta(s.metadata.name.as_deref().unwrap_or(""), labels);
     s
 }
@@ -51,7 +54,12 @@ fn cases() -> Vec<Case> {
             name: "ready endpoints serve, not-ready ones do not",
             cluster: cluster(
                 vec![service("web", "10.96.0.10", WEB)],
-                vec![slice("web-1", "web", WEB_EP, &[ready("10.0.0.1"), not_ready("10.0.0.2"), ready("10.0.0.3")])],
+                vec![slice(
+                    "web-1",
+                    "web",
+                    WEB_EP,
+                    &[ready("10.0.0.1"), not_ready("10.0.0.2"), ready("10.0.0.3")],
+                )],
             ),
             frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080", "10.0.0.3:8080"])],
             skipped: &[],
@@ -64,7 +72,11 @@ fn cases() -> Vec<Case> {
                     "web-1",
                     "web",
                     WEB_EP,
-                    &[terminating_serving("10.0.0.1"), terminating_not_serving("10.0.0.2"), not_ready("10.0.0.3")],
+                    &[
+                        terminating_serving("10.0.0.1"),
+                        terminating_not_serving("10.0.0.2"),
+                        not_ready("10.0.0.3"),
+                    ],
                 )],
             ),
             frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
@@ -74,7 +86,12 @@ fn cases() -> Vec<Case> {
             name: "a ready endpoint wins over terminating ones",
             cluster: cluster(
                 vec![service("web", "10.96.0.10", WEB)],
-                vec![slice("web-1", "web", WEB_EP, &[terminating_serving("10.0.0.1"), ready("10.0.0.2")])],
+                vec![slice(
+                    "web-1",
+                    "web",
+                    WEB_EP,
+                    &[terminating_serving("10.0.0.1"), ready("10.0.0.2")],
+                )],
             ),
             frontends: &[("10.96.0.10:80/TCP", &["10.0.0.2:8080"])],
             skipped: &[],
@@ -93,7 +110,12 @@ fn cases() -> Vec<Case> {
                     "web-1",
                     "web",
                     WEB_EP,
-                    &[Ep { ready: None, serving: None, terminating: None, ..ready("10.0.0.1") }],
+                    &[Ep {
+                        ready: None,
+                        serving: None,
+                        terminating: None,
+                        ..ready("10.0.0.1")
+                    }],
                 )],
             ),
             frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
@@ -106,7 +128,12 @@ fn cases() -> Vec<Case> {
                 svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
                 cluster(
                     vec![svc],
-                    vec![slice("web-1", "web", WEB_EP, &[ready("10.0.0.1"), on_node(ready("10.0.0.2"), "node-b")])],
+                    vec![slice(
+                        "web-1",
+                        "web",
+                        WEB_EP,
+                        &[ready("10.0.0.1"), on_node(ready("10.0.0.2"), "node-b")],
+                    )],
                 )
             },
             frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
@@ -117,7 +144,15 @@ fn cases() -> Vec<Case> {
             cluster: {
                 let mut svc = service("web", "10.96.0.10", WEB);
                 svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
-                cluster(vec![svc], vec![slice("web-1", "web", WEB_EP, &[on_node(ready("10.0.0.2"), "node-b")])])
+                cluster(
+                    vec![svc],
+                    vec![slice(
+                        "web-1",
+                        "web",
+                        WEB_EP,
+                        &[on_node(ready("10.0.0.2"), "node-b")],
+                    )],
+                )
             },
             frontends: &[("10.96.0.10:80/TCP", &[])],
             skipped: &[],
@@ -128,12 +163,20 @@ fn cases() -> Vec<Case> {
                 vec![service(
                     "dns",
                     "10.96.0.10",
-                    &[("dns-tcp", 53, "TCP"), ("dns", 53, "UDP"), ("metrics", 9153, "TCP")],
+                    &[
+                        ("dns-tcp", 53, "TCP"),
+                        ("dns", 53, "UDP"),
+                        ("metrics", 9153, "TCP"),
+                    ],
                 )],
                 vec![slice(
                     "dns-1",
                     "dns",
-                    &[("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP"), ("metrics", 9154, "TCP")],
+                    &[
+                        ("dns", 5353, "UDP"),
+                        ("dns-tcp", 5354, "TCP"),
+                        ("metrics", 9154, "TCP"),
+                    ],
                     &[ready("10.0.0.1")],
                 )],
             ),
@@ -149,11 +192,24 @@ fn cases() -> Vec<Case> {
             cluster: cluster(
                 vec![service("web", "10.96.0.10", WEB)],
                 vec![
-                    slice("web-1", "web", WEB_EP, &[ready("10.0.0.2"), ready("10.0.0.1")]),
-                    slice("web-2", "web", WEB_EP, &[ready("10.0.0.1"), ready("10.0.0.3")]),
+                    slice(
+                        "web-1",
+                        "web",
+                        WEB_EP,
+                        &[ready("10.0.0.2"), ready("10.0.0.1")],
+                    ),
+                    slice(
+                        "web-2",
+                        "web",
+                        WEB_EP,
+                        &[ready("10.0.0.1"), ready("10.0.0.3")],
+                    ),
                 ],
             ),
-            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])],
+            frontends: &[(
+                "10.96.0.10:80/TCP",
+                &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"],
+            )],
             skipped: &[],
         },
         Case {
@@ -178,7 +234,10 @@ fn cases() -> Vec<Case> {
                         ),
                         service("web", "10.96.0.10", WEB),
                     ],
-                    vec![headless_slice, slice("web-1", "web", WEB_EP, &[ready("10.0.0.1")])],
+                    vec![
+                        headless_slice,
+                        slice("web-1", "web", WEB_EP, &[ready("10.0.0.1")]),
+                    ],
                 )
             },
             frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
@@ -219,8 +278,14 @@ fn cases() -> Vec<Case> {
         Case {
             name: "two Services claiming one frontend: the first by name keeps it",
             cluster: cluster(
-                vec![service("a", "10.96.0.10", WEB), service("b", "10.96.0.10", WEB)],
-                vec![slice("a-1", "a", WEB_EP, &[ready("10.0.0.1")]), slice("b-1", "b", WEB_EP, &[ready("10.0.0.2")])],
+                vec![
+                    service("a", "10.96.0.10", WEB),
+                    service("b", "10.96.0.10", WEB),
+                ],
+                vec![
+                    slice("a-1", "a", WEB_EP, &[ready("10.0.0.1")]),
+                    slice("b-1", "b", WEB_EP, &[ready("10.0.0.2")]),
+                ],
             ),
             frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
             skipped: &["already used by Service default/a"],
@@ -229,7 +294,8 @@ fn cases() -> Vec<Case> {
             name: "dual-stack Services serve their IPv4 family; IPv6-only ones are skipped",
             cluster: {
                 let mut dual = service("dual", "10.96.0.10", WEB);
-                dual.spec.as_mut().unwrap().cluster_ips = Some(vec!["fd00::10".into(), "10.96.0.10".into()]);
+                dual.spec.as_mut().unwrap().cluster_ips =
+                    Some(vec!["fd00::10".into(), "10.96.0.10".into()]);
                 cluster(
                     vec![dual, service("v6", "fd00::11", WEB)],
                     vec![slice("dual-1", "dual", WEB_EP, &[ready("10.0.0.1")])],
@@ -242,7 +308,12 @@ fn cases() -> Vec<Case> {
             name: "a slice port that matches no Service port contributes nothing",
             cluster: cluster(
                 vec![service("web", "10.96.0.10", WEB)],
-                vec![slice("web-1", "web", &[("other", 8080, "TCP")], &[ready("10.0.0.1")])],
+                vec![slice(
+                    "web-1",
+                    "web",
+                    &[("other", 8080, "TCP")],
+                    &[ready("10.0.0.1")],
+                )],
             ),
             frontends: &[("10.96.0.10:80/TCP", &[])],
             skipped: &[],
@@ -254,11 +325,25 @@ fn cases() -> Vec<Case> {
 fn kube_proxy_semantics_table() {
     for case in cases() {
         let desired = desired(&case.cluster, &node());
-        assert_eq!(rendered(&desired), expect(case.frontends), "case: {}", case.name);
+        assert_eq!(
+            rendered(&desired),
+            expect(case.frontends),
+            "case: {}",
+            case.name
+        );
         let reasons: Vec<String> = desired.skipped.iter().map(ToString::to_string).collect();
-        assert_eq!(reasons.len(), case.skipped.len(), "case: {}: skipped {reasons:#?}", case.name);
+        assert_eq!(
+            reasons.len(),
+            case.skipped.len(),
+            "case: {}: skipped {reasons:#?}",
+            case.name
+        );
         for (reason, wanted) in reasons.iter().zip(case.skipped) {
-            assert!(reason.contains(wanted), "case: {}: {reason:?} should contain {wanted:?}", case.name);
+            assert!(
+                reason.contains(wanted),
+                "case: {}: {reason:?} should contain {wanted:?}",
+                case.name
+            );
         }
     }
 }
@@ -278,7 +363,12 @@ fn frontends_remember_their_service_and_port_name() {
 fn desired_is_deterministic() {
     let cluster = cluster(
         vec![service("web", "10.96.0.10", WEB)],
-        vec![slice("web-1", "web", WEB_EP, &[ready("10.0.0.3"), ready("10.0.0.1"), ready("10.0.0.2")])],
+        vec![slice(
+            "web-1",
+            "web",
+            WEB_EP,
+            &[ready("10.0.0.3"), ready("10.0.0.1"), ready("10.0.0.2")],
+        )],
     );
     assert_eq!(desired(&cluster, &node()), desired(&cluster, &node()));
 }

@@ -28,7 +28,13 @@ pub struct ParseProblem {
 
 impl std::fmt::Display for ParseProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} document {}: {}", self.file.display(), self.document, self.reason)
+        write!(
+            f,
+            "{} document {}: {}",
+            self.file.display(),
+            self.document,
+            self.reason
+        )
     }
 }
 
@@ -84,17 +90,29 @@ pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(value) => value,
             Err(error) => {
-                loaded.problems.push(problem(format!("invalid YAML: {error}")));
+                loaded
+                    .problems
+                    .push(problem(format!("invalid YAML: {error}")));
                 // The parser cannot resynchronise after a syntax error.
                 break;
             }
         };
-        add_object(value, &mut loaded.cluster, &mut |reason| loaded.problems.push(problem(reason)));
+        add_object(value, &mut loaded.cluster, &mut |reason| {
+            loaded.problems.push(problem(reason))
+        });
     }
 }
 
-fn add_object(value: serde_yaml::Value, cluster: &mut ClusterState, report: &mut dyn FnMut(String)) {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+fn add_object(
+    value: serde_yaml::Value,
+    cluster: &mut ClusterState,
+    report: &mut dyn FnMut(String),
+) {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_owned();
     match kind.as_str() {
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
             let items = value
@@ -122,7 +140,9 @@ fn add_object(value: serde_yaml::Value, cluster: &mut ClusterState, report: &mut
             if let Some(node) = typed::<Node>(value, &kind, report) {
                 let name = node.metadata.name.clone().unwrap_or_default();
                 if cluster.nodes.insert(name.clone(), node).is_some() {
-                    report(format!("Node {name} is defined twice; the last one is used"));
+                    report(format!(
+                        "Node {name} is defined twice; the last one is used"
+                    ));
                 }
             }
         }
@@ -131,7 +151,11 @@ fn add_object(value: serde_yaml::Value, cluster: &mut ClusterState, report: &mut
     }
 }
 
-fn typed<T: DeserializeOwned>(value: serde_yaml::Value, kind: &str, report: &mut dyn FnMut(String)) -> Option<T> {
+fn typed<T: DeserializeOwned>(
+    value: serde_yaml::Value,
+    kind: &str,
+    report: &mut dyn FnMut(String),
+) -> Option<T> {
     let name = value
         .get("metadata")
         .and_then(|m| m.get("name"))
@@ -141,7 +165,9 @@ fn typed<T: DeserializeOwned>(value: serde_yaml::Value, kind: &str, report: &mut
     match serde_yaml::from_value(value) {
         Ok(object) => Some(object),
         Err(error) => {
-            report(format!("{kind} {name} does not match the Kubernetes schema: {error}"));
+            report(format!(
+                "{kind} {name} does not match the Kubernetes schema: {error}"
+            ));
             None
         }
     }
@@ -157,7 +183,9 @@ fn insert_unique<T>(
     if name.name.is_empty() {
         report(format!("{kind} has no metadata.name"));
     } else if objects.contains_key(&name) {
-        report(format!("{kind} {name} is defined twice; the first one is used"));
+        report(format!(
+            "{kind} {name} is defined twice; the first one is used"
+        ));
     } else {
         objects.insert(name, object);
     }
@@ -171,16 +199,15 @@ pub struct DirWatch {
 
 pub fn watch_dir(dir: &Path) -> Result<DirWatch> {
     let (sender, changes) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        match event {
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if event.kind.is_access() => {}
             Ok(_) => {
                 let _receiver_gone = sender.send(());
             }
             Err(error) => tracing::warn!(%error, "manifest directory watch error; resyncing"),
-        }
-    })
-    .context("creating the manifest directory watcher")?;
+        })
+        .context("creating the manifest directory watcher")?;
     // Recursive so that ConfigMap volumes, which swap a `..data` symlink to
     // a new hidden directory, are noticed too.
     watcher
@@ -227,8 +254,18 @@ endpoints:
     fn reads_multi_document_files() {
         let loaded = parse(SERVICE_AND_SLICE);
         assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-        assert!(loaded.cluster.services.contains_key(&ObjectName::new("shop", "web")));
-        assert!(loaded.cluster.endpoint_slices.contains_key(&ObjectName::new("shop", "web-abc")));
+        assert!(
+            loaded
+                .cluster
+                .services
+                .contains_key(&ObjectName::new("shop", "web"))
+        );
+        assert!(
+            loaded
+                .cluster
+                .endpoint_slices
+                .contains_key(&ObjectName::new("shop", "web-abc"))
+        );
     }
 
     #[test]
@@ -261,10 +298,16 @@ items:
 
     #[test]
     fn invalid_yaml_is_reported_with_its_position_and_earlier_documents_load() {
-        let loaded = parse(&format!("{SERVICE_AND_SLICE}\n---\nkind: Service\nmetadata: [unclosed\n"));
+        let loaded = parse(&format!(
+            "{SERVICE_AND_SLICE}\n---\nkind: Service\nmetadata: [unclosed\n"
+        ));
         assert_eq!(loaded.cluster.services.len(), 1);
         assert_eq!(loaded.problems.len(), 1);
-        assert!(loaded.problems[0].reason.contains("invalid YAML"), "{:?}", loaded.problems);
+        assert!(
+            loaded.problems[0].reason.contains("invalid YAML"),
+            "{:?}",
+            loaded.problems
+        );
     }
 
     #[test]

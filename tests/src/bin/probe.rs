@@ -45,7 +45,10 @@ fn serve(listen: SocketAddr, name: &str) -> Result<()> {
     std::io::stdout().flush()?;
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
-        let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
         let _ = writeln!(stream, "{name} {peer}");
         let _ = stream.shutdown(Shutdown::Write);
     }
@@ -90,7 +93,11 @@ fn attempt(to: SocketAddr, timeout: Duration) -> Attempt {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve { listen, name } => serve(listen, &name),
-        Command::Connect { to, count, timeout_ms } => {
+        Command::Connect {
+            to,
+            count,
+            timeout_ms,
+        } => {
             let timeout = Duration::from_millis(timeout_ms);
             let mut out = std::io::stdout().lock();
             for _ in 0..count {

@@ -53,12 +53,18 @@ impl MapStore for FakeMaps {
             return Err(Injected);
         }
         self.state.backends.insert(*key, *value);
-        self.record(format!("put_backend {}/{}/{}", key.service_id, key.generation, key.index));
+        self.record(format!(
+            "put_backend {}/{}/{}",
+            key.service_id, key.generation, key.index
+        ));
         Ok(())
     }
     fn delete_backend(&mut self, key: &BackendKey) -> Result<(), Injected> {
         self.state.backends.remove(key);
-        self.record(format!("delete_backend {}/{}/{}", key.service_id, key.generation, key.index));
+        self.record(format!(
+            "delete_backend {}/{}/{}",
+            key.service_id, key.generation, key.index
+        ));
         Ok(())
     }
 }
@@ -121,7 +127,11 @@ fn new_service_writes_backends_before_the_service_entry() {
     assert_eq!(report.updated, 1);
     assert_eq!(
         maps.log,
-        ["put_backend 1/0/0", "put_backend 1/0/1", "put_service 10.96.0.10:80/TCP"]
+        [
+            "put_backend 1/0/0",
+            "put_backend 1/0/1",
+            "put_service 10.96.0.10:80/TCP"
+        ]
     );
     assert_eq!(mirror, maps.state);
 }
@@ -138,7 +148,10 @@ fn changing_backends_never_exposes_a_removed_or_partial_set() {
     let (old, new) = (set(&[1, 2, 3]), set(&[1, 3, 4]));
     for visible in &maps.visible_history {
         let now = &visible[&key];
-        assert!(*now == old || *now == new, "saw a mixed backend set {now:?}");
+        assert!(
+            *now == old || *now == new,
+            "saw a mixed backend set {now:?}"
+        );
     }
     assert_eq!(maps.visible_history.last().unwrap()[&key], new);
     // The old generation is gone after the sweep, and the mirror is exact.
@@ -177,7 +190,11 @@ fn an_unchanged_desired_state_writes_nothing() {
 fn removed_frontends_are_deleted_and_their_slots_swept() {
     let mut mirror = PinnedState::default();
     let mut maps = FakeMaps::default();
-    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2]), (11, &[3])]));
+    converge(
+        &mut mirror,
+        &mut maps,
+        &desired(&[(10, &[1, 2]), (11, &[3])]),
+    );
     let report = converge(&mut mirror, &mut maps, &desired(&[(11, &[3])]));
     assert_eq!(report.removed, 1);
     assert_eq!(maps.state.services.len(), 1);
@@ -200,8 +217,16 @@ fn service_ids_survive_a_restart_and_a_restarted_agent_rewrites_nothing() {
     assert!(maps.log.is_empty(), "{:?}", maps.log);
 
     // Adding a frontend does not renumber the others; freed ids are reused.
-    converge(&mut restarted, &mut maps, &desired(&[(10, &[1]), (12, &[3])]));
-    converge(&mut restarted, &mut maps, &desired(&[(10, &[1]), (12, &[3]), (13, &[4])]));
+    converge(
+        &mut restarted,
+        &mut maps,
+        &desired(&[(10, &[1]), (12, &[3])]),
+    );
+    converge(
+        &mut restarted,
+        &mut maps,
+        &desired(&[(10, &[1]), (12, &[3]), (13, &[4])]),
+    );
     let id_of = |o: u8| maps.state.services[&service_key(&frontend(o))].service_id;
     assert_eq!(id_of(10), ids_before[0]);
     assert_eq!(id_of(12), ids_before[2]);
@@ -214,15 +239,26 @@ fn a_failing_frontend_keeps_its_old_backends_and_others_still_update() {
     let mut maps = FakeMaps::default();
     converge(&mut mirror, &mut maps, &desired(&[(10, &[1]), (11, &[2])]));
     maps.fail_backend_ip = Some(Ipv4Addr::new(10, 0, 0, 9));
-    let report = converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 9]), (11, &[3])]));
+    let report = converge(
+        &mut mirror,
+        &mut maps,
+        &desired(&[(10, &[1, 9]), (11, &[3])]),
+    );
 
     assert_eq!(report.failed.len(), 1);
     assert_eq!(report.failed[0].0, frontend(10));
     assert_eq!(report.updated, 1);
     let visible = maps.visible_history.last().unwrap();
-    assert_eq!(visible[&service_key(&frontend(10))], set(&[1]), "old backends kept, never half");
+    assert_eq!(
+        visible[&service_key(&frontend(10))],
+        set(&[1]),
+        "old backends kept, never half"
+    );
     assert_eq!(visible[&service_key(&frontend(11))], set(&[3]));
-    assert_eq!(mirror, maps.state, "partial slots of the failed update were swept");
+    assert_eq!(
+        mirror, maps.state,
+        "partial slots of the failed update were swept"
+    );
 }
 
 #[test]
@@ -233,7 +269,11 @@ fn too_many_backends_is_an_error_for_that_frontend_only() {
         max_backends_per_service: 2,
         ..Limits::default()
     };
-    let report = mirror.apply(&desired(&[(10, &[1, 2, 3]), (11, &[4])]), &mut maps, &limits);
+    let report = mirror.apply(
+        &desired(&[(10, &[1, 2, 3]), (11, &[4])]),
+        &mut maps,
+        &limits,
+    );
     assert!(matches!(
         report.failed.as_slice(),
         [(f, FrontendError::TooManyBackends { count: 3, limit: 2 })] if *f == frontend(10)

@@ -1,0 +1,187 @@
+//! The socket-LB programs on their own: maps written directly (no agent),
+//! real sockets from a namespace inside the test's cgroup. Each test states
+//! one rule of the datapath.
+
+use std::net::Ipv4Addr;
+
+use dataplane_agent::dataplane::{
+    kernel::{self, KernelMaps, Loaded},
+    pins::{self, PinLayout},
+    state::{MapStore, backend_value, service_key},
+};
+use dataplane_agent::model::{Backend, Frontend, Protocol};
+use dataplane_common::{BackendKey, ServiceValue, Stat};
+use dataplane_testbed::{Host, Testbed, probe::tally};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+struct Programs {
+    tb: Testbed,
+    client: Host,
+    pod1: Host,
+    pod2: Host,
+    maps: KernelMaps,
+}
+
+fn attached() -> Programs {
+    let mut tb = Testbed::new().unwrap();
+    let client = tb.host("client").unwrap();
+    let pod1 = tb.host("pod1").unwrap();
+    let pod2 = tb.host("pod2").unwrap();
+    tb.serve(&pod1, 8080).unwrap();
+    tb.serve(&pod2, 8080).unwrap();
+    pins::ensure_bpffs_dir(&tb.pin_dir).unwrap();
+    let mut loaded = Loaded::load(PinLayout::new(&tb.pin_dir)).unwrap();
+    let maps = loaded.take_maps().unwrap();
+    loaded.attach_socket_lb(&tb.cgroup).unwrap();
+    Programs {
+        tb,
+        client,
+        pod1,
+        pod2,
+        maps,
+    }
+}
+
+fn frontend() -> Frontend {
+    Frontend {
+        ip: VIP,
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn put_slot(maps: &mut KernelMaps, generation: u16, index: u16, host: &Host) {
+    let key = BackendKey {
+        service_id: 7,
+        generation,
+        index,
+    };
+    maps.put_backend(
+        &key,
+        &backend_value(&Backend {
+            ip: host.ip,
+            port: 8080,
+        }),
+    )
+    .unwrap();
+}
+
+fn put_service(maps: &mut KernelMaps, generation: u16, backend_count: u16) {
+    let value = ServiceValue {
+        service_id: 7,
+        backend_count,
+        generation,
+        flags: 0,
+        affinity_timeout_s: 0,
+    };
+    maps.put_service(&service_key(&frontend()), &value).unwrap();
+}
+
+fn stat(tb: &Testbed, wanted: Stat) -> u64 {
+    kernel::read_stats(&PinLayout::new(&tb.pin_dir))
+        .unwrap()
+        .into_iter()
+        .find_map(|(s, v)| (s == wanted).then_some(v))
+        .unwrap()
+}
+
+#[test]
+fn only_the_current_generation_is_chosen() {
+    let Programs {
+        tb,
+        client,
+        pod1,
+        pod2,
+        mut maps,
+    } = attached();
+    // Generation 0 holds pod1, generation 1 holds pod2; the Service entry
+    // points at generation 1.
+    put_slot(&mut maps, 0, 0, &pod1);
+    put_slot(&mut maps, 1, 0, &pod2);
+    put_service(&mut maps, 1, 1);
+    let served = tally(&tb.connect(&client, "10.96.0.10:80", 20).unwrap());
+    assert_eq!(served.keys().collect::<Vec<_>>(), ["pod2"]);
+    assert_eq!(stat(&tb, Stat::SockTranslated), 20);
+}
+
+#[test]
+fn addresses_that_are_not_services_are_left_alone() {
+    let Programs {
+        tb,
+        client,
+        pod1,
+        mut maps,
+        ..
+    } = attached();
+    put_slot(&mut maps, 0, 0, &pod1);
+    put_service(&mut maps, 0, 1);
+    // The backend's own address, and the VIP on another port.
+    let direct = tb
+        .connect(&client, &format!("{}:8080", pod1.ip), 3)
+        .unwrap();
+    assert!(
+        direct
+            .iter()
+            .all(|a| a.ok && a.peer == Some(format!("{}:8080", pod1.ip))),
+        "{direct:?}"
+    );
+    let other_port = tb.connect(&client, "10.96.0.10:81", 1).unwrap();
+    assert!(
+        !other_port[0].ok && other_port[0].errno != Some(libc::ECONNREFUSED),
+        "{other_port:?}"
+    );
+    assert_eq!(stat(&tb, Stat::SockTranslated), 0);
+}
+
+#[test]
+fn a_missing_backend_slot_is_refused_and_counted() {
+    let Programs {
+        tb,
+        client,
+        mut maps,
+        ..
+    } = attached();
+    put_service(&mut maps, 0, 1);
+    let attempts = tb.connect(&client, "10.96.0.10:80", 2).unwrap();
+    assert!(
+        attempts.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)),
+        "{attempts:?}"
+    );
+    assert_eq!(stat(&tb, Stat::SockBackendMissing), 2);
+}
+
+#[test]
+fn zero_backends_is_refused_and_counted() {
+    let Programs {
+        tb,
+        client,
+        mut maps,
+        ..
+    } = attached();
+    put_service(&mut maps, 0, 0);
+    let attempts = tb.connect(&client, "10.96.0.10:80", 3).unwrap();
+    assert!(
+        attempts.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)),
+        "{attempts:?}"
+    );
+    assert_eq!(stat(&tb, Stat::SockRefusedNoEndpoints), 3);
+}
+
+#[test]
+fn getpeername_shows_the_service_and_the_backend_sees_the_client() {
+    let Programs {
+        tb,
+        client,
+        pod1,
+        mut maps,
+        ..
+    } = attached();
+    put_slot(&mut maps, 0, 0, &pod1);
+    put_service(&mut maps, 0, 1);
+    let attempts = tb.connect(&client, "10.96.0.10:80", 5).unwrap();
+    for attempt in attempts {
+        assert_eq!(attempt.peer.as_deref(), Some("10.96.0.10:80"));
+        assert_eq!(attempt.source_seen, Some(client.ip.to_string()));
+    }
+}
