@@ -31,7 +31,7 @@ pub fn translate_connect4(ctx: &SockAddrContext) -> i32 {
     let key = service_key(vip_be, port_be, IPPROTO_TCP);
     // SAFETY: the value is copied out at once; a concurrent update replaces it
     // atomically.
-    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
+    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return ALLOW;
     };
     let Some(backend) = select_backend(&service) else {
@@ -52,7 +52,7 @@ pub fn reverse_getpeername4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context is a valid sock_addr for this hook.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out at once.
-    let Some(original) = (unsafe { SOCK_REV.get(&cookie) }).copied() else {
+    let Some(original) = (unsafe { SOCK_REV.get(cookie) }).copied() else {
         return ALLOW;
     };
     // SAFETY: user_ip4/user_port are readable and writable for getpeername4.
@@ -97,7 +97,7 @@ fn select_backend(service: &ServiceValue) -> Option<BackendValue> {
         index: index as u16,
     };
     // SAFETY: the value is copied out at once.
-    match unsafe { BACKENDS.get(&key) } {
+    match unsafe { BACKENDS.get(key) } {
         Some(backend) => Some(*backend),
         None => {
             count(Stat::SockBackendMissing);
@@ -117,7 +117,7 @@ fn remember_frontend(ctx: &SockAddrContext, key: &ServiceKey, backend: &BackendV
         backend_port_be: backend.port_be,
         _pad: 0,
     };
-    if SOCK_REV.insert(&cookie, &original, 0).is_err() {
+    if SOCK_REV.insert(cookie, original, 0).is_err() {
         count(Stat::SockRevUpdateFailed);
     }
 }

@@ -216,7 +216,7 @@ impl Testbed {
             "via",
             &format!("10.200.{index}.1"),
         ])?;
-        Ok(self.hosts.last().cloned().context("host just added")?)
+        self.hosts.last().cloned().context("host just added")
     }
 
     /// A command that will run inside `netns`, and inside the testbed's
@@ -446,19 +446,6 @@ impl Drop for Testbed {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owner_pid_is_read_back_from_names() {
-        assert_eq!(owner_pid("dpt123x4-node"), Some(123));
-        assert_eq!(owner_pid("dpt123x4"), Some(123));
-        assert_eq!(owner_pid("dataplane"), None);
-        assert_eq!(owner_pid("other"), None);
-    }
-}
-
 /// Ids of the programs behind the link pins in `pin_dir/links`.
 pub fn pinned_program_ids(pin_dir: &Path) -> Result<Vec<u32>> {
     let layout = dataplane_agent::dataplane::pins::PinLayout::new(pin_dir);
@@ -476,4 +463,17 @@ pub fn loaded_program_ids() -> Result<std::collections::BTreeSet<u32>> {
     aya::programs::loaded_programs()
         .map(|info| Ok(info?.id()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_is_read_back_from_names() {
+        assert_eq!(owner_pid("dpt123x4-node"), Some(123));
+        assert_eq!(owner_pid("dpt123x4"), Some(123));
+        assert_eq!(owner_pid("dataplane"), None);
+        assert_eq!(owner_pid("other"), None);
+    }
 }

@@ -74,8 +74,8 @@ pub fn demo(connections: usize) -> Result<()> {
     check()?;
     let failed = attempts.iter().filter(|a| !a.ok).count();
     println!(
-        "\n{:<8} {:<12} {:>12}   {}",
-        "BACKEND", "POD IP", "CONNECTIONS", "SOURCE IP SEEN BY BACKEND"
+        "\n{:<8} {:<12} {:>12}   SOURCE IP SEEN BY BACKEND",
+        "BACKEND", "POD IP", "CONNECTIONS"
     );
     for (backend, seen) in tally(&attempts) {
         let ip = pods

@@ -182,12 +182,16 @@ fn insert_unique<T>(
 ) {
     if name.name.is_empty() {
         report(format!("{kind} has no metadata.name"));
-    } else if objects.contains_key(&name) {
-        report(format!(
-            "{kind} {name} is defined twice; the first one is used"
-        ));
-    } else {
-        objects.insert(name, object);
+        return;
+    }
+    match objects.entry(name) {
+        std::collections::btree_map::Entry::Occupied(existing) => report(format!(
+            "{kind} {} is defined twice; the first one is used",
+            existing.key()
+        )),
+        std::collections::btree_map::Entry::Vacant(slot) => {
+            slot.insert(object);
+        }
     }
 }
 
