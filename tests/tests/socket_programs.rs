@@ -134,38 +134,31 @@ fn addresses_that_are_not_services_are_left_alone() {
     assert_eq!(stat(&tb, Stat::SockTranslated), 0);
 }
 
-#[test]
-fn a_missing_backend_slot_is_refused_and_counted() {
+/// A Service entry claiming `backend_count` backends with no slot written.
+fn assert_refused_and_counted(backend_count: u16, counted_as: Stat) {
     let Programs {
         tb,
         client,
         mut maps,
         ..
     } = attached();
-    put_service(&mut maps, 0, 1);
-    let attempts = tb.connect(&client, "10.96.0.10:80", 2).unwrap();
-    assert!(
-        attempts.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)),
-        "{attempts:?}"
-    );
-    assert_eq!(stat(&tb, Stat::SockBackendMissing), 2);
-}
-
-#[test]
-fn zero_backends_is_refused_and_counted() {
-    let Programs {
-        tb,
-        client,
-        mut maps,
-        ..
-    } = attached();
-    put_service(&mut maps, 0, 0);
+    put_service(&mut maps, 0, backend_count);
     let attempts = tb.connect(&client, "10.96.0.10:80", 3).unwrap();
     assert!(
         attempts.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)),
         "{attempts:?}"
     );
-    assert_eq!(stat(&tb, Stat::SockRefusedNoEndpoints), 3);
+    assert_eq!(stat(&tb, counted_as), 3);
+}
+
+#[test]
+fn zero_backends_is_refused_and_counted() {
+    assert_refused_and_counted(0, Stat::SockRefusedNoEndpoints);
+}
+
+#[test]
+fn a_missing_backend_slot_is_refused_and_counted() {
+    assert_refused_and_counted(1, Stat::SockBackendMissing);
 }
 
 #[test]
