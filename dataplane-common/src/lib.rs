@@ -22,6 +22,8 @@ pub mod map_names {
 pub mod program_names {
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
 }
 
 /// Map capacities compiled into the object. The agent enforces its own,
@@ -89,26 +91,38 @@ pub struct BackendValue {
 }
 const _: () = assert!(size_of::<BackendValue>() == 12);
 
-/// The frontend a socket originally dialled, keyed by socket cookie, so that
-/// `getpeername()` reports the Service address rather than the backend's.
+/// A translated socket and the backend it talks to. Keyed by the backend
+/// as well as the cookie because one unconnected UDP socket may send to
+/// several Services (kube-proxy's DNAT is per flow, not per socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub backend_ip_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<SockRevKey>() == 16);
+
+/// The frontend the socket originally addressed, so that `getpeername()` and
+/// `recvfrom()` report the Service address rather than the backend's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockRevValue {
     pub vip_be: u32,
-    pub backend_ip_be: u32,
     pub port_be: u16,
-    pub backend_port_be: u16,
-    pub _pad: u32,
+    pub _pad: u16,
 }
-const _: () = assert!(size_of::<SockRevValue>() == 16);
+const _: () = assert!(size_of::<SockRevValue>() == 8);
 
 /// Indexes into the per-CPU STATS array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// connect() to a frontend translated to a backend.
+    /// connect() or an unconnected sendmsg() to a frontend translated to a
+    /// backend.
     SockTranslated = 0,
-    /// connect() to a frontend without usable endpoints, refused.
+    /// connect() or sendmsg() to a frontend without usable endpoints, refused.
     SockRefusedNoEndpoints = 1,
     /// The chosen backend slot was missing: the maps were inconsistent.
     SockBackendMissing = 2,
@@ -144,5 +158,6 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
 }

@@ -8,18 +8,32 @@ mod sock;
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-/// cgroup `connect4`: a TCP connect() to a Service frontend is redirected to
-/// one of its backends before the first packet exists.
+/// cgroup `connect4`: a TCP or UDP connect() to a Service frontend is
+/// redirected to one of its backends before the first packet exists.
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate_connect4(&ctx)
+    sock::translate_to_backend4(&ctx)
+}
+
+/// cgroup `sendmsg4`: the same for each datagram of an unconnected UDP
+/// socket (`sendto()` a Service).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate_to_backend4(&ctx)
+}
+
+/// cgroup `recvmsg4`: a UDP reply from a backend appears to come from the
+/// Service address, as a DNS client expects.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse_to_frontend4(&ctx)
 }
 
 /// cgroup `getpeername4`: a translated socket reports the Service address
 /// as its peer, as it would through kube-proxy's DNAT.
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse_getpeername4(&ctx)
+    sock::reverse_to_frontend4(&ctx)
 }
 
 #[cfg(not(test))]

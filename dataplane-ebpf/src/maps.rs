@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     BACKENDS_MAX_ENTRIES, BackendKey, BackendValue, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES,
-    ServiceKey, ServiceValue, SockRevValue, Stat,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat,
 };
 
 #[map]
@@ -16,9 +16,10 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICE
 #[map]
 pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
 
-/// Socket cookie -> the frontend it dialled.
+/// (socket cookie, backend) -> the frontend the socket addressed.
 #[map]
-pub static SOCK_REV: LruHashMap<u64, SockRevValue> = LruHashMap::pinned(SOCK_REV_MAX_ENTRIES, 0);
+pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::pinned(SOCK_REV_MAX_ENTRIES, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

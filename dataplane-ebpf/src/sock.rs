@@ -1,6 +1,7 @@
 //! Socket-level load balancing on cgroup sock_addr hooks: east-west traffic
-//! to a Service is translated once per connect(), with no per-packet NAT, so
-//! the backend sees the client's own address.
+//! to a Service is translated once per connect() (or per unconnected UDP
+//! sendmsg()), with no per-packet NAT, so the backend sees the client's own
+//! address.
 
 use aya_ebpf::{
     EbpfContext,
@@ -8,7 +9,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use dataplane_common::{
-    BackendKey, BackendValue, IPPROTO_TCP, SCOPE_ANY, ServiceKey, ServiceValue, SockRevValue, Stat,
+    BackendKey, BackendValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_ANY, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue, Stat,
 };
 
 use crate::maps::{BACKENDS, SERVICES, SOCK_REV, count};
@@ -19,16 +21,17 @@ const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
-pub fn translate_connect4(ctx: &SockAddrContext) -> i32 {
+/// connect4 and sendmsg4: rewrites a Service address to a backend's.
+pub fn translate_to_backend4(ctx: &SockAddrContext) -> i32 {
     let addr = ctx.sock_addr;
     // SAFETY: the kernel hands sock_addr programs a valid context; these
-    // fields are readable for connect4.
+    // fields are readable for connect4 and sendmsg4.
     let (protocol, vip_be, port_be) =
         unsafe { ((*addr).protocol, (*addr).user_ip4, (*addr).user_port) };
-    if protocol != u32::from(IPPROTO_TCP) {
+    let Some(protocol) = balanced_protocol(protocol) else {
         return ALLOW;
-    }
-    let key = service_key(vip_be, port_be, IPPROTO_TCP);
+    };
+    let key = service_key(vip_be, port_be, protocol);
     // SAFETY: the value is copied out at once; a concurrent update replaces it
     // atomically.
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
@@ -38,7 +41,7 @@ pub fn translate_connect4(ctx: &SockAddrContext) -> i32 {
         return refuse();
     };
     remember_frontend(ctx, &key, &backend);
-    // SAFETY: user_ip4 and user_port are writable for connect4.
+    // SAFETY: user_ip4 and user_port are writable for connect4 and sendmsg4.
     unsafe {
         (*addr).user_ip4 = backend.ip_be;
         (*addr).user_port = u32::from(backend.port_be);
@@ -47,27 +50,45 @@ pub fn translate_connect4(ctx: &SockAddrContext) -> i32 {
     ALLOW
 }
 
-pub fn reverse_getpeername4(ctx: &SockAddrContext) -> i32 {
+/// recvmsg4 and getpeername4: a backend's address on a translated socket is
+/// reported as the Service address it stands for.
+pub fn reverse_to_frontend4(ctx: &SockAddrContext) -> i32 {
     let addr = ctx.sock_addr;
-    // SAFETY: the context is a valid sock_addr for this hook.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the context is a valid sock_addr; user_ip4/user_port are
+    // readable for recvmsg4 and getpeername4.
+    let (peer_ip_be, peer_port_be) = unsafe { ((*addr).user_ip4, (*addr).user_port as u16) };
+    let key = SockRevKey {
+        // SAFETY: the context is a valid sock_addr for this hook.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend_ip_be: peer_ip_be,
+        backend_port_be: peer_port_be,
+        _pad: 0,
+    };
+    // Only a peer this socket was translated to has an entry, so no other
+    // peer can ever be disguised as a Service.
     // SAFETY: the value is copied out at once.
-    let Some(original) = (unsafe { SOCK_REV.get(cookie) }).copied() else {
+    let Some(original) = (unsafe { SOCK_REV.get(key) }).copied() else {
         return ALLOW;
     };
-    // SAFETY: user_ip4/user_port are readable and writable for getpeername4.
+    // SAFETY: user_ip4/user_port are writable for recvmsg4 and getpeername4.
     unsafe {
-        // Only a peer that is still the backend we chose is reversed: an
-        // entry must never disguise some other peer as the Service.
-        if (*addr).user_ip4 != original.backend_ip_be
-            || (*addr).user_port as u16 != original.backend_port_be
-        {
-            return ALLOW;
-        }
         (*addr).user_ip4 = original.vip_be;
         (*addr).user_port = u32::from(original.port_be);
     }
     ALLOW
+}
+
+/// The protocols socket LB translates. SCTP sockets do not pass through
+/// these hooks' translation paths in a way we rely on yet.
+#[inline(always)]
+fn balanced_protocol(protocol: u32) -> Option<u8> {
+    if protocol == u32::from(IPPROTO_TCP) {
+        Some(IPPROTO_TCP)
+    } else if protocol == u32::from(IPPROTO_UDP) {
+        Some(IPPROTO_UDP)
+    } else {
+        None
+    }
 }
 
 #[inline(always)]
@@ -108,22 +129,25 @@ fn select_backend(service: &ServiceValue) -> Option<BackendValue> {
 
 #[inline(always)]
 fn remember_frontend(ctx: &SockAddrContext, key: &ServiceKey, backend: &BackendValue) {
-    // SAFETY: the context is a valid sock_addr for this hook.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let original = SockRevValue {
-        vip_be: key.vip_be,
+    let reverse_key = SockRevKey {
+        // SAFETY: the context is a valid sock_addr for this hook.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
         backend_ip_be: backend.ip_be,
-        port_be: key.port_be,
         backend_port_be: backend.port_be,
         _pad: 0,
     };
-    if SOCK_REV.insert(cookie, original, 0).is_err() {
+    let original = SockRevValue {
+        vip_be: key.vip_be,
+        port_be: key.port_be,
+        _pad: 0,
+    };
+    if SOCK_REV.insert(reverse_key, original, 0).is_err() {
         count(Stat::SockRevUpdateFailed);
     }
 }
 
-/// Fails the connect() with ECONNREFUSED, as kube-proxy's REJECT rule makes
-/// a Service without endpoints behave.
+/// Fails the connect() or sendmsg() with ECONNREFUSED, as kube-proxy's
+/// REJECT rule makes a Service without endpoints behave.
 #[inline(always)]
 fn refuse() -> i32 {
     // SAFETY: bpf_set_retval is allowed in cgroup sock_addr programs

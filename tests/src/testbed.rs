@@ -287,17 +287,22 @@ impl Testbed {
     /// `count` TCP connections from `host` (inside the testbed's cgroup) to
     /// `to`, one result per attempt.
     pub fn connect(&self, host: &Host, to: &str, count: usize) -> Result<Vec<Attempt>> {
+        self.exchange(host, to, count, "tcp")
+    }
+
+    /// Like [`Testbed::connect`], over UDP: `mode` is `udp` (connected
+    /// socket) or `udp-unconnected` (sendto/recvfrom).
+    pub fn exchange(
+        &self,
+        host: &Host,
+        to: &str,
+        count: usize,
+        mode: &str,
+    ) -> Result<Vec<Attempt>> {
         let output = run(self
             .command_in(&host.netns, true, sibling_binary("dataplane-probe")?)?
-            .args([
-                "connect",
-                "--to",
-                to,
-                "--count",
-                &count.to_string(),
-                "--timeout-ms",
-                "2000",
-            ]))?;
+            .args(["connect", "--to", to, "--count", &count.to_string()])
+            .args(["--timeout-ms", "2000", "--mode", mode]))?;
         parse_attempts(&String::from_utf8_lossy(&output.stdout))
     }
 

@@ -224,8 +224,8 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
     let program_ids = dataplane_testbed::testbed::pinned_program_ids(&tb.pin_dir).unwrap();
     assert_eq!(
         program_ids.len(),
-        2,
-        "connect4 and getpeername4 are attached"
+        dataplane_agent::dataplane::kernel::SOCKET_PROGRAMS.len(),
+        "every socket-LB program is attached"
     );
     tb.stop_agent(libc::SIGTERM).unwrap();
 
@@ -249,4 +249,55 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
         !attempts[0].ok && attempts[0].backend.is_none(),
         "{attempts:?}"
     );
+}
+
+#[test]
+fn tcp_and_udp_on_one_port_number_are_independent_frontends() {
+    let (mut tb, client, pod1, pod2) = two_backends();
+    // Named ports: the TCP port's endpoints come from one slice (pod1), the
+    // UDP port's from another (pod2).
+    let slice = |name: &str, port_name: &str, protocol: &str, pod: &Host| {
+        format!(
+            r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}
+addressType: IPv4
+ports: [{{name: {port_name}, port: 8080, protocol: {protocol}}}]
+endpoints: [{{addresses: ["{}"]}}]
+"#,
+            pod.ip
+        )
+    };
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: dns, namespace: default}}
+spec:
+  clusterIP: 10.96.0.53
+  ports:
+  - {{name: dns-tcp, port: 53, protocol: TCP, targetPort: dns-tcp}}
+  - {{name: dns, port: 53, protocol: UDP, targetPort: dns}}
+---
+{}---
+{}"#,
+        slice("dns-a", "dns-tcp", "TCP", &pod1),
+        slice("dns-b", "dns", "UDP", &pod2)
+    );
+    tb.write_manifest("dns.yaml", &manifest).unwrap();
+    tb.start_agent(&[]).unwrap();
+
+    let tcp = tb.connect(&client, "10.96.0.53:53", 10).unwrap();
+    assert_eq!(tally(&tcp).keys().collect::<Vec<_>>(), ["pod1"], "{tcp:?}");
+    for mode in ["udp", "udp-unconnected"] {
+        let udp = tb.exchange(&client, "10.96.0.53:53", 10, mode).unwrap();
+        assert_eq!(
+            tally(&udp).keys().collect::<Vec<_>>(),
+            ["pod2"],
+            "{mode}: {udp:?}"
+        );
+        for attempt in &udp {
+            assert_eq!(attempt.source_seen, Some(client.ip.to_string()));
+            assert_eq!(attempt.peer.as_deref(), Some("10.96.0.53:53"), "{mode}");
+        }
+    }
 }

@@ -178,3 +178,87 @@ fn getpeername_shows_the_service_and_the_backend_sees_the_client() {
         assert_eq!(attempt.source_seen, Some(client.ip.to_string()));
     }
 }
+
+fn udp_frontend() -> Frontend {
+    Frontend {
+        protocol: Protocol::Udp,
+        ..frontend()
+    }
+}
+
+fn put_udp_service(maps: &mut KernelMaps, backend_count: u16) {
+    let value = ServiceValue {
+        service_id: 7,
+        backend_count,
+        generation: 0,
+        flags: 0,
+        affinity_timeout_s: 0,
+    };
+    maps.put_service(&service_key(&udp_frontend()), &value)
+        .unwrap();
+}
+
+#[test]
+fn udp_replies_come_from_the_service_address_on_connected_and_unconnected_sockets() {
+    let Programs {
+        tb,
+        client,
+        pod1,
+        mut maps,
+        ..
+    } = attached();
+    put_slot(&mut maps, 0, 0, &pod1);
+    put_udp_service(&mut maps, 1);
+    for mode in ["udp", "udp-unconnected"] {
+        let attempts = tb.exchange(&client, "10.96.0.10:80", 5, mode).unwrap();
+        for attempt in attempts {
+            assert!(attempt.ok, "{mode}: {attempt:?}");
+            assert_eq!(attempt.backend.as_deref(), Some("pod1"), "{mode}");
+            assert_eq!(attempt.source_seen, Some(client.ip.to_string()), "{mode}");
+            assert_eq!(
+                attempt.peer.as_deref(),
+                Some("10.96.0.10:80"),
+                "{mode}: the reply must appear to come from the Service"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_tcp_service_does_not_capture_udp_on_the_same_port() {
+    let Programs {
+        tb,
+        client,
+        pod1,
+        mut maps,
+        ..
+    } = attached();
+    put_slot(&mut maps, 0, 0, &pod1);
+    put_service(&mut maps, 0, 1);
+    let attempts = tb
+        .exchange(&client, "10.96.0.10:80", 1, "udp-unconnected")
+        .unwrap();
+    assert!(
+        !attempts[0].ok,
+        "UDP to a TCP-only frontend is not translated: {attempts:?}"
+    );
+    assert_eq!(stat(&tb, Stat::SockTranslated), 0);
+}
+
+#[test]
+fn udp_to_a_service_without_endpoints_is_refused() {
+    let Programs {
+        tb,
+        client,
+        mut maps,
+        ..
+    } = attached();
+    put_udp_service(&mut maps, 0);
+    for mode in ["udp", "udp-unconnected"] {
+        let attempts = tb.exchange(&client, "10.96.0.10:80", 2, mode).unwrap();
+        assert!(
+            attempts.iter().all(|a| a.errno == Some(libc::ECONNREFUSED)),
+            "{mode}: {attempts:?}"
+        );
+    }
+}

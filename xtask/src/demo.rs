@@ -96,6 +96,22 @@ pub fn demo(connections: usize) -> Result<()> {
         .unwrap_or_default();
     println!("\nclient's getpeername(): {peer} (the Service, not the pod)");
 
+    let datagrams = tb.exchange(&client, SERVICE, 10, "udp-unconnected")?;
+    check()?;
+    let udp_failed = datagrams.iter().filter(|a| !a.ok).count();
+    let answered: Vec<String> = tally(&datagrams)
+        .into_iter()
+        .map(|(backend, seen)| format!("{backend} x{}", seen.served))
+        .collect();
+    let udp_peer = datagrams
+        .iter()
+        .find_map(|a| a.peer.clone())
+        .unwrap_or_default();
+    println!(
+        "UDP sendto({SERVICE}) x10: answered by {}; recvfrom() says the reply came from {udp_peer}",
+        answered.join(", ")
+    );
+
     let refused = tb.connect(&client, DRAINING_SERVICE, 1)?;
     if let Some(attempt) = refused.first() {
         println!(
@@ -109,6 +125,9 @@ pub fn demo(connections: usize) -> Result<()> {
     let client_ip = client.ip.to_string();
     if failed > 0 {
         bail!("{failed} of {connections} connections failed");
+    }
+    if udp_failed > 0 || datagrams.iter().any(|a| a.peer.as_deref() != Some(SERVICE)) {
+        bail!("UDP through the Service failed or was not reverse-translated: {datagrams:?}");
     }
     if tallies
         .values()

@@ -23,10 +23,14 @@ use super::{
 static PROGRAM_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane-ebpf"));
 
-/// Socket-LB programs and the link each is pinned under.
-pub const SOCKET_PROGRAMS: [&str; 2] = [
-    program_names::SOCK_CONNECT4,
+/// Socket-LB programs; each link is pinned under its program's name. The
+/// reverse hooks come first so that no socket is ever translated without
+/// its replies being translated back.
+pub const SOCKET_PROGRAMS: [&str; 4] = [
+    program_names::SOCK_RECVMSG4,
     program_names::SOCK_GETPEERNAME4,
+    program_names::SOCK_CONNECT4,
+    program_names::SOCK_SENDMSG4,
 ];
 
 pub struct KernelMaps {

@@ -1,24 +1,34 @@
 //! Traffic endpoints for tests and the demo, run inside network namespaces.
 //!
-//! `serve` answers every TCP connection with one line: its own name and the
-//! source address it saw. `connect` dials an address N times and prints one
-//! JSON line per attempt: who answered, which source they saw, and what
-//! `getpeername()` said.
+//! `serve` answers every TCP connection and every UDP datagram on its port
+//! with one line: its own name and the source address it saw. `connect`
+//! talks to an address N times and prints one JSON line per attempt: who
+//! answered, which source they saw, and which peer address the client's
+//! socket reported (`getpeername()` or `recvfrom()`).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_testbed::probe::Attempt;
 
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Tcp,
+    /// connect() then send(): the peer comes from getpeername().
+    Udp,
+    /// sendto() on an unbound socket: the peer comes from recvfrom().
+    UdpUnconnected,
 }
 
 #[derive(Subcommand)]
@@ -36,11 +46,21 @@ enum Command {
         count: usize,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
+        #[arg(long, value_enum, default_value_t = Mode::Tcp)]
+        mode: Mode,
     },
 }
 
 fn serve(listen: SocketAddr, name: &str) -> Result<()> {
-    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding TCP {listen}"))?;
+    let udp = UdpSocket::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+    let udp_name = name.to_owned();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 1500];
+        while let Ok((_, from)) = udp.recv_from(&mut buffer) {
+            let _ = udp.send_to(format!("{udp_name} {}\n", from.ip()).as_bytes(), from);
+        }
+    });
     println!("listening on {listen}");
     std::io::stdout().flush()?;
     for stream in listener.incoming() {
@@ -55,39 +75,78 @@ fn serve(listen: SocketAddr, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn attempt(to: SocketAddr, timeout: Duration) -> Attempt {
+/// What one exchange returned: the answer line, the client's address, and
+/// the peer address its socket reported.
+struct Exchange {
+    line: String,
+    local: SocketAddr,
+    peer: SocketAddr,
+}
+
+fn exchange_tcp(to: SocketAddr, timeout: Duration) -> std::io::Result<Exchange> {
+    let stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    Ok(Exchange {
+        line,
+        local: stream.local_addr()?,
+        peer: stream.peer_addr()?,
+    })
+}
+
+fn exchange_udp(to: SocketAddr, timeout: Duration, connected: bool) -> std::io::Result<Exchange> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut buffer = [0u8; 1500];
+    let (received, peer) = if connected {
+        socket.connect(to)?;
+        socket.send(b"hello")?;
+        (socket.recv(&mut buffer)?, socket.peer_addr()?)
+    } else {
+        socket.send_to(b"hello", to)?;
+        socket.recv_from(&mut buffer)?
+    };
+    let line = String::from_utf8_lossy(&buffer[..received]).into_owned();
+    // An unconnected socket's local address is the wildcard; the server's
+    // answer carries the source it saw, which is what the tests check.
+    let local = socket.local_addr()?;
+    Ok(Exchange { line, local, peer })
+}
+
+fn attempt(to: SocketAddr, timeout: Duration, mode: Mode) -> Attempt {
     let started = Instant::now();
-    let result = (|| -> std::io::Result<Attempt> {
-        let stream = TcpStream::connect_timeout(&to, timeout)?;
-        stream.set_read_timeout(Some(timeout))?;
-        let peer = stream.peer_addr()?.to_string();
-        let local = stream.local_addr()?.ip().to_string();
-        let mut line = String::new();
-        BufReader::new(&stream).read_line(&mut line)?;
-        let mut words = line.split_whitespace();
-        Ok(Attempt {
-            ok: true,
-            backend: words.next().map(str::to_owned),
-            source_seen: words.next().map(str::to_owned),
-            local: Some(local),
-            peer: Some(peer),
-            error: None,
-            errno: None,
-            micros: 0,
-        })
-    })();
-    let mut attempt = result.unwrap_or_else(|error| Attempt {
-        ok: false,
-        backend: None,
-        source_seen: None,
-        local: None,
-        peer: None,
-        error: Some(format!("{:?}", error.kind())),
-        errno: error.raw_os_error(),
-        micros: 0,
-    });
-    attempt.micros = started.elapsed().as_micros() as u64;
-    attempt
+    let result = match mode {
+        Mode::Tcp => exchange_tcp(to, timeout),
+        Mode::Udp => exchange_udp(to, timeout, true),
+        Mode::UdpUnconnected => exchange_udp(to, timeout, false),
+    };
+    let micros = started.elapsed().as_micros() as u64;
+    match result {
+        Ok(exchange) => {
+            let mut words = exchange.line.split_whitespace();
+            Attempt {
+                ok: true,
+                backend: words.next().map(str::to_owned),
+                source_seen: words.next().map(str::to_owned),
+                local: Some(exchange.local.ip().to_string()),
+                peer: Some(exchange.peer.to_string()),
+                error: None,
+                errno: None,
+                micros,
+            }
+        }
+        Err(error) => Attempt {
+            ok: false,
+            backend: None,
+            source_seen: None,
+            local: None,
+            peer: None,
+            error: Some(format!("{:?}", error.kind())),
+            errno: error.raw_os_error(),
+            micros,
+        },
+    }
 }
 
 fn main() -> Result<()> {
@@ -97,11 +156,16 @@ fn main() -> Result<()> {
             to,
             count,
             timeout_ms,
+            mode,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let mut out = std::io::stdout().lock();
             for _ in 0..count {
-                writeln!(out, "{}", serde_json::to_string(&attempt(to, timeout))?)?;
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string(&attempt(to, timeout, mode))?
+                )?;
             }
             Ok(())
         }
