@@ -10,13 +10,25 @@ use dataplane_common::{
     ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat,
 };
 
-#[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, 0);
+/// `BPF_F_NO_PREALLOC`: a preallocated hash map recycles the element an
+/// update replaces (or a delete frees) at once, without an RCU grace period,
+/// so a program that has just looked a key up could read another key's
+/// value. Without preallocation, replaced elements are freed after a grace
+/// period and a lookup always sees a whole, current value.
+const NO_PREALLOC: u32 = 1;
 
 #[map]
-pub static BACKENDS: HashMap<BackendKey, BackendValue> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(SERVICES_MAX_ENTRIES, NO_PREALLOC);
 
-/// (socket cookie, backend) -> the frontend the socket addressed.
+#[map]
+pub static BACKENDS: HashMap<BackendKey, BackendValue> =
+    HashMap::pinned(BACKENDS_MAX_ENTRIES, NO_PREALLOC);
+
+/// (socket cookie, backend) -> the frontend the socket addressed. If one
+/// unconnected UDP socket reaches two Services that share a backend
+/// address, replies are reported as from the one it addressed last; the
+/// same limit as any per-socket reverse NAT keyed this way.
 #[map]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::pinned(SOCK_REV_MAX_ENTRIES, 0);

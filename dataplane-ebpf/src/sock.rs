@@ -32,8 +32,9 @@ pub fn translate_to_backend4(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     };
     let key = service_key(vip_be, port_be, protocol);
-    // SAFETY: the value is copied out at once; a concurrent update replaces it
-    // atomically.
+    // SAFETY: the value is copied out at once; SERVICES is not preallocated,
+    // so a concurrent update swaps in a new element and this one stays
+    // valid until the program returns (maps.rs).
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return ALLOW;
     };

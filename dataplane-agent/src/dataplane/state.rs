@@ -133,11 +133,15 @@ impl PinnedState {
             .collect()
     }
 
-    fn allocate_id(&self, taken: &mut BTreeSet<u32>, max: u32) -> Option<u32> {
-        let in_use: BTreeSet<u32> = self.services.values().map(|v| v.service_id).collect();
-        let id = (1..=max).find(|id| !in_use.contains(id) && !taken.contains(id))?;
-        taken.insert(id);
-        Some(id)
+    /// Ids that must not be handed out: those of SERVICES entries, and those
+    /// that still own backend slots (a deleted frontend's slots wait for the
+    /// sweep; a new frontend must never start on top of them).
+    fn ids_in_use(&self) -> BTreeSet<u32> {
+        self.services
+            .values()
+            .map(|v| v.service_id)
+            .chain(self.backends.keys().map(|k| k.service_id))
+            .collect()
     }
 
     /// Makes the maps hold `desired`, frontend by frontend:
@@ -156,9 +160,13 @@ impl PinnedState {
         limits: &Limits,
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let mut taken_ids = BTreeSet::new();
+        let mut ids = IdAllocator {
+            in_use: self.ids_in_use(),
+            next: 1,
+            max: limits.max_services,
+        };
         for (frontend, entry) in &desired.frontends {
-            match self.apply_frontend(frontend, &entry.backends, store, limits, &mut taken_ids) {
+            match self.apply_frontend(frontend, &entry.backends, store, limits, &mut ids) {
                 Ok(true) => report.updated += 1,
                 Ok(false) => {}
                 Err(error) => report.failed.push((*frontend, error)),
@@ -196,12 +204,14 @@ impl PinnedState {
         backends: &[Backend],
         store: &mut S,
         limits: &Limits,
-        taken_ids: &mut BTreeSet<u32>,
+        ids: &mut IdAllocator,
     ) -> Result<bool, FrontendError> {
-        if backends.len() > limits.max_backends_per_service {
+        // Slot indexes and counts are u16 in the maps.
+        let limit = limits.max_backends_per_service.min(usize::from(u16::MAX));
+        if backends.len() > limit {
             return Err(FrontendError::TooManyBackends {
                 count: backends.len(),
-                limit: limits.max_backends_per_service,
+                limit,
             });
         }
         let key = service_key(frontend);
@@ -216,8 +226,7 @@ impl PinnedState {
         let (service_id, generation) = match current {
             Some(current) => (current.service_id, current.generation.wrapping_add(1)),
             None => (
-                self.allocate_id(taken_ids, limits.max_services)
-                    .ok_or(FrontendError::NoServiceId(limits.max_services))?,
+                ids.allocate().ok_or(FrontendError::NoServiceId(ids.max))?,
                 0,
             ),
         };
@@ -226,7 +235,7 @@ impl PinnedState {
             let slot = BackendKey {
                 service_id,
                 generation,
-                // Bounded by the limit check above, itself at most u16::MAX.
+                // Bounded by the limit check above, at most u16::MAX.
                 index: index as u16,
             };
             store.put_backend(&slot, value).map_err(map_error)?;
@@ -266,6 +275,23 @@ impl PinnedState {
             }
         }
         (deleted, first_error)
+    }
+}
+
+/// Hands out the lowest free Service ids during one apply, scanning forward
+/// only, so programming N new frontends costs O(N + max) rather than O(N²).
+struct IdAllocator {
+    in_use: BTreeSet<u32>,
+    next: u32,
+    max: u32,
+}
+
+impl IdAllocator {
+    fn allocate(&mut self) -> Option<u32> {
+        let id = (self.next..=self.max).find(|id| !self.in_use.contains(id))?;
+        self.in_use.insert(id);
+        self.next = id + 1;
+        Some(id)
     }
 }
 

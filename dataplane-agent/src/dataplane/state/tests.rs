@@ -10,6 +10,8 @@ struct FakeMaps {
     log: Vec<String>,
     /// Fail writes of backends with this IP (a "full map" for that Service).
     fail_backend_ip: Option<Ipv4Addr>,
+    /// Fail every delete (services and backends).
+    fail_deletes: bool,
     /// After every write: the backend set each frontend would balance over.
     visible_history: Vec<BTreeMap<ServiceKey, BTreeSet<Backend>>>,
 }
@@ -44,6 +46,9 @@ impl MapStore for FakeMaps {
         Ok(())
     }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), Injected> {
+        if self.fail_deletes {
+            return Err(Injected);
+        }
         self.state.services.remove(key);
         self.record(format!("delete_service {}", frontend_of(key).unwrap()));
         Ok(())
@@ -60,6 +65,9 @@ impl MapStore for FakeMaps {
         Ok(())
     }
     fn delete_backend(&mut self, key: &BackendKey) -> Result<(), Injected> {
+        if self.fail_deletes {
+            return Err(Injected);
+        }
         self.state.backends.remove(key);
         self.record(format!(
             "delete_backend {}/{}/{}",
@@ -296,4 +304,125 @@ fn keys_use_network_byte_order() {
     assert_eq!(key.vip_be.to_ne_bytes(), [10, 96, 0, 10]);
     assert_eq!(key.port_be.to_ne_bytes(), [0, 80]);
     assert_eq!(frontend_of(&key), Some(frontend(10)));
+}
+
+#[test]
+fn failed_deletes_are_reported_and_retried_at_the_next_sync() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1]), (11, &[2])]));
+    maps.fail_deletes = true;
+    let report = mirror.apply(&desired(&[(11, &[2])]), &mut maps, &Limits::default());
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, frontend(10));
+    let retired = mirror.unreachable_backends();
+    let (deleted, error) = mirror.sweep(&retired, &mut maps);
+    assert_eq!(
+        (deleted, error.is_some()),
+        (0, false),
+        "nothing retired while the entry stays"
+    );
+    assert_eq!(
+        mirror, maps.state,
+        "the mirror only records what the kernel took"
+    );
+
+    maps.fail_deletes = false;
+    let report = converge(&mut mirror, &mut maps, &desired(&[(11, &[2])]));
+    assert_eq!(report.removed, 1);
+    assert_eq!(maps.state.backends.len(), 1);
+    assert_eq!(mirror, maps.state);
+}
+
+#[test]
+fn a_failed_sweep_keeps_the_slots_in_the_mirror() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
+    mirror.apply(&desired(&[(10, &[1])]), &mut maps, &Limits::default());
+    maps.fail_deletes = true;
+    let retired = mirror.unreachable_backends();
+    let (deleted, error) = mirror.sweep(&retired, &mut maps);
+    assert_eq!(deleted, 0);
+    assert!(error.is_some());
+    assert_eq!(
+        mirror.unreachable_backends(),
+        retired,
+        "still known, swept later"
+    );
+    assert_eq!(mirror, maps.state);
+}
+
+#[test]
+fn generations_wrap_around() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1])]));
+    let key = service_key(&frontend(10));
+    let mut value = maps.state.services[&key];
+    // Pretend many updates happened: the entry sits at the last generation.
+    let old_slot = BackendKey {
+        service_id: value.service_id,
+        generation: 0,
+        index: 0,
+    };
+    let slot = maps.state.backends[&old_slot];
+    maps.state.backends.remove(&old_slot);
+    let wrapped_slot = BackendKey {
+        generation: u16::MAX,
+        ..old_slot
+    };
+    maps.state.backends.insert(wrapped_slot, slot);
+    value.generation = u16::MAX;
+    maps.state.services.insert(key, value);
+    mirror = maps.state.clone();
+
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[2])]));
+    let value = maps.state.services[&key];
+    assert_eq!(value.generation, 0);
+    assert_eq!(mirror.current_backends(&value).len(), 1);
+    assert_eq!(maps.state.backends.len(), 1);
+}
+
+#[test]
+fn an_id_is_not_reused_while_its_old_slots_wait_for_the_sweep() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
+    let old_id = maps.state.services[&service_key(&frontend(10))].service_id;
+    // Frontend 10 goes and frontend 11 arrives in the same sync, before the
+    // sweep has removed 10's slots.
+    mirror.apply(&desired(&[(11, &[3])]), &mut maps, &Limits::default());
+    let new_id = maps.state.services[&service_key(&frontend(11))].service_id;
+    assert_ne!(new_id, old_id);
+    let retired = mirror.unreachable_backends();
+    mirror.sweep(&retired, &mut maps);
+    let visible = maps.visible_history.last().unwrap();
+    assert_eq!(visible[&service_key(&frontend(11))], set(&[3]));
+    assert_eq!(maps.state.backends.len(), 1);
+}
+
+#[test]
+fn the_backend_limit_never_exceeds_what_a_slot_index_can_hold() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    let limits = Limits {
+        max_backends_per_service: usize::MAX,
+        ..Limits::default()
+    };
+    let many: Vec<Backend> = (0..=u32::from(u16::MAX))
+        .map(|i| Backend {
+            ip: Ipv4Addr::from(0x0a00_0000 + i),
+            port: 80,
+        })
+        .collect();
+    let mut want = desired(&[(10, &[])]);
+    want.frontends
+        .values_mut()
+        .for_each(|e| e.backends = many.clone());
+    let report = mirror.apply(&want, &mut maps, &limits);
+    assert!(matches!(
+        report.failed.as_slice(),
+        [(_, FrontendError::TooManyBackends { limit: 65535, .. })]
+    ));
 }
