@@ -1,6 +1,6 @@
 //! The agent's main loop: source -> model -> dataplane, coalesced.
 
-use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use dataplane_common::BackendKey;
@@ -14,7 +14,7 @@ use crate::{
         state::{Limits, PinnedState},
     },
     model::{self, NodeInfo},
-    source::manifests,
+    source::manifests::{self, ManifestDir},
 };
 
 /// Everything `dataplane-agent run` needs, resolved from flags.
@@ -25,7 +25,8 @@ pub struct RunConfig {
     pub bpffs_dir: PathBuf,
     pub node_name: String,
     pub min_sync_period: Duration,
-    /// How long retired backend slots stay readable after a flip.
+    /// How long a retired backend slot stays readable after the flip that
+    /// retired it, for connect() calls that read the old Service entry.
     pub sweep_grace: Duration,
     pub limits: Limits,
 }
@@ -33,12 +34,11 @@ pub struct RunConfig {
 /// The dataplane as the agent holds it while running.
 struct Agent {
     config: RunConfig,
+    source: ManifestDir,
     maps: KernelMaps,
     mirror: PinnedState,
-    /// Backend slots unreachable since the last sync, deleted at the next
-    /// sweep.
-    retired: BTreeSet<BackendKey>,
-    invalid_objects_total: u64,
+    /// Unreachable backend slots and when they became unreachable.
+    retired: BTreeMap<BackendKey, Instant>,
 }
 
 impl Agent {
@@ -46,8 +46,7 @@ impl Agent {
         let span = info_span!("sync");
         let _entered = span.enter();
         let started = std::time::Instant::now();
-        self.sweep();
-        let loaded = manifests::load_dir(&self.config.manifests)?;
+        let loaded = self.source.load()?;
         for problem in &loaded.problems {
             warn!(%problem, "skipping manifest");
         }
@@ -58,8 +57,6 @@ impl Agent {
         for skipped in &desired.skipped {
             warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
         }
-        let invalid = loaded.problems.len() + desired.skipped.len();
-        self.invalid_objects_total += invalid as u64;
 
         let report = self
             .mirror
@@ -71,30 +68,57 @@ impl Agent {
                 .map(|e| e.service.to_string());
             error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
         }
-        self.retired = self.mirror.unreachable_backends();
+        self.retire_unreachable();
         info!(
             services = model::services_of(&desired).len(),
             frontends = desired.frontends.len(),
             updated = report.updated,
             removed = report.removed,
             failed = report.failed.len(),
-            invalid_objects = invalid,
-            invalid_objects_total = self.invalid_objects_total,
+            invalid_objects = loaded.problems.len() + desired.skipped.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
         Ok(())
     }
 
-    fn sweep(&mut self) {
-        if self.retired.is_empty() {
-            return;
+    /// Starts the grace period of slots that just became unreachable.
+    fn retire_unreachable(&mut self) {
+        let now = Instant::now();
+        let unreachable = self.mirror.unreachable_backends();
+        self.retired.retain(|key, _| unreachable.contains(key));
+        for key in unreachable {
+            self.retired.entry(key).or_insert(now);
         }
-        let retired = std::mem::take(&mut self.retired);
-        let (deleted, error) = self.mirror.sweep(&retired, &mut self.maps);
+    }
+
+    /// When the next retired slot's grace period ends.
+    fn next_sweep(&self) -> Option<Instant> {
+        self.retired
+            .values()
+            .min()
+            .map(|retired_at| *retired_at + self.config.sweep_grace)
+    }
+
+    /// Deletes the slots whose grace period has passed.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let due: std::collections::BTreeSet<BackendKey> = self
+            .retired
+            .iter()
+            .filter(|(_, retired_at)| **retired_at + self.config.sweep_grace <= now)
+            .map(|(key, _)| *key)
+            .collect();
+        let (deleted, error) = self.mirror.sweep(&due, &mut self.maps);
         if let Some(error) = error {
-            warn!(%error, deleted, "could not delete every retired backend slot; retrying at the next sync");
-            self.retired = self.mirror.unreachable_backends();
+            warn!(%error, deleted, "could not delete every retired backend slot; retrying after another grace period");
+        }
+        let unreachable = self.mirror.unreachable_backends();
+        self.retired.retain(|key, _| unreachable.contains(key));
+        // What failed to delete waits a whole grace period again rather than
+        // being retried in a tight loop.
+        for key in due.intersection(&unreachable) {
+            self.retired.insert(*key, now);
         }
     }
 }
@@ -117,12 +141,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
         "adopted pinned maps"
     );
     let mut agent = Agent {
+        source: ManifestDir::new(&config.manifests),
         config,
         maps,
         mirror,
-        retired: BTreeSet::new(),
-        invalid_objects_total: 0,
+        retired: BTreeMap::new(),
     };
+    // Slots a previous agent retired but did not sweep get a fresh grace.
+    agent.retire_unreachable();
     // Converge before attaching, so the first connect() through the new
     // programs already sees every Service.
     agent.sync()?;
@@ -131,7 +157,6 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    let mut sweep_at: Option<Instant> = None;
     loop {
         tokio::select! {
             change = watch.changes.recv() => {
@@ -145,12 +170,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 if let Err(error) = agent.sync() {
                     error!(error = format!("{error:#}"), "sync failed; the dataplane keeps its last state");
                 }
-                sweep_at = (!agent.retired.is_empty()).then(|| Instant::now() + agent.config.sweep_grace);
             }
-            () = sleep_until_or_forever(sweep_at) => {
-                agent.sweep();
-                sweep_at = None;
-            }
+            () = sleep_until_or_forever(agent.next_sweep()) => agent.sweep(),
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }

@@ -244,6 +244,11 @@ impl Testbed {
         // and exec, on descriptors opened before the fork.
         unsafe {
             command.pre_exec(move || {
+                // Children die with the test thread that started them, so a
+                // killed test run leaves no agent or server behind.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::setns(netns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -277,7 +282,9 @@ impl Testbed {
         let stdout = child.stdout.take().context("probe stdout")?;
         self.children.push(child);
         let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        // The probe prints this line once bound, or exits (EOF) if it cannot.
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+            .context("reading the probe server's first line")?;
         if !line.starts_with("listening") {
             bail!("probe server in {} did not start: {line:?}", host.name);
         }
@@ -303,7 +310,11 @@ impl Testbed {
             .command_in(&host.netns, true, sibling_binary("dataplane-probe")?)?
             .args(["connect", "--to", to, "--count", &count.to_string()])
             .args(["--timeout-ms", "2000", "--mode", mode]))?;
-        parse_attempts(&String::from_utf8_lossy(&output.stdout))
+        let attempts = parse_attempts(&String::from_utf8_lossy(&output.stdout))?;
+        if attempts.len() != count {
+            bail!("the probe reported {} of {count} attempts", attempts.len());
+        }
+        Ok(attempts)
     }
 
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
@@ -325,6 +336,9 @@ impl Testbed {
     /// The agent with this testbed's manifests, cgroup and pins, run in the
     /// node namespace; returns once it reports ready.
     pub fn start_agent(&mut self, extra_args: &[&str]) -> Result<()> {
+        if self.agent.is_some() {
+            bail!("an agent is already running in this testbed; stop it first");
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -366,14 +380,34 @@ impl Testbed {
         Ok(())
     }
 
-    /// Stops the agent: SIGKILL models a crash, SIGTERM a normal stop.
+    /// Stops the agent: SIGKILL models a crash, SIGTERM a normal stop. An
+    /// agent that ignores SIGTERM for 5 s is killed.
     pub fn stop_agent(&mut self, signal: i32) -> Result<()> {
-        if let Some(mut agent) = self.agent.take() {
-            // SAFETY: kill on our own child's pid.
-            unsafe { libc::kill(agent.id() as i32, signal) };
-            agent.wait()?;
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill on our own, not yet reaped, child's pid.
+        unsafe { libc::kill(agent.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while agent.try_wait().context("waiting for the agent")?.is_none() {
+            if Instant::now() > deadline {
+                agent.kill().context("killing a stuck agent")?;
+                agent.wait().context("reaping the agent")?;
+                bail!("the agent did not stop within 5 s of signal {signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// What the `n`-th agent started in this testbed (1-based) logged up to
+    /// its ready line: its adoption of the maps and its first sync.
+    pub fn agent_startup_log(&self, n: usize) -> String {
+        let log = self.agent_log();
+        log.split(READY_MARK)
+            .nth(n.saturating_sub(1))
+            .map(str::to_owned)
+            .unwrap_or_default()
     }
 
     /// Runs `dataplane-agent <args>` against this testbed's pins.
@@ -432,9 +466,13 @@ impl Drop for Testbed {
             let _ = child.wait();
         }
         let _ = self.stop_agent(libc::SIGTERM);
-        let _ = dataplane_agent::dataplane::kernel::cleanup(
+        if dataplane_agent::dataplane::kernel::cleanup(
             &dataplane_agent::dataplane::pins::PinLayout::new(&self.pin_dir),
-        );
+        )
+        .is_err()
+        {
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
         for host in &self.hosts {
             let _ = ip(&["netns", "del", &host.netns]);
         }
@@ -456,7 +494,9 @@ pub fn pinned_program_ids(pin_dir: &Path) -> Result<Vec<u32>> {
     let layout = dataplane_agent::dataplane::pins::PinLayout::new(pin_dir);
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(layout.links_dir())? {
-        let link = aya::programs::links::PinnedLink::from_pin(entry?.path())?;
+        let path = entry.context("listing link pins")?.path();
+        let link = aya::programs::links::PinnedLink::from_pin(&path)
+            .with_context(|| format!("opening link pin {}", path.display()))?;
         let link: aya::programs::links::FdLink = link.into();
         ids.push(link.info()?.program_id());
     }

@@ -46,7 +46,7 @@ pub fn demo(connections: usize) -> Result<()> {
     }
     check()?;
     for entry in std::fs::read_dir(examples_dir()).context("reading deploy/examples")? {
-        let path = entry?.path();
+        let path = entry.context("listing deploy/examples")?.path();
         if path.extension().is_some_and(|e| e == "yaml") {
             std::fs::copy(
                 &path,

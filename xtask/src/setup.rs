@@ -81,7 +81,11 @@ fn nightly_llvm() -> Result<NightlyLlvm> {
     for entry in
         std::fs::read_dir(&lib_dir).with_context(|| format!("listing {}", lib_dir.display()))?
     {
-        let name = entry?.file_name().to_string_lossy().into_owned();
+        let name = entry
+            .with_context(|| format!("listing {}", lib_dir.display()))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         // libLLVM-22-rust-1.97.0-nightly.so
         let Some(link_name) = name.strip_prefix("lib").and_then(|n| n.strip_suffix(".so")) else {
             continue;

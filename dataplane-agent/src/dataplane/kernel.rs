@@ -109,59 +109,77 @@ impl Loaded {
 
     /// Attaches the socket-LB programs to `cgroup` and pins their links.
     ///
-    /// If a previous agent's links are pinned, the new link is attached
-    /// first (multi-attach: both run, and the second sees an address that
-    /// is no longer a Service) and then renamed over the old pin, which
-    /// drops the old link's last reference and detaches it. No connect()
-    /// ever runs without a program.
+    /// If a previous agent's links are pinned, the new links are attached
+    /// first (cgroup links are multi-attach: both programs run, and the
+    /// second sees an address that is no longer a Service) and then renamed
+    /// over the old pins, which drops the old links' last reference and
+    /// detaches them. No connect() ever runs without a program.
     pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<()> {
         let cgroup_dir =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         std::fs::create_dir_all(self.layout.links_dir())
             .with_context(|| format!("creating {}", self.layout.links_dir().display()))?;
-        for name in SOCKET_PROGRAMS {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
-            program
-                .load()
-                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
-            // A cgroup bpf_link is always multi-attach and the kernel
-            // rejects any flag on it (kernel/bpf/cgroup.c,
-            // cgroup_bpf_link_attach), so `Single` (flags 0) is right here.
-            let link_id = program
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
-            let link: FdLink = program
-                .take_link(link_id)
-                .with_context(|| format!("taking the link of {name}"))?
-                .try_into()
-                .with_context(|| {
-                    format!("{name} was not attached through a bpf_link (kernel < 5.7?)")
-                })?;
-            replace_pinned_link(link, &self.layout.link(name))?;
+        // All or nothing: every new link is attached and pinned under a
+        // staging name first. Only when all are in place do they replace the
+        // old pins; if one fails, the staged ones are removed (detaching
+        // them) and whatever was attached before stays as it was.
+        let mut staged = Vec::new();
+        let result = SOCKET_PROGRAMS.iter().try_for_each(|name| {
+            let link = self.attach_one(name, &cgroup_dir, cgroup)?;
+            let pin = self.layout.link(name);
+            let staged_pin = staged_path(&pin);
+            if staged_pin.exists() {
+                std::fs::remove_file(&staged_pin)
+                    .with_context(|| format!("removing stale {}", staged_pin.display()))?;
+            }
+            link.pin(&staged_pin)
+                .with_context(|| format!("pinning link at {}", staged_pin.display()))?;
+            staged.push((staged_pin, pin));
+            Ok(())
+        });
+        if let Err(error) = result {
+            for (staged_pin, _) in &staged {
+                let _ = std::fs::remove_file(staged_pin);
+            }
+            return Err(error);
+        }
+        for (staged_pin, pin) in staged {
+            std::fs::rename(&staged_pin, &pin)
+                .with_context(|| format!("moving link pin to {}", pin.display()))?;
         }
         Ok(())
     }
+
+    fn attach_one(&mut self, name: &str, cgroup_dir: &File, cgroup: &Path) -> Result<FdLink> {
+        let program: &mut CgroupSockAddr = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
+        program
+            .load()
+            .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        // A cgroup bpf_link is always multi-attach and the kernel rejects
+        // any flag on it (kernel/bpf/cgroup.c, cgroup_bpf_link_attach), so
+        // `Single` (flags 0) is right here.
+        let link_id = program
+            .attach(cgroup_dir, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        program
+            .take_link(link_id)
+            .with_context(|| format!("taking the link of {name}"))?
+            .try_into()
+            .with_context(|| format!("{name} was not attached through a bpf_link (kernel < 5.7?)"))
+    }
 }
 
-fn replace_pinned_link(link: FdLink, pin: &Path) -> Result<()> {
-    // bpffs refuses names with a dot (kernel/bpf/inode.c, bpf_lookup).
-    let mut staged_name = pin.file_name().unwrap_or_default().to_os_string();
-    staged_name.push("_staged");
-    let staged = pin.with_file_name(staged_name);
-    if staged.exists() {
-        std::fs::remove_file(&staged)
-            .with_context(|| format!("removing stale {}", staged.display()))?;
-    }
-    link.pin(&staged)
-        .with_context(|| format!("pinning link at {}", staged.display()))?;
-    std::fs::rename(&staged, pin)
-        .with_context(|| format!("moving link pin to {}", pin.display()))?;
-    Ok(())
+/// Where a new link waits until it replaces `pin`. bpffs refuses names with
+/// a dot (kernel/bpf/inode.c, bpf_lookup), hence the suffix.
+fn staged_path(pin: &Path) -> std::path::PathBuf {
+    let mut name = pin.file_name().unwrap_or_default().to_os_string();
+    name.push("_staged");
+    pin.with_file_name(name)
 }
 
 fn typed_map<M>(map: Option<Map>, name: &str) -> Result<M>
@@ -185,7 +203,9 @@ where
             path.display()
         )
     })?;
-    typed_map(Some(Map::from_map_data(data)?), name)
+    let map = Map::from_map_data(data)
+        .with_context(|| format!("{} is not a map this agent can read", path.display()))?;
+    typed_map(Some(map), name)
 }
 
 pub fn open_pinned_maps(layout: &PinLayout) -> Result<KernelMaps> {
@@ -225,7 +245,9 @@ pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
         for entry in std::fs::read_dir(&links_dir)
             .with_context(|| format!("listing {}", links_dir.display()))?
         {
-            let path = entry?.path();
+            let path = entry
+                .with_context(|| format!("listing {}", links_dir.display()))?
+                .path();
             std::fs::remove_file(&path)
                 .with_context(|| format!("removing link pin {}", path.display()))?;
             report.links.push(path.display().to_string());

@@ -58,8 +58,9 @@ fn filesystem_magic(path: &Path) -> Result<i64> {
 }
 
 fn mount(fstype: &str, target: &Path) -> Result<()> {
-    let source = CString::new(fstype)?;
-    let target_c = CString::new(target.as_os_str().as_bytes())?;
+    let source = CString::new(fstype).context("filesystem type contains NUL")?;
+    let target_c = CString::new(target.as_os_str().as_bytes())
+        .with_context(|| format!("{} contains NUL", target.display()))?;
     // SAFETY: all strings are NUL-terminated and outlive the call.
     let rc = unsafe {
         libc::mount(

@@ -145,6 +145,17 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         for port in &spec.ports {
+            if port.protocol == Protocol::Sctp {
+                out.skipped.push(Skipped {
+                    kind: "Service",
+                    object: name.clone(),
+                    reason: format!(
+                        "port {}/SCTP is not load-balanced yet (its other ports are)",
+                        port.port
+                    ),
+                });
+                continue;
+            }
             let backends = endpoints::backends_for_port(port, &spec, slices, node);
             for ip in &spec.cluster_ips {
                 let frontend = Frontend {
@@ -194,7 +205,10 @@ fn group_slices<'a>(
     };
     for (name, slice) in &cluster.endpoint_slices {
         let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| l.contains_key(service::HEADLESS_LABEL)) {
+        if labels.is_some_and(|l| {
+            l.contains_key(service::HEADLESS_LABEL)
+                || l.contains_key(service::SERVICE_PROXY_NAME_LABEL)
+        }) {
             continue;
         }
         let Some(service_name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
@@ -207,7 +221,19 @@ fn group_slices<'a>(
             continue;
         }
         match slice.address_type.as_str() {
-            "IPv4" => by_service.entry(owner).or_default().push(slice),
+            "IPv4" => {
+                for endpoint in &slice.endpoints {
+                    match endpoint.addresses.first() {
+                        Some(address) if address.parse::<Ipv4Addr>().is_ok() => {}
+                        Some(address) => skip(
+                            name,
+                            format!("endpoint address {address:?} is not an IPv4 address"),
+                        ),
+                        None => skip(name, "an endpoint has no address".into()),
+                    }
+                }
+                by_service.entry(owner).or_default().push(slice)
+            }
             // Dual-stack clusters carry an IPv6 slice beside every IPv4 one;
             // that is normal, not an error, until the IPv6 datapath exists.
             "IPv6" => {}

@@ -6,10 +6,12 @@ use k8s_openapi::api::core::v1::Service;
 
 use super::ObjectName;
 
-/// Services with this label belong to another proxy; kube-proxy without a
-/// proxy name of its own skips every one of them.
-const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Set by the API server on headless Services and their EndpointSlices.
+/// Services and EndpointSlices with this label belong to another proxy;
+/// kube-proxy without a proxy name of its own skips every one of them (its
+/// informers select `!service.kubernetes.io/service-proxy-name`).
+pub(super) const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the EndpointSlice controller on the slices of headless Services
+/// (and honoured on Services too); kube-proxy's informers skip it.
 pub(super) const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

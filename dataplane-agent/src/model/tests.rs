@@ -213,6 +213,114 @@ fn cases() -> Vec<Case> {
             skipped: &[],
         },
         Case {
+            name: "ExternalName and headless-labelled Services are ignored even with a clusterIP",
+            cluster: {
+                let mut external = service("ext", "10.96.0.20", WEB);
+                external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
+                let headless = with_labels(
+                    service("hl", "10.96.0.21", WEB),
+                    &[("service.kubernetes.io/headless", "")],
+                );
+                let mut other_proxy_slice = slice("web-2", "web", WEB_EP, &[ready("10.0.0.9")]);
+                other_proxy_slice.metadata.labels.as_mut().unwrap().insert(
+                    "service.kubernetes.io/service-proxy-name".into(),
+                    "x".into(),
+                );
+                cluster(
+                    vec![external, headless, service("web", "10.96.0.10", WEB)],
+                    vec![
+                        other_proxy_slice,
+                        slice("web-1", "web", WEB_EP, &[ready("10.0.0.1")]),
+                    ],
+                )
+            },
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "internalTrafficPolicy Local falls back to local terminating endpoints only",
+            cluster: {
+                let mut svc = service("web", "10.96.0.10", WEB);
+                svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+                cluster(
+                    vec![svc],
+                    vec![slice(
+                        "web-1",
+                        "web",
+                        WEB_EP,
+                        &[
+                            terminating_serving("10.0.0.1"),
+                            on_node(ready("10.0.0.2"), "node-b"),
+                        ],
+                    )],
+                )
+            },
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "a terminating endpoint without a serving condition is serving if it says ready",
+            cluster: cluster(
+                vec![service("web", "10.96.0.10", WEB)],
+                vec![slice(
+                    "web-1",
+                    "web",
+                    WEB_EP,
+                    &[
+                        Ep {
+                            ready: Some(false),
+                            serving: None,
+                            terminating: Some(true),
+                            ..ready("10.0.0.1")
+                        },
+                        Ep {
+                            ready: Some(false),
+                            serving: Some(true),
+                            terminating: None,
+                            ..ready("10.0.0.2")
+                        },
+                    ],
+                )],
+            ),
+            // 10.0.0.1: serving falls back to ready (false). 10.0.0.2: serving
+            // but not terminating, so not part of the terminating fallback.
+            frontends: &[("10.96.0.10:80/TCP", &[])],
+            skipped: &[],
+        },
+        Case {
+            name: "endpoints without conditions are ready; bad addresses are reported",
+            cluster: {
+                let mut s = slice(
+                    "web-1",
+                    "web",
+                    WEB_EP,
+                    &[ready("10.0.0.1"), ready("10.0.0.999")],
+                );
+                s.endpoints[0].conditions = None;
+                cluster(vec![service("web", "10.96.0.10", WEB)], vec![s])
+            },
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &["endpoint address \"10.0.0.999\" is not an IPv4 address"],
+        },
+        Case {
+            name: "SCTP ports are reported and skipped; the Service's other ports work",
+            cluster: cluster(
+                vec![service(
+                    "mixed",
+                    "10.96.0.10",
+                    &[("http", 80, "TCP"), ("sig", 3868, "SCTP")],
+                )],
+                vec![slice(
+                    "mixed-1",
+                    "mixed",
+                    &[("http", 8080, "TCP"), ("sig", 3868, "SCTP")],
+                    &[ready("10.0.0.1")],
+                )],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &["port 3868/SCTP is not load-balanced yet"],
+        },
+        Case {
             name: "headless, ExternalName and other proxies' Services are ignored silently",
             cluster: {
                 let mut external = service("ext", "", WEB);

@@ -3,7 +3,10 @@
 //! watched for changes. The embedded default for local runs and demos, and
 //! plain L4 load balancing without Kubernetes.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::{
@@ -28,13 +31,10 @@ pub struct ParseProblem {
 
 impl std::fmt::Display for ParseProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} document {}: {}",
-            self.file.display(),
-            self.document,
-            self.reason
-        )
+        match self.document {
+            0 => write!(f, "{}: {}", self.file.display(), self.reason),
+            n => write!(f, "{} document {n}: {}", self.file.display(), self.reason),
+        }
     }
 }
 
@@ -42,30 +42,118 @@ impl std::fmt::Display for ParseProblem {
 pub struct Loaded {
     pub cluster: ClusterState,
     pub problems: Vec<ParseProblem>,
+    /// True when a file could not be read or parsed to its end.
+    pub fatal: bool,
 }
 
-/// Reads every `*.yaml`, `*.yml` and `*.json` file of `dir` (not
-/// recursively, in name order, hidden files skipped, as kubectl apply -f
-/// does). A bad document is reported and skipped; the rest still load.
-pub fn load_dir(dir: &Path) -> Result<Loaded> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading manifest directory {}", dir.display()))?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| is_manifest(path))
-        .collect();
-    files.sort();
-    let mut loaded = Loaded::default();
-    for file in files {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => parse_into(&file, &text, &mut loaded),
-            Err(error) => loaded.problems.push(ParseProblem {
-                file,
-                document: 0,
-                reason: format!("cannot read: {error}"),
-            }),
+/// A watched manifest directory. Remembers each file's last complete parse,
+/// so that a file caught half-written or with a syntax error keeps its
+/// previous objects instead of withdrawing their Services (kube-proxy keeps
+/// its last good state when the API hands it nothing better).
+#[derive(Debug)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    last_good: BTreeMap<PathBuf, ClusterState>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            last_good: BTreeMap::new(),
         }
     }
-    Ok(loaded)
+
+    /// Reads every `*.yaml`, `*.yml` and `*.json` file of the directory (not
+    /// recursively, in name order, hidden files skipped, as `kubectl apply
+    /// -f DIR` does). A bad document is reported and skipped; the rest load.
+    pub fn load(&mut self) -> Result<Loaded> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)
+            .with_context(|| format!("reading manifest directory {}", self.dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("listing {}", self.dir.display()))?
+                .path();
+            if is_manifest(&path) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        self.last_good.retain(|file, _| files.contains(file));
+
+        let mut loaded = Loaded::default();
+        for file in files {
+            let mut parsed = match std::fs::read_to_string(&file) {
+                Ok(text) => parse_file(&file, &text),
+                Err(error) => Loaded {
+                    problems: vec![ParseProblem {
+                        file: file.clone(),
+                        document: 0,
+                        reason: format!("cannot read: {error}"),
+                    }],
+                    fatal: true,
+                    ..Loaded::default()
+                },
+            };
+            loaded.problems.append(&mut parsed.problems);
+            let objects = match (parsed.fatal, self.last_good.get(&file)) {
+                (true, Some(previous)) => {
+                    loaded.problems.push(ParseProblem {
+                        file: file.clone(),
+                        document: 0,
+                        reason: "keeping the objects of its last readable version".into(),
+                    });
+                    previous.clone()
+                }
+                _ => {
+                    if !parsed.fatal {
+                        self.last_good.insert(file.clone(), parsed.cluster.clone());
+                    }
+                    parsed.cluster
+                }
+            };
+            merge(&file, objects, &mut loaded);
+        }
+        Ok(loaded)
+    }
+}
+
+/// Adds one file's objects to the directory's, reporting names that another
+/// file already defined.
+fn merge(file: &Path, objects: ClusterState, loaded: &mut Loaded) {
+    let mut report = |reason: String| {
+        loaded.problems.push(ParseProblem {
+            file: file.to_path_buf(),
+            document: 0,
+            reason,
+        })
+    };
+    for (name, service) in objects.services {
+        insert_unique(
+            &mut loaded.cluster.services,
+            name,
+            service,
+            "Service",
+            &mut report,
+        );
+    }
+    for (name, slice) in objects.endpoint_slices {
+        insert_unique(
+            &mut loaded.cluster.endpoint_slices,
+            name,
+            slice,
+            "EndpointSlice",
+            &mut report,
+        );
+    }
+    for (name, node) in objects.nodes {
+        if loaded.cluster.nodes.insert(name.clone(), node).is_some() {
+            report(format!(
+                "Node {name} is defined twice; the last one is used"
+            ));
+        }
+    }
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -77,8 +165,9 @@ fn is_manifest(path: &Path) -> bool {
     !hidden && path.is_file() && matches!(extension, Some("yaml" | "yml" | "json"))
 }
 
-/// Parses one file's documents into `loaded`.
-pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
+/// Parses one file's documents.
+pub fn parse_file(file: &Path, text: &str) -> Loaded {
+    let mut loaded = Loaded::default();
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let position = index + 1;
         let problem = |reason: String| ParseProblem {
@@ -94,6 +183,7 @@ pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
                     .problems
                     .push(problem(format!("invalid YAML: {error}")));
                 // The parser cannot resynchronise after a syntax error.
+                loaded.fatal = true;
                 break;
             }
         };
@@ -101,6 +191,7 @@ pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
             loaded.problems.push(problem(reason))
         });
     }
+    loaded
 }
 
 fn add_object(
@@ -209,7 +300,10 @@ pub fn watch_dir(dir: &Path) -> Result<DirWatch> {
             Ok(_) => {
                 let _receiver_gone = sender.send(());
             }
-            Err(error) => tracing::warn!(%error, "manifest directory watch error; resyncing"),
+            Err(error) => {
+                tracing::warn!(%error, "manifest directory watch error; resyncing");
+                let _receiver_gone = sender.send(());
+            }
         })
         .context("creating the manifest directory watcher")?;
     // Recursive so that ConfigMap volumes, which swap a `..data` symlink to
@@ -228,9 +322,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Loaded {
-        let mut loaded = Loaded::default();
-        parse_into(Path::new("test.yaml"), text, &mut loaded);
-        loaded
+        parse_file(Path::new("test.yaml"), text)
     }
 
     const SERVICE_AND_SLICE: &str = r#"
@@ -327,16 +419,76 @@ items:
         assert!(reasons[3].contains("no kind"));
     }
 
+    /// A scratch manifest directory removed on drop.
+    struct ScratchDir(PathBuf);
+
+    impl ScratchDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("dataplane-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        fn write(&self, file: &str, text: &str) {
+            std::fs::write(self.0.join(file), text).unwrap();
+        }
+    }
+
+    impl Drop for ScratchDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
-    fn load_dir_reads_manifest_files_only() {
-        let dir = std::env::temp_dir().join(format!("dataplane-manifests-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("a.yaml"), SERVICE_AND_SLICE).unwrap();
-        std::fs::write(dir.join("notes.txt"), "kind: Service").unwrap();
-        std::fs::write(dir.join(".hidden.yaml"), "kind: Service").unwrap();
-        let loaded = load_dir(&dir).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+    fn a_directory_yields_manifest_files_only() {
+        let scratch = ScratchDir::new("manifest-files");
+        scratch.write("a.yaml", SERVICE_AND_SLICE);
+        scratch.write("notes.txt", "kind: Service");
+        scratch.write(".hidden.yaml", "kind: Service");
+        let loaded = ManifestDir::new(&scratch.0).load().unwrap();
         assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
         assert_eq!(loaded.cluster.services.len(), 1);
+    }
+
+    #[test]
+    fn a_file_that_turns_unparsable_keeps_its_last_good_objects() {
+        let scratch = ScratchDir::new("manifest-last-good");
+        scratch.write("a.yaml", SERVICE_AND_SLICE);
+        let mut dir = ManifestDir::new(&scratch.0);
+        assert_eq!(dir.load().unwrap().cluster.services.len(), 1);
+
+        scratch.write("a.yaml", "kind: Service\nmetadata: [half-written");
+        let loaded = dir.load().unwrap();
+        assert_eq!(
+            loaded.cluster.services.len(),
+            1,
+            "the Service is not withdrawn"
+        );
+        assert_eq!(loaded.cluster.endpoint_slices.len(), 1);
+        let reasons: Vec<String> = loaded.problems.iter().map(ToString::to_string).collect();
+        assert!(reasons[0].contains("invalid YAML"), "{reasons:?}");
+        assert!(reasons[1].contains("last readable version"), "{reasons:?}");
+
+        std::fs::remove_file(scratch.0.join("a.yaml")).unwrap();
+        assert!(
+            dir.load().unwrap().cluster.services.is_empty(),
+            "a deleted file's objects go"
+        );
+    }
+
+    #[test]
+    fn an_object_defined_in_two_files_is_reported_with_the_second_file() {
+        let scratch = ScratchDir::new("manifest-dupes");
+        scratch.write("a.yaml", SERVICE_AND_SLICE);
+        scratch.write("b.yaml", SERVICE_AND_SLICE);
+        let loaded = ManifestDir::new(&scratch.0).load().unwrap();
+        assert_eq!(loaded.cluster.services.len(), 1);
+        let reasons: Vec<String> = loaded.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(
+            reasons[0].contains("b.yaml: Service shop/web is defined twice"),
+            "{reasons:?}"
+        );
     }
 }
