@@ -24,10 +24,19 @@ fn examples_dir() -> PathBuf {
 pub fn demo(connections: usize) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
-    // Ctrl-C also reaches the agent and probes (same process group); this
-    // process only has to notice and unwind so the testbed is removed.
+    // Ctrl-C also reaches the agent, the probes and `ip` (same process
+    // group); this process only has to notice and unwind, which drops the
+    // testbed and removes everything it made.
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
         .context("installing the Ctrl-C handler")?;
+    let result = run_demo(connections, &interrupted);
+    if result.is_err() && interrupted.load(Ordering::SeqCst) {
+        bail!("interrupted; the demo cluster has been removed");
+    }
+    result
+}
+
+fn run_demo(connections: usize, interrupted: &AtomicBool) -> Result<()> {
     let check = || -> Result<()> {
         if interrupted.load(Ordering::SeqCst) {
             bail!("interrupted; the demo cluster has been removed");
