@@ -50,9 +50,7 @@ impl Agent {
         for problem in &loaded.problems {
             warn!(%problem, "skipping manifest");
         }
-        let node = NodeInfo {
-            name: self.config.node_name.clone(),
-        };
+        let node = NodeInfo::from_cluster(&loaded.cluster, &self.config.node_name);
         let desired = model::desired(&loaded.cluster, &node);
         for skipped in &desired.skipped {
             warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");

@@ -21,7 +21,8 @@ struct Candidate<'a> {
 /// serving-and-terminating ones (kube-proxy's terminating fallback, KEP-1669);
 /// never endpoints that are not serving. With `internalTrafficPolicy: Local`
 /// only endpoints on this node count, and none means none (no fallback to
-/// other nodes).
+/// other nodes). Otherwise topology hints may narrow the ready endpoints to
+/// this node's zone (or this node), see [`topology_filter`].
 pub fn backends_for_port(
     port: &ServicePort,
     spec: &ServiceSpec,
@@ -49,9 +50,14 @@ pub fn backends_for_port(
         })
         .collect();
 
+    let topology = if spec.internal_traffic_local {
+        TopologyFilter::None
+    } else {
+        topology_filter(&candidates, node)
+    };
     let ready: BTreeSet<Backend> = candidates
         .iter()
-        .filter(|c| is_ready(c.endpoint))
+        .filter(|c| is_ready(c.endpoint) && topology.admits(c.endpoint))
         .map(|c| c.backend)
         .collect();
     let chosen = if ready.is_empty() {
@@ -64,6 +70,71 @@ pub fn backends_for_port(
         ready
     };
     chosen.into_iter().collect()
+}
+
+/// How topology hints narrow the ready endpoints on this node.
+#[derive(Debug, PartialEq, Eq)]
+enum TopologyFilter<'a> {
+    None,
+    Zone(&'a str),
+    Node(&'a str),
+}
+
+impl TopologyFilter<'_> {
+    fn admits(&self, endpoint: &Endpoint) -> bool {
+        let hints = endpoint.hints.as_ref();
+        match self {
+            Self::None => true,
+            Self::Zone(zone) => hints
+                .and_then(|h| h.for_zones.as_ref())
+                .is_some_and(|zones| zones.iter().any(|z| z.name == *zone)),
+            Self::Node(node) => hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .is_some_and(|nodes| nodes.iter().any(|n| n.name == *node)),
+        }
+    }
+}
+
+/// kube-proxy's decision (pkg/proxy/topology.go, topologyModeFromHints):
+/// hints are used only when every ready endpoint carries them, and only if
+/// at least one names this node (forNodes, trafficDistribution
+/// PreferSameNode) or this node's zone (forZones, PreferClose or the
+/// topology-mode annotation); otherwise all endpoints serve. The
+/// EndpointSlice controller writes the hints; the Service's
+/// trafficDistribution itself is not consulted here, as in kube-proxy.
+fn topology_filter<'a>(candidates: &[Candidate], node: &'a NodeInfo) -> TopologyFilter<'a> {
+    let ready: Vec<&Endpoint> = candidates
+        .iter()
+        .filter(|c| is_ready(c.endpoint))
+        .map(|c| c.endpoint)
+        .collect();
+    if ready.is_empty() {
+        return TopologyFilter::None;
+    }
+    let node_filter = TopologyFilter::Node(&node.name);
+    let all_have_node_hints = ready.iter().all(|e| {
+        e.hints
+            .as_ref()
+            .and_then(|h| h.for_nodes.as_ref())
+            .is_some_and(|n| !n.is_empty())
+    });
+    if all_have_node_hints && ready.iter().any(|e| node_filter.admits(e)) {
+        return node_filter;
+    }
+    let Some(zone) = node.zone.as_deref().filter(|z| !z.is_empty()) else {
+        return TopologyFilter::None;
+    };
+    let zone_filter = TopologyFilter::Zone(zone);
+    let all_have_zone_hints = ready.iter().all(|e| {
+        e.hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .is_some_and(|z| !z.is_empty())
+    });
+    if all_have_zone_hints && ready.iter().any(|e| zone_filter.admits(e)) {
+        return zone_filter;
+    }
+    TopologyFilter::None
 }
 
 /// The port number an EndpointSlice gives for a Service port: the slice port

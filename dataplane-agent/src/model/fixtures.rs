@@ -57,6 +57,8 @@ pub struct Ep<'a> {
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
     pub node: &'a str,
+    pub zone_hints: &'a [&'a str],
+    pub node_hints: &'a [&'a str],
 }
 
 pub const fn ready(ip: &str) -> Ep<'_> {
@@ -66,6 +68,27 @@ pub const fn ready(ip: &str) -> Ep<'_> {
         serving: Some(true),
         terminating: Some(false),
         node: "node-a",
+        zone_hints: &[],
+        node_hints: &[],
+    }
+}
+
+pub const fn hinted<'a>(ep: Ep<'a>, zone_hints: &'a [&'a str]) -> Ep<'a> {
+    Ep { zone_hints, ..ep }
+}
+
+pub const fn node_hinted<'a>(ep: Ep<'a>, node_hints: &'a [&'a str]) -> Ep<'a> {
+    Ep { node_hints, ..ep }
+}
+
+/// A Node object with a zone label (or none).
+pub fn node_object(name: &str, zone: Option<&str>) -> k8s_openapi::api::core::v1::Node {
+    let labels: Vec<(&str, &str)> = zone
+        .map(|z| vec![("topology.kubernetes.io/zone", z)])
+        .unwrap_or_default();
+    k8s_openapi::api::core::v1::Node {
+        metadata: meta(name, &labels),
+        ..Default::default()
     }
 }
 
@@ -132,6 +155,26 @@ pub fn slice(
                     terminating: ep.terminating,
                 }),
                 node_name: Some(ep.node.into()),
+                hints: (!ep.zone_hints.is_empty() || !ep.node_hints.is_empty()).then(|| {
+                    k8s_openapi::api::discovery::v1::EndpointHints {
+                        for_zones: Some(
+                            ep.zone_hints
+                                .iter()
+                                .map(|z| k8s_openapi::api::discovery::v1::ForZone {
+                                    name: z.to_string(),
+                                })
+                                .collect(),
+                        ),
+                        for_nodes: Some(
+                            ep.node_hints
+                                .iter()
+                                .map(|n| k8s_openapi::api::discovery::v1::ForNode {
+                                    name: n.to_string(),
+                                })
+                                .collect(),
+                        ),
+                    }
+                }),
                 ..Default::default()
             })
             .collect(),

@@ -60,6 +60,28 @@ pub struct ClusterState {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
     pub name: String,
+    /// `topology.kubernetes.io/zone` of this node's Node object.
+    pub zone: Option<String>,
+}
+
+/// The well-known label kube-proxy reads the node's zone from.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+impl NodeInfo {
+    /// This node as the cluster state describes it (its zone from its Node
+    /// object, if there is one).
+    pub fn from_cluster(cluster: &ClusterState, name: &str) -> Self {
+        let zone = cluster
+            .nodes
+            .get(name)
+            .and_then(|node| node.metadata.labels.as_ref())
+            .and_then(|labels| labels.get(ZONE_LABEL))
+            .cloned();
+        Self {
+            name: name.to_owned(),
+            zone,
+        }
+    }
 }
 
 /// One (virtual IP, port, protocol) a Service listens on.

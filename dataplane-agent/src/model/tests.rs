@@ -6,7 +6,16 @@ use super::{fixtures::*, *};
 const NODE: &str = "node-a";
 
 fn node() -> NodeInfo {
-    NodeInfo { name: NODE.into() }
+    NodeInfo {
+        name: NODE.into(),
+        zone: None,
+    }
+}
+
+/// The cluster with this node's Node object in zone `zone`.
+fn in_zone(mut cluster: ClusterState, zone: Option<&str>) -> ClusterState {
+    cluster.nodes.insert(NODE.into(), node_object(NODE, zone));
+    cluster
 }
 
 /// Frontends as `"ip:port/PROTO" -> ["ip:port", ..]`, easy to read in a table.
@@ -48,7 +57,138 @@ fn with_labels(
     s
 }
 
+fn topology_cases() -> Vec<Case> {
+    let zoned = |zone: Option<&str>, endpoints: &[Ep]| {
+        in_zone(
+            cluster(
+                vec![service("web", "10.96.0.10", WEB)],
+                vec![slice("web-1", "web", WEB_EP, endpoints)],
+            ),
+            zone,
+        )
+    };
+    vec![
+        Case {
+            name: "zone hints keep the endpoints hinted for this node's zone",
+            cluster: zoned(
+                Some("zone-a"),
+                &[
+                    hinted(ready("10.0.0.1"), &["zone-a"]),
+                    hinted(ready("10.0.0.2"), &["zone-b"]),
+                    hinted(ready("10.0.0.3"), &["zone-a", "zone-b"]),
+                ],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080", "10.0.0.3:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "one ready endpoint without hints disables topology",
+            cluster: zoned(
+                Some("zone-a"),
+                &[hinted(ready("10.0.0.1"), &["zone-a"]), ready("10.0.0.2")],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080", "10.0.0.2:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "an unhinted endpoint that is not ready does not disable topology",
+            cluster: zoned(
+                Some("zone-a"),
+                &[
+                    hinted(ready("10.0.0.1"), &["zone-a"]),
+                    hinted(ready("10.0.0.2"), &["zone-b"]),
+                    not_ready("10.0.0.3"),
+                ],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "no endpoint hinted for this zone: all endpoints serve",
+            cluster: zoned(
+                Some("zone-c"),
+                &[
+                    hinted(ready("10.0.0.1"), &["zone-a"]),
+                    hinted(ready("10.0.0.2"), &["zone-b"]),
+                ],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080", "10.0.0.2:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "a node without a zone label ignores zone hints",
+            cluster: zoned(
+                None,
+                &[
+                    hinted(ready("10.0.0.1"), &["zone-a"]),
+                    hinted(ready("10.0.0.2"), &["zone-b"]),
+                ],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080", "10.0.0.2:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "node hints (PreferSameNode) win over zone hints when one names this node",
+            cluster: zoned(
+                Some("zone-a"),
+                &[
+                    node_hinted(hinted(ready("10.0.0.1"), &["zone-a"]), &["node-b"]),
+                    node_hinted(hinted(ready("10.0.0.2"), &["zone-a"]), &[NODE]),
+                    node_hinted(hinted(ready("10.0.0.3"), &["zone-b"]), &["node-c"]),
+                ],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.2:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "node hints naming other nodes fall back to zone hints",
+            cluster: zoned(
+                Some("zone-a"),
+                &[
+                    node_hinted(hinted(ready("10.0.0.1"), &["zone-a"]), &["node-b"]),
+                    node_hinted(hinted(ready("10.0.0.3"), &["zone-b"]), &["node-c"]),
+                ],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "the terminating fallback ignores topology",
+            cluster: zoned(
+                Some("zone-a"),
+                &[hinted(terminating_serving("10.0.0.2"), &["zone-b"])],
+            ),
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.2:8080"])],
+            skipped: &[],
+        },
+        Case {
+            name: "internalTrafficPolicy Local ignores topology",
+            cluster: {
+                let mut c = zoned(
+                    Some("zone-a"),
+                    &[
+                        hinted(ready("10.0.0.1"), &["zone-b"]),
+                        on_node(hinted(ready("10.0.0.2"), &["zone-a"]), "node-b"),
+                    ],
+                );
+                c.services.values_mut().for_each(|s| {
+                    s.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into())
+                });
+                c
+            },
+            frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
+            skipped: &[],
+        },
+    ]
+}
+
 fn cases() -> Vec<Case> {
+    let mut cases = topology_cases();
+    cases.extend(base_cases());
+    cases
+}
+
+fn base_cases() -> Vec<Case> {
     vec![
         Case {
             name: "ready endpoints serve, not-ready ones do not",
@@ -432,7 +572,7 @@ fn cases() -> Vec<Case> {
 #[test]
 fn kube_proxy_semantics_table() {
     for case in cases() {
-        let desired = desired(&case.cluster, &node());
+        let desired = desired(&case.cluster, &NodeInfo::from_cluster(&case.cluster, NODE));
         assert_eq!(
             rendered(&desired),
             expect(case.frontends),
