@@ -15,7 +15,9 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     pub const SOCK_REV: &str = "SOCK_REV";
     pub const STATS: &str = "STATS";
-    pub const ALL: [&str; 4] = [SERVICES, BACKENDS, SOCK_REV, STATS];
+    pub const MEMBERS: &str = "MEMBERS";
+    pub const AFFINITY: &str = "AFFINITY";
+    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, SOCK_REV, STATS, MEMBERS, AFFINITY];
 }
 
 /// Names of the BPF programs in the object file.
@@ -31,6 +33,11 @@ pub mod program_names {
 pub const SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const BACKENDS_MAX_ENTRIES: u32 = 1_048_576;
 pub const SOCK_REV_MAX_ENTRIES: u32 = 262_144;
+pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
+
+/// `ServiceValue::flags`: sessionAffinity ClientIP, for
+/// `affinity_timeout_s` seconds since the client's last new connection.
+pub const SERVICE_FLAG_AFFINITY: u32 = 1;
 
 /// IANA protocol numbers as stored in [`ServiceKey::protocol`].
 pub const IPPROTO_TCP: u8 = 6;
@@ -91,6 +98,41 @@ pub struct BackendValue {
 }
 const _: () = assert!(size_of::<BackendValue>() == 12);
 
+/// "This backend is in this generation of this Service": lets the datapath
+/// check in one lookup that a remembered (affine) backend is still eligible.
+/// Written and deleted together with the generation's BACKENDS slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MemberKey {
+    pub service_id: u32,
+    pub generation: u16,
+    pub port_be: u16,
+    pub ip_be: u32,
+}
+const _: () = assert!(size_of::<MemberKey>() == 12);
+
+/// sessionAffinity state of one client for one Service frontend. The client
+/// is identified by its network namespace cookie: at connect() time the
+/// source address is not chosen yet, and a pod is its network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub _pad: u32,
+    pub netns_cookie: u64,
+}
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityValue {
+    pub backend: BackendValue,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) of the last connection.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 24);
+
 /// A translated socket and the backend it talks to. Keyed by the backend
 /// as well as the cookie because one unconnected UDP socket may send to
 /// several Services (kube-proxy's DNAT is per flow, not per socket).
@@ -128,15 +170,18 @@ pub enum Stat {
     SockBackendMissing = 2,
     /// The reverse-translation map was full and an entry could not be stored.
     SockRevUpdateFailed = 3,
+    /// A connection reused its client's affine backend.
+    SockAffinityHit = 4,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SockTranslated,
         Stat::SockRefusedNoEndpoints,
         Stat::SockBackendMissing,
         Stat::SockRevUpdateFailed,
+        Stat::SockAffinityHit,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -145,6 +190,7 @@ impl Stat {
             Stat::SockRefusedNoEndpoints => "sock_refused_no_endpoints",
             Stat::SockBackendMissing => "sock_backend_missing",
             Stat::SockRevUpdateFailed => "sock_rev_update_failed",
+            Stat::SockAffinityHit => "sock_affinity_hit",
         }
     }
 }
@@ -158,6 +204,9 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
 }

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
-    BACKENDS_MAX_ENTRIES, BackendKey, BackendValue, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat,
+    AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendKey,
+    BackendValue, MemberKey, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue, Stat,
 };
 
 /// `BPF_F_NO_PREALLOC`: a preallocated hash map recycles the element an
@@ -24,6 +25,16 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map]
 pub static BACKENDS: HashMap<BackendKey, BackendValue> =
     HashMap::pinned(BACKENDS_MAX_ENTRIES, NO_PREALLOC);
+
+/// One entry per BACKENDS slot, keyed by the backend's address.
+#[map]
+pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(BACKENDS_MAX_ENTRIES, NO_PREALLOC);
+
+/// sessionAffinity: (frontend, client netns) -> backend and last use. LRU,
+/// so idle clients age out under pressure as well as by timeout.
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
 
 /// (socket cookie, backend) -> the frontend the socket addressed. If one
 /// unconnected UDP socket reaches two Services that share a backend

@@ -5,15 +5,20 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
     programs::SockAddrContext,
 };
 use dataplane_common::{
-    BackendKey, BackendValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_ANY, ServiceKey, ServiceValue,
-    SockRevKey, SockRevValue, Stat,
+    AffinityKey, AffinityValue, BackendKey, BackendValue, IPPROTO_TCP, IPPROTO_UDP, MemberKey,
+    SCOPE_ANY, SERVICE_FLAG_AFFINITY, ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat,
 };
 
-use crate::maps::{BACKENDS, SERVICES, SOCK_REV, count};
+use crate::maps::{AFFINITY, BACKENDS, MEMBERS, SERVICES, SOCK_REV, count};
+
+const NANOS_PER_SECOND: u64 = 1_000_000_000;
 
 /// sock_addr verdicts: 1 lets the syscall proceed, 0 fails it (with EPERM
 /// unless `bpf_set_retval` chose another error).
@@ -38,7 +43,12 @@ pub fn translate_to_backend4(ctx: &SockAddrContext) -> i32 {
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return ALLOW;
     };
-    let Some(backend) = select_backend(&service) else {
+    let chosen = if service.flags & SERVICE_FLAG_AFFINITY != 0 {
+        select_affine_backend(ctx, &service)
+    } else {
+        select_backend(&service)
+    };
+    let Some(backend) = chosen else {
         return refuse();
     };
     remember_frontend(ctx, &key, &backend);
@@ -126,6 +136,55 @@ fn select_backend(service: &ServiceValue) -> Option<BackendValue> {
             None
         }
     }
+}
+
+/// sessionAffinity ClientIP: the client's previous backend if it used it
+/// within the timeout and it is still in the current generation; otherwise
+/// a fresh uniform choice, remembered. Every new connection refreshes the
+/// timestamp, as kube-proxy's `recent --set` on each new connection does.
+#[inline(always)]
+fn select_affine_backend(ctx: &SockAddrContext, service: &ServiceValue) -> Option<BackendValue> {
+    let key = AffinityKey {
+        service_id: service.service_id,
+        _pad: 0,
+        // SAFETY: the context is a valid sock_addr for this hook.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(service.affinity_timeout_s) * NANOS_PER_SECOND;
+    // SAFETY: the value is copied out at once.
+    let remembered = unsafe { AFFINITY.get(key) }.copied();
+    let backend = match remembered {
+        Some(previous)
+            if now.wrapping_sub(previous.last_seen_ns) <= timeout_ns
+                && is_current_member(service, &previous) =>
+        {
+            count(Stat::SockAffinityHit);
+            previous.backend
+        }
+        _ => select_backend(service)?,
+    };
+    let refreshed = AffinityValue {
+        backend,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // A full LRU evicts its oldest entry; an error here only costs affinity.
+    let _ = AFFINITY.insert(key, refreshed, 0);
+    Some(backend)
+}
+
+#[inline(always)]
+fn is_current_member(service: &ServiceValue, previous: &AffinityValue) -> bool {
+    let member = MemberKey {
+        service_id: service.service_id,
+        generation: service.generation,
+        port_be: previous.backend.port_be,
+        ip_be: previous.backend.ip_be,
+    };
+    // SAFETY: presence check only.
+    unsafe { MEMBERS.get(member) }.is_some()
 }
 
 #[inline(always)]

@@ -3,45 +3,16 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use dataplane_testbed::{Host, Testbed, probe::tally};
+use dataplane_testbed::{
+    Host, Testbed,
+    manifests::{Ep, Svc, http_service_on, join, slice},
+    probe::tally,
+};
 
 const VIP: &str = "10.96.0.10";
 
-fn service(
-    name: &str,
-    cluster_ip: &str,
-    port: u16,
-    target_port: u16,
-    backends: &[&Host],
-) -> String {
-    let endpoints: String = backends
-        .iter()
-        .map(|b| {
-            format!(
-                "- addresses: [\"{}\"]\n  conditions: {{ready: true}}\n",
-                b.ip
-            )
-        })
-        .collect();
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {cluster_ip}
-  ports: [{{name: http, port: {port}, targetPort: {target_port}, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports: [{{name: http, port: {target_port}, protocol: TCP}}]
-endpoints:
-{endpoints}"#
-    )
+fn service(name: &str, cluster_ip: &str, port: u16, backends: &[&Host]) -> String {
+    http_service_on(name, cluster_ip, port, backends)
 }
 
 /// Client and two backend pods serving on 8080.
@@ -58,7 +29,7 @@ fn two_backends() -> (Testbed, Host, Host, Host) {
 #[test]
 fn clusterip_reaches_both_backends_and_each_sees_the_client_ip() {
     let (mut tb, client, pod1, pod2) = two_backends();
-    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod1, &pod2]))
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
 
@@ -94,7 +65,7 @@ fn clusterip_reaches_both_backends_and_each_sees_the_client_ip() {
 #[test]
 fn service_without_endpoints_refuses_at_once() {
     let (mut tb, client, _pod1, _pod2) = two_backends();
-    tb.write_manifest("empty.yaml", &service("empty", VIP, 80, 8080, &[]))
+    tb.write_manifest("empty.yaml", &service("empty", VIP, 80, &[]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
     let attempts = tb.connect(&client, &format!("{VIP}:80"), 5).unwrap();
@@ -110,7 +81,7 @@ fn service_without_endpoints_refuses_at_once() {
 #[test]
 fn bad_manifests_are_logged_by_name_and_valid_services_keep_working() {
     let (mut tb, client, pod1, pod2) = two_backends();
-    tb.write_manifest("good.yaml", &service("web", VIP, 80, 8080, &[&pod1, &pod2]))
+    tb.write_manifest("good.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
         .unwrap();
     tb.write_manifest("broken.yaml", "kind: Service\nmetadata: [unclosed\n")
         .unwrap();
@@ -118,8 +89,8 @@ fn bad_manifests_are_logged_by_name_and_valid_services_keep_working() {
         "invalid.yaml",
         &format!(
             "{}---\n{}",
-            service("bad-ip", "10.96.0.300", 80, 8080, &[&pod1]),
-            service("port-zero", "10.96.0.12", 0, 8080, &[&pod1])
+            service("bad-ip", "10.96.0.300", 80, &[&pod1]),
+            service("port-zero", "10.96.0.12", 0, &[&pod1])
         ),
     )
     .unwrap();
@@ -152,7 +123,7 @@ fn bad_manifests_are_logged_by_name_and_valid_services_keep_working() {
 #[test]
 fn manifest_changes_apply_while_running_without_failing_a_connection() {
     let (mut tb, client, pod1, pod2) = two_backends();
-    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod1]))
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
     let only_pod1 = tally(&tb.connect(&client, &format!("{VIP}:80"), 10).unwrap());
@@ -171,7 +142,7 @@ fn manifest_changes_apply_while_running_without_failing_a_connection() {
         });
         for round in 0..12 {
             let backends = sets[round % sets.len()];
-            tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, backends))
+            tb.write_manifest("web.yaml", &service("web", VIP, 80, backends))
                 .unwrap();
             std::thread::sleep(Duration::from_millis(150));
         }
@@ -195,7 +166,7 @@ fn manifest_changes_apply_while_running_without_failing_a_connection() {
         "connections failed during endpoint changes: {failed:?}"
     );
 
-    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod2]))
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod2]))
         .unwrap();
     let pod2_only = serde_json::json!([format!("{}:8080", pod2.ip)]);
     tb.wait_until("pod2 replaced pod1", Duration::from_secs(10), || {
@@ -225,7 +196,7 @@ fn manifest_changes_apply_while_running_without_failing_a_connection() {
 #[test]
 fn a_crashed_agent_leaves_traffic_flowing_and_a_restart_adopts_the_maps() {
     let (mut tb, client, pod1, pod2) = two_backends();
-    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod1, &pod2]))
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
     let ids_before = tb.dump_services().unwrap();
@@ -256,7 +227,7 @@ fn a_crashed_agent_leaves_traffic_flowing_and_a_restart_adopts_the_maps() {
 #[test]
 fn cleanup_detaches_every_program_and_removes_every_pin() {
     let (mut tb, client, pod1, pod2) = two_backends();
-    tb.write_manifest("web.yaml", &service("web", VIP, 80, 8080, &[&pod1, &pod2]))
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
     assert!(
@@ -300,33 +271,19 @@ fn tcp_and_udp_on_one_port_number_are_independent_frontends() {
     let (mut tb, client, pod1, pod2) = two_backends();
     // Named ports: the TCP port's endpoints come from one slice (pod1), the
     // UDP port's from another (pod2).
-    let slice = |name: &str, port_name: &str, protocol: &str, pod: &Host| {
-        format!(
-            r#"apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}
-addressType: IPv4
-ports: [{{name: {port_name}, port: 8080, protocol: {protocol}}}]
-endpoints: [{{addresses: ["{}"]}}]
-"#,
-            pod.ip
-        )
-    };
-    let manifest = format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: dns, namespace: default}}
-spec:
-  clusterIP: 10.96.0.53
-  ports:
-  - {{name: dns-tcp, port: 53, protocol: TCP, targetPort: dns-tcp}}
-  - {{name: dns, port: 53, protocol: UDP, targetPort: dns}}
----
-{}---
-{}"#,
-        slice("dns-a", "dns-tcp", "TCP", &pod1),
-        slice("dns-b", "dns", "UDP", &pod2)
-    );
+    let manifest = join(&[
+        Svc::new("dns", "10.96.0.53")
+            .port("dns-tcp", 53, "TCP", 8080)
+            .port("dns", 53, "UDP", 8080)
+            .yaml(),
+        slice(
+            "dns-a",
+            "dns",
+            &[("dns-tcp", 8080, "TCP")],
+            &[Ep::ready(&pod1)],
+        ),
+        slice("dns-b", "dns", &[("dns", 8080, "UDP")], &[Ep::ready(&pod2)]),
+    ]);
     tb.write_manifest("dns.yaml", &manifest).unwrap();
     tb.start_agent(&[]).unwrap();
 

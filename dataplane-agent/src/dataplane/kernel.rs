@@ -11,7 +11,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use dataplane_common::{
-    BackendKey, BackendValue, ServiceKey, ServiceValue, Stat, map_names, program_names,
+    BackendKey, BackendValue, MemberKey, ServiceKey, ServiceValue, Stat, map_names, program_names,
 };
 
 use super::{
@@ -36,6 +36,7 @@ pub const SOCKET_PROGRAMS: [&str; 4] = [
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, BackendValue>,
+    members: HashMap<MapData, MemberKey, u32>,
 }
 
 impl MapStore for KernelMaps {
@@ -51,6 +52,12 @@ impl MapStore for KernelMaps {
     }
     fn delete_backend(&mut self, key: &BackendKey) -> Result<(), MapError> {
         ignore_missing(self.backends.remove(key))
+    }
+    fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), MapError> {
+        self.members.insert(key, index, 0)
+    }
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
+        ignore_missing(self.members.remove(key))
     }
 }
 
@@ -74,6 +81,10 @@ impl KernelMaps {
         for entry in self.backends.iter() {
             let (key, value) = entry.context("reading BACKENDS")?;
             state.backends.insert(key, value);
+        }
+        for entry in self.members.iter() {
+            let (key, index) = entry.context("reading MEMBERS")?;
+            state.members.insert(key, index);
         }
         Ok(state)
     }
@@ -104,6 +115,7 @@ impl Loaded {
         Ok(KernelMaps {
             services: typed_map(self.ebpf.take_map(map_names::SERVICES), map_names::SERVICES)?,
             backends: typed_map(self.ebpf.take_map(map_names::BACKENDS), map_names::BACKENDS)?,
+            members: typed_map(self.ebpf.take_map(map_names::MEMBERS), map_names::MEMBERS)?,
         })
     }
 
@@ -212,6 +224,7 @@ pub fn open_pinned_maps(layout: &PinLayout) -> Result<KernelMaps> {
     Ok(KernelMaps {
         services: open_pinned(layout, map_names::SERVICES)?,
         backends: open_pinned(layout, map_names::BACKENDS)?,
+        members: open_pinned(layout, map_names::MEMBERS)?,
     })
 }
 

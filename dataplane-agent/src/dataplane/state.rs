@@ -9,17 +9,21 @@ use std::{
     net::Ipv4Addr,
 };
 
-use dataplane_common::{BackendKey, BackendValue, SCOPE_ANY, ServiceKey, ServiceValue};
+use dataplane_common::{
+    BackendKey, BackendValue, MemberKey, SCOPE_ANY, SERVICE_FLAG_AFFINITY, ServiceKey, ServiceValue,
+};
 
-use crate::model::{Backend, DesiredDataplane, Frontend, Protocol};
+use crate::model::{Backend, DesiredDataplane, Frontend, FrontendEntry, Protocol};
 
-/// A mirror of SERVICES and BACKENDS. The agent is their only writer, so
-/// after reading them once at start it keeps this copy exact by updating it
-/// after every successful map write.
+/// A mirror of SERVICES, BACKENDS and MEMBERS. The agent is their only
+/// writer, so after reading them once at start it keeps this copy exact by
+/// updating it after every successful map write.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PinnedState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<BackendKey, BackendValue>,
+    /// Member key -> slot index.
+    pub members: BTreeMap<MemberKey, u32>,
 }
 
 /// Writes to the kernel maps (or to a fake in tests).
@@ -29,6 +33,38 @@ pub trait MapStore {
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), Self::Error>;
     fn put_backend(&mut self, key: &BackendKey, value: &BackendValue) -> Result<(), Self::Error>;
     fn delete_backend(&mut self, key: &BackendKey) -> Result<(), Self::Error>;
+    fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), Self::Error>;
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), Self::Error>;
+}
+
+/// The MEMBERS key of a backend slot.
+pub fn member_key(slot: &BackendKey, backend: &BackendValue) -> MemberKey {
+    MemberKey {
+        service_id: slot.service_id,
+        generation: slot.generation,
+        port_be: backend.port_be,
+        ip_be: backend.ip_be,
+    }
+}
+
+/// The SERVICES value for a frontend's id, generation and settings.
+fn service_value(
+    service_id: u32,
+    generation: u16,
+    count: u16,
+    entry: &FrontendEntry,
+) -> ServiceValue {
+    ServiceValue {
+        service_id,
+        backend_count: count,
+        generation,
+        flags: if entry.affinity_timeout_s.is_some() {
+            SERVICE_FLAG_AFFINITY
+        } else {
+            0
+        },
+        affinity_timeout_s: entry.affinity_timeout_s.unwrap_or(0),
+    }
 }
 
 pub fn service_key(frontend: &Frontend) -> ServiceKey {
@@ -141,6 +177,7 @@ impl PinnedState {
             .values()
             .map(|v| v.service_id)
             .chain(self.backends.keys().map(|k| k.service_id))
+            .chain(self.members.keys().map(|k| k.service_id))
             .collect()
     }
 
@@ -166,7 +203,7 @@ impl PinnedState {
             max: limits.max_services,
         };
         for (frontend, entry) in &desired.frontends {
-            match self.apply_frontend(frontend, &entry.backends, store, limits, &mut ids) {
+            match self.apply_frontend(frontend, entry, store, limits, &mut ids) {
                 Ok(true) => report.updated += 1,
                 Ok(false) => {}
                 Err(error) => report.failed.push((*frontend, error)),
@@ -201,27 +238,37 @@ impl PinnedState {
     fn apply_frontend<S: MapStore>(
         &mut self,
         frontend: &Frontend,
-        backends: &[Backend],
+        entry: &FrontendEntry,
         store: &mut S,
         limits: &Limits,
         ids: &mut IdAllocator,
     ) -> Result<bool, FrontendError> {
         // Slot indexes and counts are u16 in the maps.
         let limit = limits.max_backends_per_service.min(usize::from(u16::MAX));
-        if backends.len() > limit {
+        if entry.backends.len() > limit {
             return Err(FrontendError::TooManyBackends {
-                count: backends.len(),
+                count: entry.backends.len(),
                 limit,
             });
         }
         let key = service_key(frontend);
-        let wanted: Vec<BackendValue> = backends.iter().map(backend_value).collect();
+        let wanted: Vec<BackendValue> = entry.backends.iter().map(backend_value).collect();
+        let count = wanted.len() as u16;
+        let map_error = |e: S::Error| FrontendError::Map(e.to_string());
         let current = self.services.get(&key).copied();
         if let Some(current) = current
-            && current.backend_count as usize == wanted.len()
+            && current.backend_count == count
             && self.current_backends(&current) == wanted
         {
-            return Ok(false);
+            // Same backends: at most the settings (affinity) change, in
+            // place, with the same generation.
+            let value = service_value(current.service_id, current.generation, count, entry);
+            if value == current {
+                return Ok(false);
+            }
+            store.put_service(&key, &value).map_err(map_error)?;
+            self.services.insert(key, value);
+            return Ok(true);
         }
         let (service_id, generation) = match current {
             Some(current) => (current.service_id, current.generation.wrapping_add(1)),
@@ -230,7 +277,6 @@ impl PinnedState {
                 0,
             ),
         };
-        let map_error = |e: S::Error| FrontendError::Map(e.to_string());
         for (index, value) in wanted.iter().enumerate() {
             let slot = BackendKey {
                 service_id,
@@ -240,21 +286,22 @@ impl PinnedState {
             };
             store.put_backend(&slot, value).map_err(map_error)?;
             self.backends.insert(slot, *value);
+            let member = member_key(&slot, value);
+            store
+                .put_member(&member, u32::from(slot.index))
+                .map_err(map_error)?;
+            self.members.insert(member, u32::from(slot.index));
         }
-        let value = ServiceValue {
-            service_id,
-            backend_count: wanted.len() as u16,
-            generation,
-            flags: 0,
-            affinity_timeout_s: 0,
-        };
+        let value = service_value(service_id, generation, count, entry);
         store.put_service(&key, &value).map_err(map_error)?;
         self.services.insert(key, value);
         Ok(true)
     }
 
-    /// Deletes backend slots in `retired` that are still unreachable.
-    /// Returns how many were deleted and the first error, if any.
+    /// Deletes backend slots in `retired` that are still unreachable, each
+    /// with its MEMBERS entry (first, so a member never outlives its slot),
+    /// and any member whose generation is no longer live. Returns how many
+    /// slots were deleted and the first error, if any.
     pub fn sweep<S: MapStore>(
         &mut self,
         retired: &BTreeSet<BackendKey>,
@@ -264,6 +311,18 @@ impl PinnedState {
         let mut deleted = 0;
         let mut first_error = None;
         for key in retired.intersection(&unreachable) {
+            let member = self.backends.get(key).map(|value| member_key(key, value));
+            if let Some(member) = member {
+                match store.delete_member(&member) {
+                    Ok(()) => {
+                        self.members.remove(&member);
+                    }
+                    Err(error) => {
+                        first_error.get_or_insert(error);
+                        continue;
+                    }
+                }
+            }
             match store.delete_backend(key) {
                 Ok(()) => {
                     self.backends.remove(key);
@@ -274,7 +333,35 @@ impl PinnedState {
                 }
             }
         }
+        for member in self.orphan_members() {
+            match store.delete_member(&member) {
+                Ok(()) => {
+                    self.members.remove(&member);
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
         (deleted, first_error)
+    }
+
+    /// Members without a slot (left by an agent that died mid-sweep).
+    fn orphan_members(&self) -> Vec<MemberKey> {
+        self.members
+            .iter()
+            .filter(|(member, index)| {
+                let slot = BackendKey {
+                    service_id: member.service_id,
+                    generation: member.generation,
+                    index: u16::try_from(**index).unwrap_or(u16::MAX),
+                };
+                self.backends
+                    .get(&slot)
+                    .is_none_or(|value| member_key(&slot, value) != **member)
+            })
+            .map(|(member, _)| *member)
+            .collect()
     }
 }
 

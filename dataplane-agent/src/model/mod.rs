@@ -118,6 +118,8 @@ pub struct FrontendEntry {
     pub port_name: String,
     /// Sorted and de-duplicated. Empty means connections are refused.
     pub backends: Vec<Backend>,
+    /// `sessionAffinity: ClientIP` with this timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
 }
 
 /// An object the model could not use, with the reason, for one log line and
@@ -202,6 +204,7 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
                         service: name.clone(),
                         port_name: port.name.clone(),
                         backends: backends.clone(),
+                        affinity_timeout_s: spec.affinity_timeout_s,
                     },
                 );
             }

@@ -71,7 +71,14 @@ pub struct ServiceSpec {
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ServicePort>,
     pub internal_traffic_local: bool,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
 }
+
+/// The API server's default and maximum for
+/// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+const DEFAULT_AFFINITY_TIMEOUT_S: i32 = 10_800;
+const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
 #[derive(Debug)]
 pub enum Classified {
@@ -148,9 +155,28 @@ pub fn classify(name: &ObjectName, service: &Service) -> Result<Classified, Stri
             protocol,
         });
     }
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S);
+            if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&timeout) {
+                return Err(format!(
+                    "sessionAffinity timeoutSeconds {timeout} is outside 1..={MAX_AFFINITY_TIMEOUT_S}"
+                ));
+            }
+            u32::try_from(timeout).ok()
+        }
+        Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),
+    };
     Ok(Classified::Proxied(ServiceSpec {
         cluster_ips,
         ports: validated,
         internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        affinity_timeout_s,
     }))
 }

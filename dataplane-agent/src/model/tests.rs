@@ -608,6 +608,53 @@ fn frontends_remember_their_service_and_port_name() {
 }
 
 #[test]
+fn session_affinity_client_ip_carries_its_timeout() {
+    let with_affinity = |affinity: Option<&str>, timeout: Option<i32>| {
+        let mut svc = service("web", "10.96.0.10", WEB);
+        let spec = svc.spec.as_mut().unwrap();
+        spec.session_affinity = affinity.map(Into::into);
+        spec.session_affinity_config =
+            timeout.map(|t| k8s_openapi::api::core::v1::SessionAffinityConfig {
+                client_ip: Some(k8s_openapi::api::core::v1::ClientIPConfig {
+                    timeout_seconds: Some(t),
+                }),
+            });
+        let desired = desired(&cluster(vec![svc], vec![]), &node());
+        (
+            desired
+                .frontends
+                .values()
+                .next()
+                .map(|e| e.affinity_timeout_s),
+            desired
+                .skipped
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(with_affinity(None, None), (Some(None), vec![]));
+    assert_eq!(with_affinity(Some("None"), Some(5)), (Some(None), vec![]));
+    assert_eq!(
+        with_affinity(Some("ClientIP"), None),
+        (Some(Some(10_800)), vec![])
+    );
+    assert_eq!(
+        with_affinity(Some("ClientIP"), Some(30)),
+        (Some(Some(30)), vec![])
+    );
+    let (frontend, skipped) = with_affinity(Some("ClientIP"), Some(0));
+    assert_eq!(frontend, None);
+    assert!(skipped[0].contains("timeoutSeconds 0"), "{skipped:?}");
+    let (frontend, skipped) = with_affinity(Some("Sticky"), None);
+    assert_eq!(frontend, None);
+    assert!(
+        skipped[0].contains("unknown sessionAffinity"),
+        "{skipped:?}"
+    );
+}
+
+#[test]
 fn desired_is_deterministic() {
     let cluster = cluster(
         vec![service("web", "10.96.0.10", WEB)],

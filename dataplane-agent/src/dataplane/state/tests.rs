@@ -1,5 +1,6 @@
 use super::*;
 use crate::model::{FrontendEntry, ObjectName};
+use dataplane_common::MemberKey;
 
 /// A fake kernel: two maps, an op log, optional injected failures, and an
 /// invariant check after every write: each frontend's SERVICES entry always
@@ -32,6 +33,19 @@ impl FakeMaps {
                 "{key:?} points at missing slots after {:?}",
                 self.log
             );
+            for (index, slot_value) in slots.iter().enumerate() {
+                let slot = BackendKey {
+                    service_id: value.service_id,
+                    generation: value.generation,
+                    index: index as u16,
+                };
+                assert_eq!(
+                    self.state.members.get(&member_key(&slot, slot_value)),
+                    Some(&(index as u32)),
+                    "{key:?}: a live slot has no member entry after {:?}",
+                    self.log
+                );
+            }
             visible.insert(*key, slots.iter().map(backend_of).collect());
         }
         self.visible_history.push(visible);
@@ -40,6 +54,22 @@ impl FakeMaps {
 
 impl MapStore for FakeMaps {
     type Error = Injected;
+    fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), Injected> {
+        self.state.members.insert(*key, index);
+        self.record(format!("put_member {}/{}", key.service_id, key.generation));
+        Ok(())
+    }
+    fn delete_member(&mut self, key: &MemberKey) -> Result<(), Injected> {
+        if self.fail_deletes {
+            return Err(Injected);
+        }
+        self.state.members.remove(key);
+        self.record(format!(
+            "delete_member {}/{}",
+            key.service_id, key.generation
+        ));
+        Ok(())
+    }
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Injected> {
         self.state.services.insert(*key, *value);
         self.record(format!("put_service {}", frontend_of(key).unwrap()));
@@ -106,6 +136,7 @@ fn desired(frontends: &[(u8, &[u8])]) -> DesiredDataplane {
                         service: ObjectName::new("default", format!("svc-{f}")),
                         port_name: String::new(),
                         backends: backends(b),
+                        affinity_timeout_s: None,
                     },
                 )
             })
@@ -137,7 +168,9 @@ fn new_service_writes_backends_before_the_service_entry() {
         maps.log,
         [
             "put_backend 1/0/0",
+            "put_member 1/0",
             "put_backend 1/0/1",
+            "put_member 1/0",
             "put_service 10.96.0.10:80/TCP"
         ]
     );
@@ -373,6 +406,10 @@ fn generations_wrap_around() {
         ..old_slot
     };
     maps.state.backends.insert(wrapped_slot, slot);
+    maps.state.members.remove(&member_key(&old_slot, &slot));
+    maps.state
+        .members
+        .insert(member_key(&wrapped_slot, &slot), 0);
     value.generation = u16::MAX;
     maps.state.services.insert(key, value);
     mirror = maps.state.clone();
@@ -425,4 +462,78 @@ fn the_backend_limit_never_exceeds_what_a_slot_index_can_hold() {
         report.failed.as_slice(),
         [(_, FrontendError::TooManyBackends { limit: 65535, .. })]
     ));
+}
+
+fn with_affinity(mut want: DesiredDataplane, timeout_s: Option<u32>) -> DesiredDataplane {
+    want.frontends
+        .values_mut()
+        .for_each(|e| e.affinity_timeout_s = timeout_s);
+    want
+}
+
+#[test]
+fn switching_affinity_updates_the_entry_in_place() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
+    let key = service_key(&frontend(10));
+    let before = maps.state.services[&key];
+    maps.log.clear();
+
+    let report = converge(
+        &mut mirror,
+        &mut maps,
+        &with_affinity(desired(&[(10, &[1, 2])]), Some(30)),
+    );
+    assert_eq!(report.updated, 1);
+    assert_eq!(
+        maps.log,
+        ["put_service 10.96.0.10:80/TCP"],
+        "no new generation"
+    );
+    let after = maps.state.services[&key];
+    assert_eq!(after.flags, dataplane_common::SERVICE_FLAG_AFFINITY);
+    assert_eq!(after.affinity_timeout_s, 30);
+    assert_eq!(
+        (after.service_id, after.generation),
+        (before.service_id, before.generation)
+    );
+
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
+    assert_eq!(maps.state.services[&key], before, "switched off again");
+}
+
+#[test]
+fn members_follow_their_slots_through_updates_and_sweeps() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(
+        &mut mirror,
+        &mut maps,
+        &desired(&[(10, &[1, 2]), (11, &[3])]),
+    );
+    assert_eq!(maps.state.members.len(), 3);
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[2, 4])]));
+    assert_eq!(maps.state.members.len(), 2);
+    assert_eq!(maps.state.backends.len(), 2);
+    assert_eq!(mirror, maps.state);
+}
+
+#[test]
+fn orphan_members_are_swept() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    converge(&mut mirror, &mut maps, &desired(&[(10, &[1])]));
+    let orphan = MemberKey {
+        service_id: 99,
+        generation: 3,
+        port_be: 80u16.to_be(),
+        ip_be: 1,
+    };
+    maps.state.members.insert(orphan, 0);
+    let mut restarted = maps.state.clone();
+    let (_, error) = restarted.sweep(&BTreeSet::new(), &mut maps);
+    assert!(error.is_none());
+    assert!(!maps.state.members.contains_key(&orphan));
+    assert_eq!(restarted, maps.state);
 }
