@@ -1,6 +1,7 @@
 //! `dataplane-agent dump`: the pinned maps as operators want to read them.
 
 use anyhow::Result;
+use dataplane_common::SERVICE_FLAG_AFFINITY;
 use serde::Serialize;
 
 use crate::dataplane::{
@@ -14,6 +15,8 @@ pub struct ServiceRow {
     pub frontend: String,
     pub service_id: u32,
     pub generation: u16,
+    /// sessionAffinity ClientIP timeout, when affinity is on.
+    pub affinity_timeout_s: Option<u32>,
     pub backends: Vec<String>,
 }
 
@@ -36,6 +39,8 @@ pub fn service_rows(state: &PinnedState) -> Vec<ServiceRow> {
             frontend: state::frontend_of(key).map_or_else(|| format!("{key:?}"), |f| f.to_string()),
             service_id: value.service_id,
             generation: value.generation,
+            affinity_timeout_s: (value.flags & SERVICE_FLAG_AFFINITY != 0)
+                .then_some(value.affinity_timeout_s),
             backends: state
                 .current_backends(value)
                 .iter()
@@ -66,8 +71,8 @@ pub fn read(layout: &PinLayout) -> Result<PinnedState> {
 
 pub fn services_table(rows: &[ServiceRow]) -> String {
     let mut out = format!(
-        "{:<24} {:>6} {:>4}  {}\n",
-        "FRONTEND", "ID", "GEN", "BACKENDS"
+        "{:<24} {:>6} {:>4} {:>9}  {}\n",
+        "FRONTEND", "ID", "GEN", "AFFINITY", "BACKENDS"
     );
     for row in rows {
         let backends = if row.backends.is_empty() {
@@ -75,9 +80,12 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
         } else {
             row.backends.join(", ")
         };
+        let affinity = row
+            .affinity_timeout_s
+            .map_or_else(|| "-".to_owned(), |t| format!("{t}s"));
         out += &format!(
-            "{:<24} {:>6} {:>4}  {}\n",
-            row.frontend, row.service_id, row.generation, backends
+            "{:<24} {:>6} {:>4} {:>9}  {}\n",
+            row.frontend, row.service_id, row.generation, affinity, backends
         );
     }
     out
@@ -96,4 +104,40 @@ pub fn backends_table(rows: &[BackendRow]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_services_table_shows_affinity_and_refusal() {
+        let rows = [
+            ServiceRow {
+                frontend: "10.96.0.10:80/TCP".into(),
+                service_id: 1,
+                generation: 2,
+                affinity_timeout_s: Some(10_800),
+                backends: vec!["10.0.0.1:8080".into()],
+            },
+            ServiceRow {
+                frontend: "10.96.0.11:80/TCP".into(),
+                service_id: 2,
+                generation: 0,
+                affinity_timeout_s: None,
+                backends: vec![],
+            },
+        ];
+        let table = services_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[1].contains("10800s") && lines[1].ends_with("10.0.0.1:8080"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains(" - ") && lines[2].ends_with("(none: refused)"),
+            "{table}"
+        );
+    }
 }
