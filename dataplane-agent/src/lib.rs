@@ -1,6 +1,7 @@
 //! The dataplane agent: `source -> model -> dataplane -> kernel`.
 pub mod dataplane;
 pub mod dump;
+pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod source;

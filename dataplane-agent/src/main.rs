@@ -89,9 +89,19 @@ struct RunArgs {
     /// Minimum time between two syncs; bursts of changes coalesce.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     min_sync_period: Duration,
-    /// Most backends one Service port may have.
+    /// Most backends one Service port may have; a frontend over it is not
+    /// programmed (error log, metric) and keeps its previous state.
     #[arg(long, default_value_t = Limits::default().max_backends_per_service)]
     max_backends_per_service: usize,
+    /// Most Service frontends (ip, port, protocol) on this node.
+    #[arg(long, default_value_t = Limits::default().max_services)]
+    max_services: u32,
+    /// Most backends over all frontends on this node.
+    #[arg(long, default_value_t = Limits::default().max_backends)]
+    max_backends: usize,
+    /// Prometheus metrics address (kube-proxy's default); "" disables.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
 }
 
 fn init_logging(format: LogFormat) {
@@ -139,18 +149,30 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         Some(cgroup) => cgroup,
         None => pins::default_cgroup2_root()?,
     };
-    let config = RunConfig {
-        manifests,
-        cgroup,
-        bpffs_dir: args.bpffs_dir,
-        node_name: node_name(args.hostname_override)?,
-        min_sync_period: args.min_sync_period,
-        sweep_grace: Duration::from_secs(1),
-        limits: Limits {
-            max_backends_per_service: args.max_backends_per_service.min(usize::from(u16::MAX)),
-            ..Limits::default()
-        },
-    };
+    let config =
+        RunConfig {
+            manifests,
+            cgroup,
+            bpffs_dir: args.bpffs_dir,
+            node_name: node_name(args.hostname_override)?,
+            min_sync_period: args.min_sync_period,
+            sweep_grace: Duration::from_secs(1),
+            limits: Limits {
+                max_backends_per_service: args.max_backends_per_service,
+                max_services: args
+                    .max_services
+                    .min(dataplane_common::SERVICES_MAX_ENTRIES),
+                max_backends: args
+                    .max_backends
+                    .min(dataplane_common::BACKENDS_MAX_ENTRIES as usize / 2),
+            },
+            metrics_bind_address: match args.metrics_bind_address.as_str() {
+                "" => None,
+                address => Some(address.parse().with_context(|| {
+                    format!("--metrics-bind-address {address:?} is not ip:port")
+                })?),
+            },
+        };
     run::run(config).await
 }
 

@@ -1,9 +1,9 @@
 //! The agent's main loop: source -> model -> dataplane, coalesced.
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
-use dataplane_common::BackendKey;
+use dataplane_common::{BACKENDS_MAX_ENTRIES, BackendKey, SERVICES_MAX_ENTRIES, map_names};
 use tokio::time::Instant;
 use tracing::{error, info, info_span, warn};
 
@@ -11,8 +11,9 @@ use crate::{
     dataplane::{
         kernel::{KernelMaps, Loaded},
         pins::{self, PinLayout},
-        state::{Limits, PinnedState},
+        state::{ApplyReport, Limits, PinnedState},
     },
+    metrics::{self, FrontendErrorLabels, MapLabels, Metrics, ReasonLabels},
     model::{self, NodeInfo},
     source::manifests::{self, ManifestDir},
 };
@@ -29,6 +30,8 @@ pub struct RunConfig {
     /// retired it, for connect() calls that read the old Service entry.
     pub sweep_grace: Duration,
     pub limits: Limits,
+    /// Where to serve Prometheus metrics; None disables the server.
+    pub metrics_bind_address: Option<SocketAddr>,
 }
 
 /// The dataplane as the agent holds it while running.
@@ -39,6 +42,7 @@ struct Agent {
     mirror: PinnedState,
     /// Unreachable backend slots and when they became unreachable.
     retired: BTreeMap<BackendKey, Instant>,
+    metrics: Metrics,
 }
 
 impl Agent {
@@ -67,6 +71,7 @@ impl Agent {
             error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
         }
         self.retire_unreachable();
+        self.record_metrics(&desired, &report, loaded.problems.len(), started.elapsed());
         info!(
             services = model::services_of(&desired).len(),
             frontends = desired.frontends.len(),
@@ -78,6 +83,68 @@ impl Agent {
             "synced"
         );
         Ok(())
+    }
+
+    fn record_metrics(
+        &self,
+        desired: &model::DesiredDataplane,
+        report: &ApplyReport,
+        parse_problems: usize,
+        elapsed: Duration,
+    ) {
+        let m = &self.metrics;
+        m.sync_duration_seconds.observe(elapsed.as_secs_f64());
+        m.last_sync_timestamp_seconds
+            .set(metrics::unix_now_seconds());
+        m.frontends_programmed
+            .set(gauge(self.mirror.services.len()));
+        m.backends_programmed
+            .set(gauge(self.mirror.live_backend_count()));
+        m.invalid_objects
+            .set(gauge(parse_problems + desired.skipped.len()));
+        m.frontend_errors.clear();
+        for (frontend, error) in &report.failed {
+            let service = desired
+                .frontends
+                .get(frontend)
+                .map(|e| e.service.to_string());
+            m.frontend_errors
+                .get_or_create(&FrontendErrorLabels {
+                    service: service.unwrap_or_default(),
+                    frontend: frontend.to_string(),
+                    reason: error.reason().into(),
+                })
+                .set(1);
+            m.frontend_errors_total
+                .get_or_create(&ReasonLabels {
+                    reason: error.reason().into(),
+                })
+                .inc();
+        }
+        let maps = [
+            (
+                map_names::SERVICES,
+                self.mirror.services.len(),
+                SERVICES_MAX_ENTRIES,
+            ),
+            (
+                map_names::BACKENDS,
+                self.mirror.backends.len(),
+                BACKENDS_MAX_ENTRIES,
+            ),
+            (
+                map_names::MEMBERS,
+                self.mirror.members.len(),
+                BACKENDS_MAX_ENTRIES,
+            ),
+        ];
+        for (name, entries, capacity) in maps {
+            let labels = MapLabels { map: name.into() };
+            m.map_entries.get_or_create(&labels).set(gauge(entries));
+            m.map_capacity
+                .get_or_create(&labels)
+                .set(i64::from(capacity));
+        }
     }
 
     /// Starts the grace period of slots that just became unreachable.
@@ -138,12 +205,22 @@ pub async fn run(config: RunConfig) -> Result<()> {
         bpffs_dir = %config.bpffs_dir.display(),
         "adopted pinned maps"
     );
+    let (metrics, registry) = Metrics::new(PinLayout::new(&config.bpffs_dir));
+    if let Some(address) = config.metrics_bind_address {
+        let listener = metrics::bind(address).await?;
+        tokio::spawn(async move {
+            if let Err(error) = metrics::serve(listener, registry).await {
+                error!(error = format!("{error:#}"), "the metrics server stopped");
+            }
+        });
+    }
     let mut agent = Agent {
         source: ManifestDir::new(&config.manifests),
         config,
         maps,
         mirror,
         retired: BTreeMap::new(),
+        metrics,
     };
     // Slots a previous agent retired but did not sweep get a fresh grace.
     agent.retire_unreachable();
@@ -176,6 +253,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     }
     info!("stopping; programs and maps stay pinned and keep serving");
     Ok(())
+}
+
+/// A count as a gauge value (saturating; counts never approach i64::MAX).
+fn gauge(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
 }
 
 async fn sleep_until_or_forever(deadline: Option<Instant>) {

@@ -317,6 +317,21 @@ impl Testbed {
         Ok(attempts)
     }
 
+    /// `GET <path>` from `address` inside the node namespace: the status
+    /// line, then the body.
+    pub fn http_get_in_node(&self, address: &str, path: &str) -> Result<String> {
+        let output = run(self
+            .command_in(&self.node_netns, false, sibling_binary("dataplane-probe")?)?
+            .args(["http-get", "--to", address, "--path", path]))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The agent's Prometheus metrics (default address, in the node
+    /// namespace).
+    pub fn metrics(&self) -> Result<String> {
+        self.http_get_in_node("127.0.0.1:10249", "/metrics")
+    }
+
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
         // Write then rename, so the agent never reads half a file.
         let staged = self.work_dir.join(format!(".{file}.tmp"));

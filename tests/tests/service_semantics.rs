@@ -317,3 +317,49 @@ fn services_kube_proxy_ignores_stay_unanswered() {
     }
     assert_eq!(tb.dump_services().unwrap().len(), 1);
 }
+
+#[test]
+fn a_service_over_a_capacity_limit_is_refused_whole_with_a_metric() {
+    let (mut tb, client, pods) = cluster(3);
+    let all: Vec<Ep> = pods.iter().map(Ep::ready).collect();
+    tb.write_manifest(
+        "all.yaml",
+        &join(&[
+            http_service("big", "10.96.0.20", 80, &all),
+            http_service("web", VIP, 80, &all[..2]),
+        ]),
+    )
+    .unwrap();
+    tb.start_agent(&["--max-backends-per-service", "2"])
+        .unwrap();
+
+    assert_eq!(
+        backends_of(&tb.connect(&client, TARGET, 30).unwrap()),
+        names(&["pod1", "pod2"])
+    );
+    let big = tb.connect(&client, "10.96.0.20:80", 1).unwrap();
+    assert!(
+        !big[0].ok && big[0].backend.is_none(),
+        "never half a Service: {big:?}"
+    );
+    let log = tb.agent_log();
+    assert!(
+        log.contains("3 backends exceed the limit of 2 per Service") && log.contains("default/big"),
+        "{log}"
+    );
+
+    let metrics = tb.metrics().unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for series in [
+        r#"dataplane_frontends_failing{service="default/big",frontend="10.96.0.20:80/TCP",reason="backends_per_service_limit"} 1"#,
+        r#"dataplane_frontend_errors_total{reason="backends_per_service_limit"} 1"#,
+        "dataplane_frontends_programmed 1",
+        "dataplane_backends_programmed 2",
+        r#"dataplane_datapath_events_total{event="sock_translated"} 30"#,
+        r#"dataplane_map_entries{map="SERVICES"} 1"#,
+        "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(series), "missing {series:?} in\n{metrics}");
+    }
+}

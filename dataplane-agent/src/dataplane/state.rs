@@ -114,12 +114,34 @@ pub fn ipv4_of_be(ip_be: u32) -> Ipv4Addr {
 /// unaffected, and this one keeps serving its previous backends (if any).
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
-    #[error("{count} backends exceed the limit of {limit} per Service")]
+    #[error(
+        "{count} backends exceed the limit of {limit} per Service (--max-backends-per-service)"
+    )]
     TooManyBackends { count: usize, limit: usize },
-    #[error("no free Service id (all {0} in use)")]
+    #[error(
+        "{wanted} more backends would exceed the node's limit of {limit} (--max-backends); {in_use} are in use"
+    )]
+    BackendLimit {
+        wanted: usize,
+        in_use: usize,
+        limit: usize,
+    },
+    #[error("the limit of {0} Service frontends is reached (--max-services)")]
     NoServiceId(u32),
     #[error("writing the maps: {0}")]
     Map(String),
+}
+
+impl FrontendError {
+    /// A short, stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooManyBackends { .. } => "backends_per_service_limit",
+            Self::BackendLimit { .. } => "backend_limit",
+            Self::NoServiceId(_) => "service_limit",
+            Self::Map(_) => "map_write",
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -183,9 +205,11 @@ impl PinnedState {
 
     /// Makes the maps hold `desired`, frontend by frontend:
     ///
-    /// 1. for each new or changed frontend, write a complete new generation
-    ///    of backend slots, then flip the SERVICES entry to it in one update;
-    /// 2. delete SERVICES entries that are no longer desired.
+    /// 1. delete SERVICES entries that are no longer desired (first, so their
+    ///    capacity is free for new frontends of the same sync);
+    /// 2. for each new or changed frontend, write a complete new generation
+    ///    of backend slots, then flip the SERVICES entry to it in one update.
+    ///    A frontend over a limit is refused whole and keeps its old entry.
     ///
     /// Slots of old generations are left for [`PinnedState::sweep`], which
     /// the caller runs a grace period later, so a connect() that read the
@@ -197,18 +221,38 @@ impl PinnedState {
         limits: &Limits,
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
+        self.remove_unwanted(desired, store, &mut report);
         let mut ids = IdAllocator {
             in_use: self.ids_in_use(),
             next: 1,
             max: limits.max_services,
         };
+        let mut live_backends = self.live_backend_count();
         for (frontend, entry) in &desired.frontends {
-            match self.apply_frontend(frontend, entry, store, limits, &mut ids) {
+            match self.apply_frontend(frontend, entry, store, limits, &mut ids, &mut live_backends)
+            {
                 Ok(true) => report.updated += 1,
                 Ok(false) => {}
                 Err(error) => report.failed.push((*frontend, error)),
             }
         }
+        report
+    }
+
+    /// Backends the Service entries currently balance over, in total.
+    pub fn live_backend_count(&self) -> usize {
+        self.services
+            .values()
+            .map(|v| usize::from(v.backend_count))
+            .sum()
+    }
+
+    fn remove_unwanted<S: MapStore>(
+        &mut self,
+        desired: &DesiredDataplane,
+        store: &mut S,
+        report: &mut ApplyReport,
+    ) {
         let wanted: BTreeSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
         let unwanted: Vec<ServiceKey> = self
             .services
@@ -231,7 +275,6 @@ impl PinnedState {
                 }
             }
         }
-        report
     }
 
     /// Returns whether the frontend changed.
@@ -242,6 +285,7 @@ impl PinnedState {
         store: &mut S,
         limits: &Limits,
         ids: &mut IdAllocator,
+        live_backends: &mut usize,
     ) -> Result<bool, FrontendError> {
         // Slot indexes and counts are u16 in the maps.
         let limit = limits.max_backends_per_service.min(usize::from(u16::MAX));
@@ -270,6 +314,15 @@ impl PinnedState {
             self.services.insert(key, value);
             return Ok(true);
         }
+        let previous_count = current.map_or(0, |c| usize::from(c.backend_count));
+        let others = *live_backends - previous_count;
+        if others + wanted.len() > limits.max_backends {
+            return Err(FrontendError::BackendLimit {
+                wanted: wanted.len(),
+                in_use: others,
+                limit: limits.max_backends,
+            });
+        }
         let (service_id, generation) = match current {
             Some(current) => (current.service_id, current.generation.wrapping_add(1)),
             None => (
@@ -295,6 +348,7 @@ impl PinnedState {
         let value = service_value(service_id, generation, count, entry);
         store.put_service(&key, &value).map_err(map_error)?;
         self.services.insert(key, value);
+        *live_backends = others + wanted.len();
         Ok(true)
     }
 
@@ -385,8 +439,13 @@ impl IdAllocator {
 /// Capacity limits the agent enforces before touching the maps.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// Service frontends (ip, port, protocol) on this node.
     pub max_services: u32,
     pub max_backends_per_service: usize,
+    /// Backends over all frontends. Half the BACKENDS map by default: an
+    /// update writes a frontend's new generation before the old one is
+    /// swept, so a sync that changes everything needs room for both.
+    pub max_backends: usize,
 }
 
 impl Default for Limits {
@@ -394,6 +453,7 @@ impl Default for Limits {
         Self {
             max_services: dataplane_common::SERVICES_MAX_ENTRIES,
             max_backends_per_service: usize::from(u16::MAX),
+            max_backends: dataplane_common::BACKENDS_MAX_ENTRIES as usize / 2,
         }
     }
 }

@@ -39,6 +39,14 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// GET http://<to><path> and print the body (for metrics and health
+    /// endpoints inside a namespace).
+    HttpGet {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        path: String,
+    },
     Connect {
         #[arg(long)]
         to: SocketAddr,
@@ -149,9 +157,32 @@ fn attempt(to: SocketAddr, timeout: Duration, mode: Mode) -> Attempt {
     }
 }
 
+fn http_get(to: SocketAddr, path: &str) -> Result<()> {
+    use std::io::Read as _;
+    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {to}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .context("reading the response")?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("response without a header end")?;
+    let status = head.lines().next().unwrap_or_default();
+    println!("{status}");
+    print!("{body}");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve { listen, name } => serve(listen, &name),
+        Command::HttpGet { to, path } => http_get(to, &path),
         Command::Connect {
             to,
             count,

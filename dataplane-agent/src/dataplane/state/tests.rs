@@ -537,3 +537,50 @@ fn orphan_members_are_swept() {
     assert!(!maps.state.members.contains_key(&orphan));
     assert_eq!(restarted, maps.state);
 }
+
+#[test]
+fn the_node_wide_backend_limit_refuses_whole_frontends_and_counts_removals_first() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    let limits = Limits {
+        max_backends: 3,
+        ..Limits::default()
+    };
+    let report = mirror.apply(
+        &desired(&[(10, &[1, 2]), (11, &[3, 4])]),
+        &mut maps,
+        &limits,
+    );
+    assert!(matches!(
+        report.failed.as_slice(),
+        [(f, FrontendError::BackendLimit { wanted: 2, in_use: 2, limit: 3 })] if *f == frontend(11)
+    ));
+    assert_eq!(maps.state.services.len(), 1, "never half a Service");
+
+    // Growing within the limit works; a frontend removed in the same sync
+    // frees its backends first.
+    let report = mirror.apply(&desired(&[(10, &[1, 2, 5])]), &mut maps, &limits);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let report = mirror.apply(&desired(&[(11, &[3, 4])]), &mut maps, &limits);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(mirror.live_backend_count(), 2);
+}
+
+#[test]
+fn the_frontend_limit_is_reported_per_frontend() {
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    let limits = Limits {
+        max_services: 2,
+        ..Limits::default()
+    };
+    let report = mirror.apply(
+        &desired(&[(10, &[1]), (11, &[2]), (12, &[3])]),
+        &mut maps,
+        &limits,
+    );
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, frontend(12));
+    assert_eq!(report.failed[0].1.reason(), "service_limit");
+    assert_eq!(maps.state.services.len(), 2);
+}

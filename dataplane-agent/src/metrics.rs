@@ -1,0 +1,194 @@
+//! Prometheus metrics: kube-proxy's sync series under their kube-proxy
+//! names (so existing dashboards work), plus the dataplane's own.
+
+use std::sync::{Arc, atomic::AtomicU64};
+
+use anyhow::{Context as _, Result};
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::dataplane::{kernel, pins::PinLayout};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrontendErrorLabels {
+    pub service: String,
+    pub frontend: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+/// Every series the agent updates. Cloning shares the underlying values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub sync_duration_seconds: Histogram,
+    pub last_sync_timestamp_seconds: Gauge<f64, AtomicU64>,
+    pub frontends_programmed: Gauge,
+    pub backends_programmed: Gauge,
+    /// Objects currently skipped as invalid (a gauge: it falls when the
+    /// object is fixed).
+    pub invalid_objects: Gauge,
+    /// Frontends currently not programmed, by Service and reason.
+    pub frontend_errors: Family<FrontendErrorLabels, Gauge>,
+    pub frontend_errors_total: Family<ReasonLabels, Counter>,
+    pub map_entries: Family<MapLabels, Gauge>,
+    pub map_capacity: Family<MapLabels, Gauge>,
+}
+
+impl Metrics {
+    /// The metrics and a registry holding them, plus the datapath counters
+    /// read from the pinned STATS map at each scrape.
+    pub fn new(layout: PinLayout) -> (Self, Registry) {
+        let metrics = Self {
+            // kube-proxy's buckets: 1ms doubling up to ~16s.
+            sync_duration_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            last_sync_timestamp_seconds: Gauge::default(),
+            frontends_programmed: Gauge::default(),
+            backends_programmed: Gauge::default(),
+            invalid_objects: Gauge::default(),
+            frontend_errors: Family::default(),
+            frontend_errors_total: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+        };
+        let mut registry = Registry::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            metrics.sync_duration_seconds.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            metrics.last_sync_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "dataplane_frontends_programmed",
+            "Service frontends (ip, port, protocol) in the SERVICES map",
+            metrics.frontends_programmed.clone(),
+        );
+        registry.register(
+            "dataplane_backends_programmed",
+            "Backends the programmed frontends balance over",
+            metrics.backends_programmed.clone(),
+        );
+        registry.register(
+            "dataplane_invalid_objects",
+            "Manifests and Kubernetes objects skipped as invalid at the last sync",
+            metrics.invalid_objects.clone(),
+        );
+        registry.register(
+            "dataplane_frontends_failing",
+            "Frontends that could not be programmed at the last sync (1 per frontend)",
+            metrics.frontend_errors.clone(),
+        );
+        registry.register(
+            "dataplane_frontend_errors",
+            "Frontend programming failures",
+            metrics.frontend_errors_total.clone(),
+        );
+        registry.register(
+            "dataplane_map_entries",
+            "Entries in each pinned map, as the agent wrote them",
+            metrics.map_entries.clone(),
+        );
+        registry.register(
+            "dataplane_map_capacity",
+            "Maximum entries of each pinned map",
+            metrics.map_capacity.clone(),
+        );
+        registry.register_collector(Box::new(DatapathStats { layout }));
+        (metrics, registry)
+    }
+}
+
+/// The per-CPU STATS counters of the programs, summed at scrape time.
+#[derive(Debug)]
+struct DatapathStats {
+    layout: PinLayout,
+}
+
+impl Collector for DatapathStats {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(stats) = kernel::read_stats(&self.layout) else {
+            // Maps not pinned yet (or removed by cleanup): nothing to report.
+            return Ok(());
+        };
+        let counter = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "dataplane_datapath_events",
+            "Datapath events counted by the BPF programs",
+            None,
+            counter.metric_type(),
+        )?;
+        for (stat, value) in stats {
+            let labels = [("event", stat.name())];
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Binds the metrics address up front, so a taken port fails the start
+/// with a clear error instead of a background task dying later.
+pub async fn bind(address: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| {
+            format!("binding the metrics server to {address} (--metrics-bind-address)")
+        })
+}
+
+/// Serves `GET /metrics` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> Result<()> {
+    let address = listener.local_addr().context("metrics listener address")?;
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(Arc::new(registry));
+    tracing::info!(%address, "serving metrics");
+    axum::serve(listener, app).await.context("serving metrics")
+}
+
+async fn scrape(State(registry): State<Arc<Registry>>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(error) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {error}"),
+        )
+            .into_response(),
+    }
+}
+
+/// Seconds since the Unix epoch, for the last-sync timestamp.
+pub fn unix_now_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
