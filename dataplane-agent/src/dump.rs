@@ -1,8 +1,16 @@
 //! `dataplane-agent dump`: the pinned maps as operators want to read them.
 
-use anyhow::Result;
-use dataplane_common::SERVICE_FLAG_AFFINITY;
-use serde::Serialize;
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, MapData};
+use dataplane_common::{AffinityKey, AffinityValue, SERVICE_FLAG_AFFINITY, map_names};
+use serde::{Deserialize, Serialize};
+
+use crate::model::DesiredDataplane;
 
 use crate::dataplane::{
     kernel,
@@ -10,8 +18,58 @@ use crate::dataplane::{
     state::{self, PinnedState},
 };
 
+/// Where the agent records which Service each frontend belongs to (the
+/// maps hold only addresses), next to nothing else: bpffs takes no regular
+/// files, so this lives under /run, named after the pin directory.
+pub fn names_path(bpffs_dir: &Path) -> PathBuf {
+    let pins = bpffs_dir
+        .file_name()
+        .map_or_else(|| "dataplane".into(), |n| n.to_string_lossy().into_owned());
+    PathBuf::from("/run/dataplane").join(format!("{pins}.services.json"))
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FrontendName {
+    pub service: String,
+    pub port_name: String,
+}
+
+/// Records the Service name of every frontend, atomically (write, rename).
+pub fn write_names(bpffs_dir: &Path, desired: &DesiredDataplane) -> Result<()> {
+    let names: BTreeMap<String, FrontendName> = desired
+        .frontends
+        .iter()
+        .map(|(frontend, entry)| {
+            (
+                frontend.to_string(),
+                FrontendName {
+                    service: entry.service.to_string(),
+                    port_name: entry.port_name.clone(),
+                },
+            )
+        })
+        .collect();
+    let path = names_path(bpffs_dir);
+    let dir = path.parent().context("names path has a parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let staged = path.with_extension("json.tmp");
+    std::fs::write(&staged, serde_json::to_vec(&names)?)
+        .with_context(|| format!("writing {}", staged.display()))?;
+    std::fs::rename(&staged, &path).with_context(|| format!("moving {} into place", path.display()))
+}
+
+/// The recorded names, or none if the agent has not written any.
+pub fn read_names(bpffs_dir: &Path) -> BTreeMap<String, FrontendName> {
+    std::fs::read(names_path(bpffs_dir))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
 #[derive(Serialize)]
 pub struct ServiceRow {
+    /// `namespace/name:port-name`, when the agent recorded it.
+    pub service: Option<String>,
     pub frontend: String,
     pub service_id: u32,
     pub generation: u16,
@@ -31,12 +89,27 @@ pub struct BackendRow {
     pub live: bool,
 }
 
-pub fn service_rows(state: &PinnedState) -> Vec<ServiceRow> {
+pub fn service_rows(
+    state: &PinnedState,
+    names: &BTreeMap<String, FrontendName>,
+) -> Vec<ServiceRow> {
     state
         .services
         .iter()
-        .map(|(key, value)| ServiceRow {
-            frontend: state::frontend_of(key).map_or_else(|| format!("{key:?}"), |f| f.to_string()),
+        .map(|(key, value)| {
+            let frontend =
+                state::frontend_of(key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
+            (frontend, value)
+        })
+        .map(|(frontend, value)| ServiceRow {
+            service: names.get(&frontend).map(|n| {
+                if n.port_name.is_empty() {
+                    n.service.clone()
+                } else {
+                    format!("{}:{}", n.service, n.port_name)
+                }
+            }),
+            frontend,
             service_id: value.service_id,
             generation: value.generation,
             affinity_timeout_s: (value.flags & SERVICE_FLAG_AFFINITY != 0)
@@ -71,8 +144,8 @@ pub fn read(layout: &PinLayout) -> Result<PinnedState> {
 
 pub fn services_table(rows: &[ServiceRow]) -> String {
     let mut out = format!(
-        "{:<24} {:>6} {:>4} {:>9}  {}\n",
-        "FRONTEND", "ID", "GEN", "AFFINITY", "BACKENDS"
+        "{:<32} {:<22} {:>6} {:>4} {:>9}  {}\n",
+        "SERVICE", "FRONTEND", "ID", "GEN", "AFFINITY", "BACKENDS"
     );
     for row in rows {
         let backends = if row.backends.is_empty() {
@@ -84,11 +157,69 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
             .affinity_timeout_s
             .map_or_else(|| "-".to_owned(), |t| format!("{t}s"));
         out += &format!(
-            "{:<24} {:>6} {:>4} {:>9}  {}\n",
-            row.frontend, row.service_id, row.generation, affinity, backends
+            "{:<32} {:<22} {:>6} {:>4} {:>9}  {}\n",
+            row.service.as_deref().unwrap_or("-"),
+            row.frontend,
+            row.service_id,
+            row.generation,
+            affinity,
+            backends
         );
     }
     out
+}
+
+#[derive(Serialize)]
+pub struct AffinityRow {
+    pub service_id: u32,
+    pub client_netns_cookie: u64,
+    pub backend: String,
+    /// Seconds since the client's last new connection.
+    pub idle_s: f64,
+}
+
+/// The sessionAffinity entries, newest first.
+pub fn affinity_rows(layout: &PinLayout) -> Result<Vec<AffinityRow>> {
+    let map: HashMap<MapData, AffinityKey, AffinityValue> =
+        kernel::open_pinned(layout, map_names::AFFINITY)?;
+    let now_ns = monotonic_now_ns();
+    let mut rows = Vec::new();
+    for entry in map.iter() {
+        let (key, value) = entry.context("reading AFFINITY")?;
+        rows.push(AffinityRow {
+            service_id: key.service_id,
+            client_netns_cookie: key.netns_cookie,
+            backend: state::backend_of(&value.backend).to_string(),
+            idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
+        });
+    }
+    rows.sort_by(|a, b| a.idle_s.total_cmp(&b.idle_s));
+    Ok(rows)
+}
+
+pub fn affinity_table(rows: &[AffinityRow]) -> String {
+    let mut out = format!(
+        "{:>6} {:>20}  {:<22} {:>10}\n",
+        "ID", "CLIENT NETNS", "BACKEND", "IDLE"
+    );
+    for row in rows {
+        out += &format!(
+            "{:>6} {:>20}  {:<22} {:>9.1}s\n",
+            row.service_id, row.client_netns_cookie, row.backend, row.idle_s
+        );
+    }
+    out
+}
+
+/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
 pub fn backends_table(rows: &[BackendRow]) -> String {
@@ -114,6 +245,7 @@ mod tests {
     fn the_services_table_shows_affinity_and_refusal() {
         let rows = [
             ServiceRow {
+                service: Some("shop/web:http".into()),
                 frontend: "10.96.0.10:80/TCP".into(),
                 service_id: 1,
                 generation: 2,
@@ -121,6 +253,7 @@ mod tests {
                 backends: vec!["10.0.0.1:8080".into()],
             },
             ServiceRow {
+                service: None,
                 frontend: "10.96.0.11:80/TCP".into(),
                 service_id: 2,
                 generation: 0,

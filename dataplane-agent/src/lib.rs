@@ -1,6 +1,7 @@
 //! The dataplane agent: `source -> model -> dataplane -> kernel`.
 pub mod dataplane;
 pub mod dump;
+pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod run;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
     dataplane::{kernel, pins, state::Limits},
     dump,
-    run::{self, RunConfig},
+    run::{self, RunConfig, SourceConfig},
 };
 
 #[derive(Parser)]
@@ -39,6 +39,7 @@ enum Output {
 enum DumpWhat {
     Services,
     Backends,
+    Affinity,
     Stats,
 }
 
@@ -66,10 +67,12 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Directory of Service/EndpointSlice/Node YAML to serve, watched for
-    /// changes.
-    #[arg(long)]
+    /// changes, instead of the API server.
+    #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
-    /// Kubeconfig for watching a real API server (the kube source).
+    /// Kubeconfig for the API server. Without it (and without --manifests)
+    /// the in-cluster config is used: the service account and
+    /// KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Node interfaces for the north-south (TC/XDP) datapath; checked to
@@ -102,6 +105,22 @@ struct RunArgs {
     /// Prometheus metrics address (kube-proxy's default); "" disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: String,
+    /// /healthz and /livez address (kube-proxy's default); "" disables.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// Full resync period: re-read the pinned maps and converge.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    sync_period: Duration,
+}
+
+fn bind_address(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .with_context(|| format!("{flag} {value:?} is not ip:port"))
 }
 
 fn init_logging(format: LogFormat) {
@@ -136,43 +155,37 @@ fn check_interfaces(interfaces: &[String]) -> Result<()> {
 }
 
 async fn run_agent(args: RunArgs) -> Result<()> {
-    if args.kubeconfig.is_some() {
-        bail!(
-            "--kubeconfig: the Kubernetes API source is not available in this build yet; use --manifests DIR"
-        );
-    }
-    let manifests = args
-        .manifests
-        .context("--manifests DIR is required (the Kubernetes API source is not available yet)")?;
+    let source = match args.manifests {
+        Some(dir) => SourceConfig::Manifests(dir),
+        None => SourceConfig::Kube {
+            kubeconfig: args.kubeconfig,
+        },
+    };
     check_interfaces(&args.interfaces)?;
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
         None => pins::default_cgroup2_root()?,
     };
-    let config =
-        RunConfig {
-            manifests,
-            cgroup,
-            bpffs_dir: args.bpffs_dir,
-            node_name: node_name(args.hostname_override)?,
-            min_sync_period: args.min_sync_period,
-            sweep_grace: Duration::from_secs(1),
-            limits: Limits {
-                max_backends_per_service: args.max_backends_per_service,
-                max_services: args
-                    .max_services
-                    .min(dataplane_common::SERVICES_MAX_ENTRIES),
-                max_backends: args
-                    .max_backends
-                    .min(dataplane_common::BACKENDS_MAX_ENTRIES as usize / 2),
-            },
-            metrics_bind_address: match args.metrics_bind_address.as_str() {
-                "" => None,
-                address => Some(address.parse().with_context(|| {
-                    format!("--metrics-bind-address {address:?} is not ip:port")
-                })?),
-            },
-        };
+    let config = RunConfig {
+        source,
+        cgroup,
+        bpffs_dir: args.bpffs_dir,
+        node_name: node_name(args.hostname_override)?,
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        sweep_grace: Duration::from_secs(1),
+        limits: Limits {
+            max_backends_per_service: args.max_backends_per_service,
+            max_services: args
+                .max_services
+                .min(dataplane_common::SERVICES_MAX_ENTRIES),
+            max_backends: args
+                .max_backends
+                .min(dataplane_common::BACKENDS_MAX_ENTRIES as usize / 2),
+        },
+        metrics_bind_address: bind_address("--metrics-bind-address", &args.metrics_bind_address)?,
+        healthz_bind_address: bind_address("--healthz-bind-address", &args.healthz_bind_address)?,
+    };
     run::run(config).await
 }
 
@@ -196,8 +209,15 @@ fn print_dump(what: DumpWhat, output: Output, bpffs_dir: PathBuf) -> Result<()> 
                 }
             }
         }
+        DumpWhat::Affinity => {
+            let rows = dump::affinity_rows(&layout)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Table => print!("{}", dump::affinity_table(&rows)),
+            }
+        }
         DumpWhat::Services => {
-            let rows = dump::service_rows(&dump::read(&layout)?);
+            let rows = dump::service_rows(&dump::read(&layout)?, &dump::read_names(&layout.dir));
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Table => print!("{}", dump::services_table(&rows)),

@@ -40,6 +40,7 @@ pub struct MapLabels {
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub sync_duration_seconds: Histogram,
+    pub network_programming_duration_seconds: Histogram,
     pub last_sync_timestamp_seconds: Gauge<f64, AtomicU64>,
     pub frontends_programmed: Gauge,
     pub backends_programmed: Gauge,
@@ -60,6 +61,9 @@ impl Metrics {
         let metrics = Self {
             // kube-proxy's buckets: 1ms doubling up to ~16s.
             sync_duration_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            network_programming_duration_seconds: Histogram::new(exponential_buckets(
+                0.001, 2.0, 20,
+            )),
             last_sync_timestamp_seconds: Gauge::default(),
             frontends_programmed: Gauge::default(),
             backends_programmed: Gauge::default(),
@@ -74,6 +78,11 @@ impl Metrics {
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
             metrics.sync_duration_seconds.clone(),
+        );
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In-cluster network programming latency in seconds",
+            metrics.network_programming_duration_seconds.clone(),
         );
         registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",

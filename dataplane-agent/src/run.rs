@@ -1,10 +1,15 @@
 //! The agent's main loop: source -> model -> dataplane, coalesced.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Context as _, Result};
 use dataplane_common::{BACKENDS_MAX_ENTRIES, BackendKey, SERVICES_MAX_ENTRIES, map_names};
-use tokio::time::Instant;
+use tokio::{sync::mpsc, time::Instant};
 use tracing::{error, info, info_span, warn};
 
 use crate::{
@@ -13,37 +18,97 @@ use crate::{
         pins::{self, PinLayout},
         state::{ApplyReport, Limits, PinnedState},
     },
+    dump,
+    health::{self, Health},
     metrics::{self, FrontendErrorLabels, MapLabels, Metrics, ReasonLabels},
-    model::{self, NodeInfo},
-    source::manifests::{self, ManifestDir},
+    model::{self, ClusterState, NodeInfo, ObjectName},
+    source::{
+        kube::{self, KubeSource},
+        manifests::{self, ManifestDir},
+    },
 };
+
+/// Where cluster state comes from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of YAML, watched.
+    Manifests(PathBuf),
+    /// The API server: `--kubeconfig`, or in-cluster config.
+    Kube { kubeconfig: Option<PathBuf> },
+}
 
 /// Everything `dataplane-agent run` needs, resolved from flags.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub cgroup: PathBuf,
     pub bpffs_dir: PathBuf,
     pub node_name: String,
     pub min_sync_period: Duration,
+    /// Full resync: re-read the pinned maps and converge, even without a
+    /// change (kube-proxy's --sync-period).
+    pub sync_period: Duration,
     /// How long a retired backend slot stays readable after the flip that
     /// retired it, for connect() calls that read the old Service entry.
     pub sweep_grace: Duration,
     pub limits: Limits,
     /// Where to serve Prometheus metrics; None disables the server.
     pub metrics_bind_address: Option<SocketAddr>,
+    /// Where to serve /healthz; None disables the server.
+    pub healthz_bind_address: Option<SocketAddr>,
+}
+
+/// A started source.
+enum Source {
+    Manifests {
+        dir: ManifestDir,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Kube(KubeSource),
+}
+
+impl Source {
+    async fn start(config: &RunConfig, changes: mpsc::UnboundedSender<()>) -> Result<Self> {
+        Ok(match &config.source {
+            SourceConfig::Manifests(dir) => Self::Manifests {
+                _watcher: manifests::watch_dir(dir, changes)?,
+                dir: ManifestDir::new(dir),
+            },
+            SourceConfig::Kube { kubeconfig } => {
+                let client = kube::client(kubeconfig.as_deref()).await?;
+                Self::Kube(KubeSource::start(client, &config.node_name, changes).await?)
+            }
+        })
+    }
+
+    fn load(&mut self) -> Result<manifests::Loaded> {
+        match self {
+            Self::Manifests { dir, .. } => dir.load(),
+            Self::Kube(kube) => Ok(manifests::Loaded {
+                cluster: kube.snapshot(),
+                ..manifests::Loaded::default()
+            }),
+        }
+    }
 }
 
 /// The dataplane as the agent holds it while running.
 struct Agent {
     config: RunConfig,
-    source: ManifestDir,
+    source: Source,
     maps: KernelMaps,
     mirror: PinnedState,
     /// Unreachable backend slots and when they became unreachable.
     retired: BTreeMap<BackendKey, Instant>,
     metrics: Metrics,
+    health: Health,
+    /// EndpointSlice change-trigger times already measured.
+    seen_triggers: BTreeMap<ObjectName, String>,
 }
+
+/// The annotation the EndpointSlice controller sets to when the change that
+/// produced a slice happened; kube-proxy measures programming latency from it.
+const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 impl Agent {
     fn sync(&mut self) -> Result<()> {
@@ -71,7 +136,15 @@ impl Agent {
             error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
         }
         self.retire_unreachable();
+        self.health.updated(SystemTime::now());
         self.record_metrics(&desired, &report, loaded.problems.len(), started.elapsed());
+        self.observe_programming_latency(&loaded.cluster);
+        if let Err(error) = dump::write_names(&self.config.bpffs_dir, &desired) {
+            warn!(
+                error = format!("{error:#}"),
+                "could not record Service names for dump"
+            );
+        }
         info!(
             services = model::services_of(&desired).len(),
             frontends = desired.frontends.len(),
@@ -83,6 +156,16 @@ impl Agent {
             "synced"
         );
         Ok(())
+    }
+
+    /// A full resync: what the kernel maps hold (in case anything but this
+    /// agent touched them) becomes the starting point again, then converge.
+    fn resync(&mut self) -> Result<()> {
+        self.mirror = self
+            .maps
+            .read()
+            .context("re-reading the pinned maps for a full resync")?;
+        self.sync()
     }
 
     fn record_metrics(
@@ -147,6 +230,33 @@ impl Agent {
         }
     }
 
+    /// kube-proxy's network programming latency: from each EndpointSlice's
+    /// last-change-trigger-time to now, once per new trigger time.
+    fn observe_programming_latency(&mut self, cluster: &ClusterState) {
+        let now = SystemTime::now();
+        let mut seen = BTreeMap::new();
+        for (name, slice) in &cluster.endpoint_slices {
+            let Some(trigger) = slice
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+            else {
+                continue;
+            };
+            if self.seen_triggers.get(name) != Some(trigger)
+                && let Ok(at) = humantime::parse_rfc3339_weak(trigger)
+                && let Ok(latency) = now.duration_since(at)
+            {
+                self.metrics
+                    .network_programming_duration_seconds
+                    .observe(latency.as_secs_f64());
+            }
+            seen.insert(name.clone(), trigger.clone());
+        }
+        self.seen_triggers = seen;
+    }
+
     /// Starts the grace period of slots that just became unreachable.
     fn retire_unreachable(&mut self) {
         let now = Instant::now();
@@ -188,11 +298,37 @@ impl Agent {
     }
 }
 
+/// Starts the metrics and health servers that are configured. Binding
+/// happens here, so a taken port fails the start with a clear error.
+async fn start_servers(
+    config: &RunConfig,
+    registry: prometheus_client::registry::Registry,
+    health: &Health,
+) -> Result<()> {
+    if let Some(address) = config.metrics_bind_address {
+        let listener = metrics::bind(address).await?;
+        tokio::spawn(async move {
+            if let Err(error) = metrics::serve(listener, registry).await {
+                error!(error = format!("{error:#}"), "the metrics server stopped");
+            }
+        });
+    }
+    if let Some(address) = config.healthz_bind_address {
+        let listener = health::bind(address).await?;
+        let health = health.clone();
+        tokio::spawn(async move {
+            if let Err(error) = health::serve(listener, health).await {
+                error!(error = format!("{error:#}"), "the health server stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
 pub async fn run(config: RunConfig) -> Result<()> {
     let layout = PinLayout::new(&config.bpffs_dir);
     pins::ensure_bpffs_dir(&layout.dir)?;
     pins::ensure_cgroup2(&config.cgroup)?;
-    let mut watch = manifests::watch_dir(&config.manifests)?;
 
     let mut loaded = Loaded::load(layout)?;
     let maps = loaded.take_maps()?;
@@ -206,21 +342,22 @@ pub async fn run(config: RunConfig) -> Result<()> {
         "adopted pinned maps"
     );
     let (metrics, registry) = Metrics::new(PinLayout::new(&config.bpffs_dir));
-    if let Some(address) = config.metrics_bind_address {
-        let listener = metrics::bind(address).await?;
-        tokio::spawn(async move {
-            if let Err(error) = metrics::serve(listener, registry).await {
-                error!(error = format!("{error:#}"), "the metrics server stopped");
-            }
-        });
-    }
+    let health = Health::new(2 * config.sync_period);
+    start_servers(&config, registry, &health).await?;
+
+    // Until the source has its first complete view, the programs a
+    // previous agent left keep serving the pinned state untouched.
+    let (changes_sender, mut changes) = mpsc::unbounded_channel();
+    let source = Source::start(&config, changes_sender).await?;
     let mut agent = Agent {
-        source: ManifestDir::new(&config.manifests),
+        source,
         config,
         maps,
         mirror,
         retired: BTreeMap::new(),
         metrics,
+        health,
+        seen_triggers: BTreeMap::new(),
     };
     // Slots a previous agent retired but did not sweep get a fresh grace.
     agent.retire_unreachable();
@@ -232,18 +369,26 @@ pub async fn run(config: RunConfig) -> Result<()> {
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    let mut full_resync = tokio::time::interval(agent.config.sync_period);
+    full_resync.reset();
     loop {
         tokio::select! {
-            change = watch.changes.recv() => {
+            change = changes.recv() => {
                 if change.is_none() {
-                    anyhow::bail!("the manifest directory watcher stopped");
+                    anyhow::bail!("the source stopped sending changes");
                 }
-                // Coalesce a burst of file events into one sync, as
-                // kube-proxy's BoundedFrequencyRunner does.
+                agent.health.queued(SystemTime::now());
+                // Coalesce a burst of changes into one sync, as kube-proxy's
+                // BoundedFrequencyRunner does.
                 tokio::time::sleep(agent.config.min_sync_period).await;
-                while watch.changes.try_recv().is_ok() {}
+                while changes.try_recv().is_ok() {}
                 if let Err(error) = agent.sync() {
                     error!(error = format!("{error:#}"), "sync failed; the dataplane keeps its last state");
+                }
+            }
+            _ = full_resync.tick() => {
+                if let Err(error) = agent.resync() {
+                    error!(error = format!("{error:#}"), "full resync failed; the dataplane keeps its last state");
                 }
             }
             () = sleep_until_or_forever(agent.next_sweep()) => agent.sweep(),

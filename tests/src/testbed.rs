@@ -73,12 +73,14 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// A binary built next to the running executable (target/<profile>/ or its
-/// deps/ subdirectory).
+/// deps/ subdirectory), refused if older than the sources it is built from:
+/// a plain `cargo test` does not rebuild other packages' binaries.
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the running executable")?;
     for dir in exe.ancestors().skip(1).take(2) {
         let candidate = dir.join(name);
         if candidate.is_file() {
+            check_fresh(&candidate)?;
             return Ok(candidate);
         }
     }
@@ -86,6 +88,44 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
         "{name} is not built next to {}; run `cargo build -p dataplane-agent -p dataplane-testbed` (cargo xtask test does)",
         exe.display()
     )
+}
+
+/// Fails if any source of the agent, its programs or the probe changed
+/// after `binary` was built.
+fn check_fresh(binary: &Path) -> Result<()> {
+    let built = std::fs::metadata(binary)?.modified()?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut pending: Vec<PathBuf> = [
+        "dataplane-agent/src",
+        "dataplane-ebpf/src",
+        "dataplane-common/src",
+        "tests/src",
+    ]
+    .iter()
+    .map(|dir| workspace.join(dir))
+    .collect();
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > built)
+            {
+                bail!(
+                    "{} is older than {}: run `cargo xtask build` (or `cargo xtask test`)",
+                    binary.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn cgroup2_root() -> Result<PathBuf> {

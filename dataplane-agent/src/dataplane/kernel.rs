@@ -276,6 +276,10 @@ pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
             report.maps.push(path.display().to_string());
         }
     }
+    let names = crate::dump::names_path(&layout.dir);
+    if names.exists() {
+        std::fs::remove_file(&names).with_context(|| format!("removing {}", names.display()))?;
+    }
     if layout.dir.exists() {
         std::fs::remove_dir(&layout.dir).with_context(|| {
             format!(

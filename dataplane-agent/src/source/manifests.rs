@@ -286,23 +286,21 @@ fn insert_unique<T>(
     }
 }
 
-/// Watches `dir` and sends a unit on every change. The receiver coalesces.
-pub struct DirWatch {
-    _watcher: notify::RecommendedWatcher,
-    pub changes: mpsc::UnboundedReceiver<()>,
-}
-
-pub fn watch_dir(dir: &Path) -> Result<DirWatch> {
-    let (sender, changes) = mpsc::unbounded_channel();
+/// Watches `dir` and sends a unit on `changes` for every change (the
+/// receiver coalesces). The watch lasts as long as the returned watcher.
+pub fn watch_dir(
+    dir: &Path,
+    changes: mpsc::UnboundedSender<()>,
+) -> Result<notify::RecommendedWatcher> {
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if event.kind.is_access() => {}
             Ok(_) => {
-                let _receiver_gone = sender.send(());
+                let _receiver_gone = changes.send(());
             }
             Err(error) => {
                 tracing::warn!(%error, "manifest directory watch error; resyncing");
-                let _receiver_gone = sender.send(());
+                let _receiver_gone = changes.send(());
             }
         })
         .context("creating the manifest directory watcher")?;
@@ -311,10 +309,7 @@ pub fn watch_dir(dir: &Path) -> Result<DirWatch> {
     watcher
         .watch(dir, RecursiveMode::Recursive)
         .with_context(|| format!("watching {}", dir.display()))?;
-    Ok(DirWatch {
-        _watcher: watcher,
-        changes,
-    })
+    Ok(watcher)
 }
 
 #[cfg(test)]
