@@ -51,7 +51,7 @@ pub struct Testbed {
     pub pin_dir: PathBuf,
     pub work_dir: PathBuf,
     pub manifests: PathBuf,
-    agent: Option<Child>,
+    agent: Mutex<Option<Child>>,
     children: Vec<Child>,
 }
 
@@ -80,7 +80,7 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     for dir in exe.ancestors().skip(1).take(2) {
         let candidate = dir.join(name);
         if candidate.is_file() {
-            check_fresh(&candidate)?;
+            check_fresh(&candidate, name)?;
             return Ok(candidate);
         }
     }
@@ -90,20 +90,21 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     )
 }
 
-/// Fails if any source of the agent, its programs or the probe changed
-/// after `binary` was built.
-fn check_fresh(binary: &Path) -> Result<()> {
+/// Fails if any source `binary` (named `name`) is built from changed after
+/// it was built.
+fn check_fresh(binary: &Path, name: &str) -> Result<()> {
     let built = std::fs::metadata(binary)?.modified()?;
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut pending: Vec<PathBuf> = [
-        "dataplane-agent/src",
-        "dataplane-ebpf/src",
-        "dataplane-common/src",
-        "tests/src",
-    ]
-    .iter()
-    .map(|dir| workspace.join(dir))
-    .collect();
+    let sources: &[&str] = if name == "dataplane-agent" {
+        &[
+            "dataplane-agent/src",
+            "dataplane-ebpf/src",
+            "dataplane-common/src",
+        ]
+    } else {
+        &["tests/src"]
+    };
+    let mut pending: Vec<PathBuf> = sources.iter().map(|dir| workspace.join(dir)).collect();
     while let Some(dir) = pending.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -194,7 +195,7 @@ impl Testbed {
             work_dir,
             id,
             hosts: Vec::new(),
-            agent: None,
+            agent: Mutex::new(None),
             children: Vec::new(),
         };
         // From here on, Drop cleans up whatever was created.
@@ -372,6 +373,24 @@ impl Testbed {
         self.http_get_in_node("127.0.0.1:10249", "/metrics")
     }
 
+    /// Starts `connections` long-lived TCP connections from `host` to `to`,
+    /// exchanging a line on each every 200 ms for `seconds`; the child
+    /// prints a JSON summary (see [`HoldSummary`]) when it ends.
+    pub fn hold(&self, host: &Host, to: &str, connections: usize, seconds: u64) -> Result<Child> {
+        self.command_in(&host.netns, true, sibling_binary("dataplane-probe")?)?
+            .args([
+                "hold",
+                "--to",
+                to,
+                "--connections",
+                &connections.to_string(),
+            ])
+            .args(["--seconds", &seconds.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the probe's hold")
+    }
+
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
         // Write then rename, so the agent never reads half a file.
         let staged = self.work_dir.join(format!(".{file}.tmp"));
@@ -390,8 +409,14 @@ impl Testbed {
 
     /// The agent with this testbed's manifests, cgroup and pins, run in the
     /// node namespace; returns once it reports ready.
-    pub fn start_agent(&mut self, extra_args: &[&str]) -> Result<()> {
-        if self.agent.is_some() {
+    pub fn start_agent(&self, extra_args: &[&str]) -> Result<()> {
+        self.start_agent_on(&AgentSource::Manifests, extra_args)
+    }
+
+    /// The agent on `source`, as [`Testbed::start_agent`].
+    pub fn start_agent_on(&self, source: &AgentSource, extra_args: &[&str]) -> Result<()> {
+        let mut agent = self.agent_slot();
+        if agent.is_some() {
             bail!("an agent is already running in this testbed; stop it first");
         }
         let log = std::fs::OpenOptions::new()
@@ -399,11 +424,14 @@ impl Testbed {
             .append(true)
             .open(self.agent_log_path())?;
         let ready_marks_before = self.agent_log().matches(READY_MARK).count();
-        let child = self
-            .command_in(&self.node_netns, false, sibling_binary("dataplane-agent")?)?
-            .arg("run")
-            .arg("--manifests")
-            .arg(&self.manifests)
+        let mut command =
+            self.command_in(&self.node_netns, false, sibling_binary("dataplane-agent")?)?;
+        command.arg("run");
+        match source {
+            AgentSource::Manifests => command.arg("--manifests").arg(&self.manifests),
+            AgentSource::Kubeconfig(path) => command.arg("--kubeconfig").arg(path),
+        };
+        let child = command
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs-dir")
@@ -416,12 +444,10 @@ impl Testbed {
             .stderr(log)
             .spawn()
             .context("starting dataplane-agent")?;
-        self.agent = Some(child);
+        let child = agent.insert(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.agent_log().matches(READY_MARK).count() == ready_marks_before {
-            if let Some(agent) = self.agent.as_mut()
-                && let Some(status) = agent.try_wait()?
-            {
+            if let Some(status) = child.try_wait()? {
                 bail!(
                     "dataplane-agent exited with {status}:\n{}",
                     self.agent_log()
@@ -435,10 +461,16 @@ impl Testbed {
         Ok(())
     }
 
+    fn agent_slot(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.agent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Stops the agent: SIGKILL models a crash, SIGTERM a normal stop. An
     /// agent that ignores SIGTERM for 5 s is killed.
-    pub fn stop_agent(&mut self, signal: i32) -> Result<()> {
-        let Some(mut agent) = self.agent.take() else {
+    pub fn stop_agent(&self, signal: i32) -> Result<()> {
+        let Some(mut agent) = self.agent_slot().take() else {
             return Ok(());
         };
         // SAFETY: kill on our own, not yet reaped, child's pid.
@@ -505,6 +537,31 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// Where the agent takes cluster state from.
+pub enum AgentSource<'a> {
+    /// The testbed's manifest directory.
+    Manifests,
+    /// An API server, through this kubeconfig.
+    Kubeconfig(&'a Path),
+}
+
+/// What `dataplane-probe hold` reports.
+#[derive(Debug, serde::Deserialize)]
+pub struct HoldSummary {
+    pub open: usize,
+    pub rounds: u64,
+    pub failures: Vec<String>,
+    pub backends: std::collections::BTreeMap<String, usize>,
+}
+
+impl HoldSummary {
+    pub fn of(child: Child) -> Result<Self> {
+        let output = child.wait_with_output().context("waiting for the hold")?;
+        serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("hold printed {:?}", String::from_utf8_lossy(&output.stdout)))
     }
 }
 

@@ -28,7 +28,7 @@ fn two_backends() -> (Testbed, Host, Host, Host) {
 
 #[test]
 fn clusterip_reaches_both_backends_and_each_sees_the_client_ip() {
-    let (mut tb, client, pod1, pod2) = two_backends();
+    let (tb, client, pod1, pod2) = two_backends();
     tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
@@ -64,7 +64,7 @@ fn clusterip_reaches_both_backends_and_each_sees_the_client_ip() {
 
 #[test]
 fn service_without_endpoints_refuses_at_once() {
-    let (mut tb, client, _pod1, _pod2) = two_backends();
+    let (tb, client, _pod1, _pod2) = two_backends();
     tb.write_manifest("empty.yaml", &service("empty", VIP, 80, &[]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
@@ -80,7 +80,7 @@ fn service_without_endpoints_refuses_at_once() {
 
 #[test]
 fn bad_manifests_are_logged_by_name_and_valid_services_keep_working() {
-    let (mut tb, client, pod1, pod2) = two_backends();
+    let (tb, client, pod1, pod2) = two_backends();
     tb.write_manifest("good.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
         .unwrap();
     tb.write_manifest("broken.yaml", "kind: Service\nmetadata: [unclosed\n")
@@ -122,7 +122,7 @@ fn bad_manifests_are_logged_by_name_and_valid_services_keep_working() {
 
 #[test]
 fn manifest_changes_apply_while_running_without_failing_a_connection() {
-    let (mut tb, client, pod1, pod2) = two_backends();
+    let (tb, client, pod1, pod2) = two_backends();
     tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1]))
         .unwrap();
     tb.start_agent(&["--min-sync-period", "10ms"]).unwrap();
@@ -195,7 +195,7 @@ fn manifest_changes_apply_while_running_without_failing_a_connection() {
 
 #[test]
 fn a_crashed_agent_leaves_traffic_flowing_and_a_restart_adopts_the_maps() {
-    let (mut tb, client, pod1, pod2) = two_backends();
+    let (tb, client, pod1, pod2) = two_backends();
     tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
@@ -226,7 +226,7 @@ fn a_crashed_agent_leaves_traffic_flowing_and_a_restart_adopts_the_maps() {
 
 #[test]
 fn cleanup_detaches_every_program_and_removes_every_pin() {
-    let (mut tb, client, pod1, pod2) = two_backends();
+    let (tb, client, pod1, pod2) = two_backends();
     tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
         .unwrap();
     tb.start_agent(&[]).unwrap();
@@ -268,7 +268,7 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
 
 #[test]
 fn tcp_and_udp_on_one_port_number_are_independent_frontends() {
-    let (mut tb, client, pod1, pod2) = two_backends();
+    let (tb, client, pod1, pod2) = two_backends();
     // Named ports: the TCP port's endpoints come from one slice (pod1), the
     // UDP port's from another (pod2).
     let manifest = join(&[

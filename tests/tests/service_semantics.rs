@@ -53,7 +53,7 @@ fn affinity_service(pods: &[&Host], timeout_s: u32) -> String {
 
 #[test]
 fn backend_choice_is_uniform_over_three_thousand_connections() {
-    let (mut tb, client, pods) = cluster(3);
+    let (tb, client, pods) = cluster(3);
     let endpoints: Vec<Ep> = pods.iter().map(Ep::ready).collect();
     tb.write_manifest("web.yaml", &http_service("web", VIP, 80, &endpoints))
         .unwrap();
@@ -104,7 +104,7 @@ fn session_affinity_sticks_per_client_then_expires() {
 
 #[test]
 fn session_affinity_moves_when_its_backend_goes_and_can_be_switched_off() {
-    let (mut tb, client, pods) = cluster(3);
+    let (tb, client, pods) = cluster(3);
     let all: Vec<&Host> = pods.iter().collect();
     tb.write_manifest("web.yaml", &affinity_service(&all, 3600))
         .unwrap();
@@ -144,7 +144,7 @@ fn session_affinity_moves_when_its_backend_goes_and_can_be_switched_off() {
 
 #[test]
 fn terminating_endpoints_serve_only_when_none_is_ready() {
-    let (mut tb, client, pods) = cluster(3);
+    let (tb, client, pods) = cluster(3);
     let (pod1, pod2, pod3) = (&pods[0], &pods[1], &pods[2]);
     tb.write_manifest(
         "web.yaml",
@@ -189,7 +189,7 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
 
 #[test]
 fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
-    let (mut tb, client, pods) = cluster(2);
+    let (tb, client, pods) = cluster(2);
     let local_service = |endpoints: &[Ep]| {
         join(&[
             Svc::new("web", VIP)
@@ -228,7 +228,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
 
 #[test]
 fn topology_hints_keep_traffic_in_this_nodes_zone() {
-    let (mut tb, client, pods) = cluster(3);
+    let (tb, client, pods) = cluster(3);
     let hinted = |zone_of_pod3: &str| {
         join(&[
             node("node-a", "zone-a"),
@@ -272,7 +272,7 @@ fn topology_hints_keep_traffic_in_this_nodes_zone() {
 
 #[test]
 fn services_kube_proxy_ignores_stay_unanswered() {
-    let (mut tb, client, pods) = cluster(1);
+    let (tb, client, pods) = cluster(1);
     let endpoints = [Ep::ready(&pods[0])];
     let ignored = join(&[
         Svc::new("other-proxy", "10.96.0.21")
@@ -320,7 +320,7 @@ fn services_kube_proxy_ignores_stay_unanswered() {
 
 #[test]
 fn a_service_over_a_capacity_limit_is_refused_whole_with_a_metric() {
-    let (mut tb, client, pods) = cluster(3);
+    let (tb, client, pods) = cluster(3);
     let all: Vec<Ep> = pods.iter().map(Ep::ready).collect();
     tb.write_manifest(
         "all.yaml",

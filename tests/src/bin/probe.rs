@@ -39,6 +39,18 @@ enum Command {
         #[arg(long)]
         name: String,
     },
+    /// Opens `connections` TCP connections and exchanges a line on each
+    /// every `interval_ms` for `seconds`; prints one JSON summary.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+    },
     /// GET http://<to><path> and print the body (for metrics and health
     /// endpoints inside a namespace).
     HttpGet {
@@ -72,15 +84,37 @@ fn serve(listen: SocketAddr, name: &str) -> Result<()> {
     println!("listening on {listen}");
     std::io::stdout().flush()?;
     for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        let _ = writeln!(stream, "{name} {peer}");
-        let _ = stream.shutdown(Shutdown::Write);
+        let Ok(stream) = stream else { continue };
+        let name = name.to_owned();
+        std::thread::spawn(move || answer_then_echo(stream, &name));
     }
     Ok(())
+}
+
+/// Greets with the name and the source seen, then echoes lines until the
+/// client closes: one-shot clients read the greeting and go, long-lived
+/// ones keep exchanging.
+fn answer_then_echo(mut stream: TcpStream, name: &str) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    if writeln!(stream, "{name} {peer}").is_err() {
+        return;
+    }
+    let Ok(reader) = stream.try_clone() else {
+        return;
+    };
+    // One write per line, without Nagle: a line split in two segments
+    // would wait for the peer's delayed ACK.
+    let _ = stream.set_nodelay(true);
+    for line in BufReader::new(reader).lines() {
+        let Ok(line) = line else { break };
+        if stream.write_all(format!("{line}\n").as_bytes()).is_err() {
+            break;
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
 }
 
 /// What one exchange returned: the answer line, the client's address, and
@@ -157,6 +191,58 @@ fn attempt(to: SocketAddr, timeout: Duration, mode: Mode) -> Attempt {
     }
 }
 
+/// Holds long-lived connections and reports every failed exchange.
+fn hold(to: SocketAddr, connections: usize, seconds: u64, interval: Duration) -> Result<()> {
+    let mut open = Vec::new();
+    let mut failures = Vec::new();
+    for _ in 0..connections {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(2)).and_then(|stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.set_nodelay(true)?;
+            let mut reader = BufReader::new(stream.try_clone()?);
+            let mut greeting = String::new();
+            reader.read_line(&mut greeting)?;
+            Ok((
+                stream,
+                reader,
+                greeting.split_whitespace().next().unwrap_or("").to_owned(),
+            ))
+        }) {
+            Ok(connection) => open.push(connection),
+            Err(error) => failures.push(format!("open: {error}")),
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut exchanges = 0u64;
+    while Instant::now() < deadline {
+        for (index, (stream, reader, _)) in open.iter_mut().enumerate() {
+            let mut echo = String::new();
+            let result = stream
+                .write_all(format!("ping {exchanges}\n").as_bytes())
+                .and_then(|()| reader.read_line(&mut echo).map(|_| ()));
+            match result {
+                Ok(()) if echo.trim() == format!("ping {exchanges}") => {}
+                Ok(()) => failures.push(format!("connection {index}: echo {echo:?}")),
+                Err(error) => failures.push(format!("connection {index}: {error}")),
+            }
+        }
+        exchanges += 1;
+        std::thread::sleep(interval);
+    }
+    let mut backends = std::collections::BTreeMap::<String, usize>::new();
+    for (_, _, backend) in &open {
+        *backends.entry(backend.clone()).or_default() += 1;
+    }
+    let summary = serde_json::json!({
+        "open": open.len(),
+        "rounds": exchanges,
+        "failures": failures,
+        "backends": backends,
+    });
+    println!("{summary}");
+    Ok(())
+}
+
 fn http_get(to: SocketAddr, path: &str) -> Result<()> {
     use std::io::Read as _;
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
@@ -183,6 +269,12 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve { listen, name } => serve(listen, &name),
         Command::HttpGet { to, path } => http_get(to, &path),
+        Command::Hold {
+            to,
+            connections,
+            seconds,
+            interval_ms,
+        } => hold(to, connections, seconds, Duration::from_millis(interval_ms)),
         Command::Connect {
             to,
             count,

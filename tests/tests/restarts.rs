@@ -1,0 +1,75 @@
+//! Agent restarts are invisible to traffic: programs and maps stay pinned,
+//! a new agent adopts them and swaps its programs in without a gap.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use dataplane_testbed::{Testbed, manifests::http_service_on, testbed::HoldSummary};
+
+#[test]
+fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
+    let mut tb = Testbed::new().unwrap();
+    let client = tb.host("client").unwrap();
+    let pods = [tb.host("pod1").unwrap(), tb.host("pod2").unwrap()];
+    for pod in &pods {
+        tb.serve(pod, 8080).unwrap();
+    }
+    tb.write_manifest(
+        "web.yaml",
+        &http_service_on("web", "10.96.0.10", 80, &[&pods[0], &pods[1]]),
+    )
+    .unwrap();
+    tb.start_agent(&[]).unwrap();
+
+    let held = tb.hold(&client, "10.96.0.10:80", 100, 12).unwrap();
+    let restarting = AtomicBool::new(true);
+    let new_connections = std::thread::scope(|scope| {
+        let looping = scope.spawn(|| {
+            let mut attempts = Vec::new();
+            while restarting.load(Ordering::Relaxed) {
+                attempts.extend(tb.connect(&client, "10.96.0.10:80", 20)?);
+            }
+            anyhow::Ok(attempts)
+        });
+        // Alternate a crash and a clean stop, ten restarts in all.
+        for round in 0..10 {
+            let signal = if round % 2 == 0 {
+                libc::SIGKILL
+            } else {
+                libc::SIGTERM
+            };
+            tb.stop_agent(signal).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            tb.start_agent(&[]).unwrap();
+        }
+        restarting.store(false, Ordering::Relaxed);
+        looping.join().expect("loop thread")
+    })
+    .unwrap();
+
+    let failed: Vec<_> = new_connections.iter().filter(|a| !a.ok).collect();
+    assert!(
+        failed.is_empty(),
+        "new connections failed across restarts: {failed:?}"
+    );
+    assert!(
+        new_connections.len() >= 200,
+        "only {} new connections",
+        new_connections.len()
+    );
+    let summary = HoldSummary::of(held).unwrap();
+    assert_eq!(summary.open, 100, "{summary:?}");
+    assert!(
+        summary.failures.is_empty(),
+        "long-lived connections broke: {summary:?}"
+    );
+    assert!(summary.rounds >= 20, "{summary:?}");
+    assert_eq!(summary.backends.len(), 2, "{summary:?}");
+    let restarts = tb
+        .agent_log()
+        .matches("adopted pinned maps services=1 backends=2")
+        .count();
+    assert_eq!(
+        restarts, 10,
+        "every restarted agent adopted the pinned maps"
+    );
+}
