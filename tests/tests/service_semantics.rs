@@ -362,4 +362,19 @@ fn a_service_over_a_capacity_limit_is_refused_whole_with_a_metric() {
     ] {
         assert!(metrics.contains(series), "missing {series:?} in\n{metrics}");
     }
+
+    let health = tb.http_get_in_node("127.0.0.1:10256", "/healthz").unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let body: serde_json::Value =
+        serde_json::from_str(health.lines().nth(1).unwrap_or("")).unwrap();
+    assert!(
+        body["lastUpdated"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{body}"
+    );
+    assert!(
+        body["currentTime"].is_string() && body["nodeEligible"] == true,
+        "{body}"
+    );
 }
