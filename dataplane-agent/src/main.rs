@@ -60,6 +60,14 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/dataplane")]
         bpffs_dir: PathBuf,
     },
+    /// Mount bpffs at PATH unless it is already there (the DaemonSet's
+    /// init step, so pins outlive the pod).
+    MountBpffs {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        path: PathBuf,
+    },
+    /// Wait for SIGTERM and exit (the uninstall DaemonSet's resting state).
+    Idle,
     /// Print the version.
     Version,
 }
@@ -258,6 +266,30 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::MountBpffs { path } => {
+            let mounted = pins::ensure_bpffs_mount(&path)?;
+            let what = if mounted {
+                "mounted"
+            } else {
+                "already mounted"
+            };
+            println!("bpffs {what} at {}", path.display());
+            Ok(())
+        }
+        Command::Idle => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?
+            .block_on(async {
+                let mut terminate =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .context("installing the SIGTERM handler")?;
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                Ok(())
+            }),
         Command::Version => {
             println!("dataplane-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -1,5 +1,6 @@
 //! The one entry point for everything beyond `cargo build`.
 mod demo;
+mod deploy;
 mod setup;
 mod util;
 
@@ -29,6 +30,10 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Render and validate deploy/ against the Kubernetes schemas, offline.
+    ValidateDeploy,
+    /// Build the container image (podman or buildah), if one is installed.
+    Image,
     /// A small namespace cluster, the real agent, traffic through a Service.
     Demo {
         /// Connections to send through the Service.
@@ -77,6 +82,9 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         .args(["--", "-D", "warnings"])
         .env("CARGO_TARGET_DIR", "target/bpf-clippy")
         .env("RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\""))?;
+    println!("xtask: deploy/ manifests");
+    deploy::validate()?;
+    deploy::image()?;
     build()?;
     println!("xtask: cargo test (unit, program and integration tests)");
     run(Command::new("cargo")
@@ -94,6 +102,11 @@ fn main() -> Result<()> {
             build()
         }
         Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::ValidateDeploy => {
+            setup::setup()?;
+            deploy::validate()
+        }
+        Task::Image => deploy::image(),
         Task::Demo { connections } => {
             require_root("cargo xtask demo")?;
             setup::setup()?;

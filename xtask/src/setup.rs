@@ -14,10 +14,33 @@ const BPFFS: &str = "/sys/fs/bpf";
 
 pub fn setup() -> Result<()> {
     check_kernel()?;
-    ensure_nightly_with_rust_src().context("setup step 1/3: nightly toolchain with rust-src")?;
-    ensure_bpf_linker().context("setup step 2/3: bpf-linker against nightly's own LLVM")?;
-    ensure_bpffs().context("setup step 3/3: mounting bpffs")?;
+    ensure_nightly_with_rust_src().context("setup step 1/4: nightly toolchain with rust-src")?;
+    ensure_bpf_linker().context("setup step 2/4: bpf-linker against nightly's own LLVM")?;
+    ensure_bpffs().context("setup step 3/4: mounting bpffs")?;
+    ensure_kubernetes_validate().context("setup step 4/4: kubernetes-validate for deploy/")?;
     Ok(())
+}
+
+const KUBERNETES_VALIDATE_VERSION: &str = "1.34.1";
+
+/// The offline Kubernetes schema validator (it ships the schemas), from PyPI.
+fn ensure_kubernetes_validate() -> Result<()> {
+    let installed = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output();
+    if installed.is_ok_and(|o| {
+        o.status.success()
+            && String::from_utf8_lossy(&o.stdout).contains(KUBERNETES_VALIDATE_VERSION)
+    }) {
+        return Ok(());
+    }
+    println!(
+        "setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (schemas for validating deploy/)"
+    );
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")))
+    .context("pip install kubernetes-validate failed; it needs python3 with pip and the package registry")
 }
 
 fn check_kernel() -> Result<()> {

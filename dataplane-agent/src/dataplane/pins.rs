@@ -93,10 +93,21 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
                 dir.display()
             );
         }
-        mount("bpf", Path::new(DEFAULT_BPFFS)).context("mounting bpffs (needs CAP_SYS_ADMIN)")?;
+        ensure_bpffs_mount(Path::new(DEFAULT_BPFFS))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(())
+}
+
+/// Mounts bpffs at `path` unless bpffs is already mounted there. Returns
+/// whether it mounted.
+pub fn ensure_bpffs_mount(path: &Path) -> Result<bool> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    if filesystem_magic(path)? == BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    mount("bpf", path).context("mounting bpffs (needs CAP_SYS_ADMIN)")?;
+    Ok(true)
 }
 
 /// The cgroup v2 root to attach socket programs to: the first cgroup2 mount
