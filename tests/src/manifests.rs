@@ -178,3 +178,17 @@ pub fn node(name: &str, zone: &str) -> String {
 pub fn join(documents: &[String]) -> String {
     documents.join("---\n")
 }
+
+/// The objects of a multi-document YAML string, as JSON values (for the API
+/// server stand-in).
+pub fn objects(yaml: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    use anyhow::Context as _;
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|document| {
+            let value = serde_yaml::Value::deserialize(document).context("parsing test YAML")?;
+            serde_json::to_value(value).context("converting test YAML to JSON")
+        })
+        .filter(|value| !matches!(value, Ok(serde_json::Value::Null)))
+        .collect()
+}

@@ -1,0 +1,280 @@
+//! The real agent against the API server stand-in (real list/watch over
+//! HTTP, kube-rs in the agent): traffic follows the API, survives watch
+//! expiry, API outages and agent restarts during them.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use dataplane_testbed::{
+    Host, Testbed,
+    apiserver::{ApiServer, Mode},
+    manifests::{Ep, Svc, http_service, http_service_on, objects},
+    probe::{Attempt, tally},
+    testbed::AgentSource,
+};
+
+const TARGET: &str = "10.96.0.10:80";
+
+struct Cluster {
+    tb: Testbed,
+    api: ApiServer,
+    kubeconfig: std::path::PathBuf,
+    client: Host,
+    pods: Vec<Host>,
+}
+
+/// A client, two pods and the stand-in API server in the node namespace,
+/// where the agent runs.
+fn cluster() -> Cluster {
+    let mut tb = Testbed::new().unwrap();
+    let client = tb.host("client").unwrap();
+    let pods = vec![tb.host("pod1").unwrap(), tb.host("pod2").unwrap()];
+    for pod in &pods {
+        tb.serve(pod, 8080).unwrap();
+    }
+    let api = ApiServer::start(Some(&tb.node_netns)).unwrap();
+    let kubeconfig = tb.work_dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    Cluster {
+        tb,
+        api,
+        kubeconfig,
+        client,
+        pods,
+    }
+}
+
+impl Cluster {
+    fn apply(&self, yaml: &str) {
+        self.api.apply_all(objects(yaml).unwrap()).unwrap();
+    }
+
+    fn start_agent(&self) {
+        self.tb
+            .start_agent_on(
+                &AgentSource::Kubeconfig(&self.kubeconfig),
+                &["--min-sync-period", "20ms"],
+            )
+            .unwrap();
+    }
+
+    fn served_by(&self, count: usize) -> Vec<String> {
+        let attempts = self.tb.connect(&self.client, TARGET, count).unwrap();
+        let failed: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
+        assert!(failed.is_empty(), "{failed:?}");
+        tally(&attempts).into_keys().collect()
+    }
+
+    /// Waits for the programmed backend count. The bound is generous: after
+    /// an outage the agent's watches retry with client-go's reflector
+    /// backoff (up to 30 s, as kube-proxy's do), to spare a struggling API
+    /// server.
+    fn wait_for_backends(&self, what: &str, count: usize) {
+        self.tb
+            .wait_until(what, Duration::from_secs(90), || {
+                let services = self.tb.dump_services()?;
+                Ok(services
+                    .first()
+                    .and_then(|s| s["backends"].as_array())
+                    .is_some_and(|b| b.len() == count))
+            })
+            .unwrap();
+    }
+
+    /// Runs `during` while a loop of connections goes through the Service;
+    /// returns every attempt of the loop.
+    fn under_load(&self, during: impl FnOnce()) -> Vec<Attempt> {
+        let running = AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            let looping = scope.spawn(|| {
+                let mut attempts = Vec::new();
+                while running.load(Ordering::Relaxed) {
+                    attempts.extend(self.tb.connect(&self.client, TARGET, 20)?);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                anyhow::Ok(attempts)
+            });
+            during();
+            running.store(false, Ordering::Relaxed);
+            looping.join().expect("load thread")
+        })
+        .unwrap()
+    }
+}
+
+fn assert_all_ok(attempts: &[Attempt]) {
+    let failed: Vec<&Attempt> = attempts.iter().filter(|a| !a.ok).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        attempts.len()
+    );
+    assert!(!attempts.is_empty());
+}
+
+#[test]
+fn traffic_follows_creates_updates_and_deletes_in_the_api() {
+    let c = cluster();
+    c.apply(&http_service_on("web", "10.96.0.10", 80, &[&c.pods[0]]));
+    c.start_agent();
+    assert_eq!(c.served_by(10), ["pod1"]);
+    let log = c.tb.agent_log();
+    assert!(log.contains("connecting to the API server"), "{log}");
+
+    // Update: the EndpointSlice gains pod2.
+    c.apply(&http_service_on(
+        "web",
+        "10.96.0.10",
+        80,
+        &[&c.pods[0], &c.pods[1]],
+    ));
+    c.wait_for_backends("pod2 is added", 2);
+    assert_eq!(c.served_by(60), ["pod1", "pod2"]);
+
+    // A Service of another proxy is never programmed.
+    c.apply(
+        &Svc::new("other", "10.96.0.11")
+            .port("http", 80, "TCP", 8080)
+            .label("service.kubernetes.io/service-proxy-name", "someone-else")
+            .yaml(),
+    );
+    // Delete: the Service goes, its address is no longer translated.
+    c.api.delete("Service", Some("default"), "web").unwrap();
+    c.tb.wait_until("the Service is gone", Duration::from_secs(30), || {
+        Ok(c.tb.dump_services()?.is_empty())
+    })
+    .unwrap();
+    let after = c.tb.connect(&c.client, TARGET, 1).unwrap();
+    assert!(!after[0].ok && after[0].backend.is_none(), "{after:?}");
+    let requests = c.api.requests();
+    assert_eq!(
+        requests.lists.get("Service"),
+        Some(&1),
+        "one list, then watching: {requests:?}"
+    );
+}
+
+#[test]
+fn a_410_gone_relists_without_flushing_the_dataplane() {
+    let c = cluster();
+    c.apply(&http_service_on(
+        "web",
+        "10.96.0.10",
+        80,
+        &[&c.pods[0], &c.pods[1]],
+    ));
+    c.start_agent();
+    let lists_before = c.api.requests().lists.get("EndpointSlice").copied();
+
+    let attempts = c.under_load(|| {
+        c.api.compact();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    assert_all_ok(&attempts);
+    let lists_after = c.api.requests().lists.get("EndpointSlice").copied();
+    assert!(
+        lists_after > lists_before,
+        "the watch expired and the agent relisted"
+    );
+    assert!(
+        !c.tb.agent_log().contains("removed=1"),
+        "the relist removed nothing:\n{}",
+        c.tb.agent_log()
+    );
+
+    // And it keeps following changes after the relist.
+    c.apply(&http_service_on("web", "10.96.0.10", 80, &[&c.pods[1]]));
+    c.wait_for_backends("pod1 is removed", 1);
+    assert_eq!(c.served_by(10), ["pod2"]);
+}
+
+#[test]
+fn an_api_outage_of_a_minute_keeps_traffic_flowing_and_the_agent_catches_up() {
+    let c = cluster();
+    c.apply(&http_service_on(
+        "web",
+        "10.96.0.10",
+        80,
+        &[&c.pods[0], &c.pods[1]],
+    ));
+    c.start_agent();
+
+    let attempts = c.under_load(|| {
+        // 30 s of 503s, then 30 s of a hung API server; a change made
+        // meanwhile must arrive once the API is back.
+        c.api.set_mode(Mode::Unavailable);
+        std::thread::sleep(Duration::from_secs(30));
+        c.api.set_mode(Mode::Stalled);
+        c.apply(&http_service(
+            "web",
+            "10.96.0.10",
+            80,
+            &[Ep::ready(&c.pods[1]), Ep::not_ready(&c.pods[0])],
+        ));
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    assert_all_ok(&attempts);
+    assert!(
+        attempts.len() >= 400,
+        "only {} connections during the outage",
+        attempts.len()
+    );
+
+    c.api.set_mode(Mode::Healthy);
+    c.wait_for_backends("the agent caught up", 1);
+    assert_eq!(c.served_by(10), ["pod2"]);
+}
+
+#[test]
+fn an_agent_restarted_while_the_api_is_down_keeps_serving_and_converges_later() {
+    let c = cluster();
+    c.apply(&http_service_on("web", "10.96.0.10", 80, &[&c.pods[0]]));
+    c.start_agent();
+    c.api.set_mode(Mode::Stalled);
+    c.tb.stop_agent(libc::SIGKILL).unwrap();
+
+    let attempts = c.under_load(|| {
+        std::thread::scope(|scope| {
+            // The new agent cannot list; until it can, it must leave the
+            // pinned state (and the programs serving it) untouched.
+            let starting = scope.spawn(|| c.start_agent());
+            std::thread::sleep(Duration::from_secs(3));
+            let pinned = c.tb.dump_services().unwrap();
+            assert_eq!(
+                pinned[0]["backends"],
+                serde_json::json!([format!("{}:8080", c.pods[0].ip)]),
+                "untouched while the API is down"
+            );
+            c.apply(&http_service_on("web", "10.96.0.10", 80, &[&c.pods[1]]));
+            c.api.set_mode(Mode::Healthy);
+            starting.join().expect("start thread");
+        });
+    });
+    assert_all_ok(&attempts);
+    c.wait_for_backends("the restarted agent converged", 1);
+    assert_eq!(c.served_by(10), ["pod2"]);
+}
+
+#[test]
+fn programming_latency_and_sync_metrics_are_exported() {
+    let c = cluster();
+    let mut objects = objects(&http_service_on("web", "10.96.0.10", 80, &[&c.pods[0]])).unwrap();
+    // The EndpointSlice controller stamps when the change that produced the
+    // slice happened; a second ago here.
+    let trigger = std::time::SystemTime::now() - Duration::from_secs(1);
+    objects[1]["metadata"]["annotations"] = serde_json::json!({
+        "endpoints.kubernetes.io/last-change-trigger-time":
+            humantime::format_rfc3339_seconds(trigger).to_string(),
+    });
+    c.api.apply_all(objects).unwrap();
+    c.start_agent();
+    let metrics = c.tb.metrics().unwrap();
+    assert!(
+        metrics.contains("kubeproxy_network_programming_duration_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"));
+}
