@@ -415,6 +415,28 @@ impl Testbed {
 
     /// The agent on `source`, as [`Testbed::start_agent`].
     pub fn start_agent_on(&self, source: &AgentSource, extra_args: &[&str]) -> Result<()> {
+        let mut command =
+            self.command_in(&self.node_netns, false, sibling_binary("dataplane-agent")?)?;
+        command.arg("run");
+        match source {
+            AgentSource::Manifests => command.arg("--manifests").arg(&self.manifests),
+            AgentSource::Kubeconfig(path) => command.arg("--kubeconfig").arg(path),
+        };
+        command
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs-dir")
+            .arg(&self.pin_dir)
+            .args(["--hostname-override", "node-a"])
+            .args(extra_args)
+            .env("RUST_LOG", "info");
+        self.launch_agent(command)
+    }
+
+    /// Starts an agent from a command made with [`Testbed::command_in`]
+    /// (for tests that must control every flag), logging to the testbed's
+    /// agent log; returns once it reports ready.
+    pub fn launch_agent(&self, mut command: Command) -> Result<()> {
         let mut agent = self.agent_slot();
         if agent.is_some() {
             bail!("an agent is already running in this testbed; stop it first");
@@ -424,21 +446,7 @@ impl Testbed {
             .append(true)
             .open(self.agent_log_path())?;
         let ready_marks_before = self.agent_log().matches(READY_MARK).count();
-        let mut command =
-            self.command_in(&self.node_netns, false, sibling_binary("dataplane-agent")?)?;
-        command.arg("run");
-        match source {
-            AgentSource::Manifests => command.arg("--manifests").arg(&self.manifests),
-            AgentSource::Kubeconfig(path) => command.arg("--kubeconfig").arg(path),
-        };
         let child = command
-            .arg("--cgroup")
-            .arg(&self.cgroup)
-            .arg("--bpffs-dir")
-            .arg(&self.pin_dir)
-            .args(["--hostname-override", "node-a"])
-            .args(extra_args)
-            .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -459,6 +467,11 @@ impl Testbed {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent_slot().as_ref().map(Child::id)
     }
 
     fn agent_slot(&self) -> std::sync::MutexGuard<'_, Option<Child>> {

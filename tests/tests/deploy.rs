@@ -1,0 +1,159 @@
+//! The DaemonSet's agent, as deployed: its exact command, flags and
+//! environment, with only the capabilities it is granted, against the API
+//! server stand-in.
+
+use std::{collections::BTreeMap, path::Path};
+
+use dataplane_testbed::{
+    Testbed,
+    apiserver::ApiServer,
+    manifests::{http_service_on, objects},
+    probe::tally,
+    testbed::sibling_binary,
+};
+use serde_yaml::Value;
+
+/// The agent container of deploy/daemonset.yaml.
+fn agent_container() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let daemonset: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    daemonset["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .expect("an agent container")
+        .clone()
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_sequence()
+        .map(|s| {
+            s.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
+    let container = agent_container();
+    let command = strings(&container["command"]);
+    assert_eq!(command, ["/dataplane-agent"]);
+    let mut args = strings(&container["args"]);
+    assert_eq!(args[0], "run");
+
+    // Every path the flags name must be a volume mount of the container.
+    let mounts: Vec<String> = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap().to_owned())
+        .collect();
+    let mut tb = Testbed::new().unwrap();
+    let client = tb.host("client").unwrap();
+    let pod = tb.host("pod1").unwrap();
+    tb.serve(&pod, 8080).unwrap();
+    // The host paths the mounts stand for, on this machine: the testbed's
+    // own pin directory and cgroup.
+    let host_paths = BTreeMap::from([
+        (
+            "--bpffs-dir=",
+            ("/sys/fs/bpf", tb.pin_dir.display().to_string()),
+        ),
+        (
+            "--cgroup=",
+            ("/host/sys/fs/cgroup", tb.cgroup.display().to_string()),
+        ),
+    ]);
+    for arg in &mut args {
+        for (flag, (mount, local)) in &host_paths {
+            if let Some(path) = arg.strip_prefix(flag) {
+                assert!(mounts.iter().any(|m| m == mount), "{mount} is not mounted");
+                assert!(
+                    path.starts_with(mount),
+                    "{arg} is outside its mount {mount}"
+                );
+                *arg = format!("{flag}{local}");
+            }
+        }
+    }
+    assert!(
+        mounts.iter().any(|m| m == "/run/dataplane"),
+        "the names file needs /run/dataplane"
+    );
+
+    // The environment: the downward API's node name, the literal values,
+    // and the ConfigMap's API endpoint.
+    let api = ApiServer::start(Some(&tb.node_netns)).unwrap();
+    let mut env = BTreeMap::new();
+    for var in container["env"].as_sequence().unwrap() {
+        let name = var["name"].as_str().unwrap().to_owned();
+        let value = match (&var["value"], &var["valueFrom"]["fieldRef"]["fieldPath"]) {
+            (Value::String(value), _) => value.clone(),
+            (_, Value::String(path)) if path == "spec.nodeName" => "node-a".to_owned(),
+            other => panic!("env {name}: unexpected source {other:?}"),
+        };
+        env.insert(name, value);
+    }
+    assert_eq!(
+        container["envFrom"][0]["configMapRef"]["name"],
+        "kubernetes-services-endpoint"
+    );
+    env.insert(
+        "KUBERNETES_SERVICE_HOST".into(),
+        api.address().ip().to_string(),
+    );
+    env.insert(
+        "KUBERNETES_SERVICE_PORT".into(),
+        api.address().port().to_string(),
+    );
+    // The one substitution: the stand-in speaks plain HTTP without service
+    // account tokens, so the agent is pointed at it with a kubeconfig
+    // instead of the in-cluster config.
+    let kubeconfig = tb.work_dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    args.push(format!("--kubeconfig={}", kubeconfig.display()));
+
+    let capabilities: Vec<String> = strings(&container["securityContext"]["capabilities"]["add"])
+        .iter()
+        .map(|c| format!("+{}", c.to_lowercase()))
+        .collect();
+    assert_eq!(
+        strings(&container["securityContext"]["capabilities"]["drop"]),
+        ["ALL"]
+    );
+    let bounding = format!("-all,{}", capabilities.join(","));
+
+    api.apply_all(objects(&http_service_on("web", "10.96.0.10", 80, &[&pod])).unwrap())
+        .unwrap();
+    let mut agent = tb.command_in(&tb.node_netns, false, "setpriv").unwrap();
+    agent
+        .args(["--bounding-set", &bounding, "--inh-caps=-all", "--"])
+        .arg(sibling_binary("dataplane-agent").unwrap())
+        .args(&args)
+        .env_clear()
+        .envs(&env);
+    tb.launch_agent(agent).unwrap();
+
+    let attempts = tb.connect(&client, "10.96.0.10:80", 10).unwrap();
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+    assert_eq!(tally(&attempts).keys().collect::<Vec<_>>(), ["pod1"]);
+    let log = tb.agent_log();
+    assert!(log.starts_with('{'), "--log-format=json: {log}");
+    // The agent really ran with nothing but the granted capabilities
+    // (CAP_NET_ADMIN is bit 12, CAP_BPF bit 39).
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", tb.agent_pid().unwrap())).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(capabilities, ["+bpf", "+net_admin"]);
+    assert_eq!(effective, (1 << 12) | (1 << 39), "CapEff {effective:#x}");
+    let health = tb.http_get_in_node("127.0.0.1:10256", "/healthz").unwrap();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+}
