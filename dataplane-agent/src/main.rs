@@ -46,7 +46,7 @@ enum DumpWhat {
 #[derive(Subcommand)]
 enum Command {
     /// Program the dataplane and keep it in sync with the cluster state.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the pinned maps.
     Dump {
         what: DumpWhat,
@@ -250,7 +250,7 @@ fn main() -> Result<()> {
             .enable_all()
             .build()
             .context("starting the tokio runtime")?
-            .block_on(run_agent(args)),
+            .block_on(run_agent(*args)),
         Command::Dump {
             what,
             output,
