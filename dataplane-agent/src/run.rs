@@ -331,6 +331,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     pins::ensure_cgroup2(&config.cgroup)?;
 
     let mut loaded = Loaded::load(layout)?;
+    loaded.forward_program_logs();
     let maps = loaded.take_maps()?;
     let mirror = maps
         .read()

@@ -11,6 +11,7 @@ use aya_ebpf::{
     },
     programs::SockAddrContext,
 };
+use aya_log_ebpf::debug;
 use dataplane_common::{
     AffinityKey, AffinityValue, BackendKey, BackendValue, IPPROTO_TCP, IPPROTO_UDP, MemberKey,
     SCOPE_ANY, SERVICE_FLAG_AFFINITY, ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat,
@@ -49,6 +50,14 @@ pub fn translate_to_backend4(ctx: &SockAddrContext) -> i32 {
         select_backend(&service)
     };
     let Some(backend) = chosen else {
+        // Debug level: compiled in, filtered by the agent's log level.
+        debug!(
+            ctx,
+            "refused {:i}:{} proto {}: no usable backend",
+            u32::from_be(vip_be),
+            u16::from_be(key.port_be),
+            protocol
+        );
         return refuse();
     };
     remember_frontend(ctx, &key, &backend);

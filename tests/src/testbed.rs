@@ -415,6 +415,12 @@ impl Testbed {
 
     /// The agent on `source`, as [`Testbed::start_agent`].
     pub fn start_agent_on(&self, source: &AgentSource, extra_args: &[&str]) -> Result<()> {
+        self.launch_agent(self.agent_command(source, extra_args)?)
+    }
+
+    /// The command [`Testbed::start_agent_on`] runs, to adjust (say, its
+    /// RUST_LOG) before [`Testbed::launch_agent`].
+    pub fn agent_command(&self, source: &AgentSource, extra_args: &[&str]) -> Result<Command> {
         let mut command =
             self.command_in(&self.node_netns, false, sibling_binary("dataplane-agent")?)?;
         command.arg("run");
@@ -430,7 +436,7 @@ impl Testbed {
             .args(["--hostname-override", "node-a"])
             .args(extra_args)
             .env("RUST_LOG", "info");
-        self.launch_agent(command)
+        Ok(command)
     }
 
     /// Starts an agent from a command made with [`Testbed::command_in`]

@@ -7,6 +7,7 @@ use dataplane_testbed::{
     Host, Testbed,
     manifests::{Ep, Svc, http_service_on, join, slice},
     probe::tally,
+    testbed::AgentSource,
 };
 
 const VIP: &str = "10.96.0.10";
@@ -67,7 +68,9 @@ fn service_without_endpoints_refuses_at_once() {
     let (tb, client, _pod1, _pod2) = two_backends();
     tb.write_manifest("empty.yaml", &service("empty", VIP, 80, &[]))
         .unwrap();
-    tb.start_agent(&[]).unwrap();
+    let mut agent = tb.agent_command(&AgentSource::Manifests, &[]).unwrap();
+    agent.env("RUST_LOG", "info,dataplane_ebpf=debug");
+    tb.launch_agent(agent).unwrap();
     let attempts = tb.connect(&client, &format!("{VIP}:80"), 5).unwrap();
     for attempt in attempts {
         assert_eq!(attempt.errno, Some(libc::ECONNREFUSED), "{attempt:?}");
@@ -76,6 +79,13 @@ fn service_without_endpoints_refuses_at_once() {
             "refused, not timed out: {attempt:?}"
         );
     }
+    // The program's own debug record, forwarded through aya-log.
+    tb.wait_until("the refusal is logged", Duration::from_secs(5), || {
+        Ok(tb
+            .agent_log()
+            .contains("refused 10.96.0.10:80 proto 6: no usable backend"))
+    })
+    .unwrap();
 }
 
 #[test]

@@ -92,6 +92,17 @@ fn session_affinity_sticks_per_client_then_expires() {
             assert_eq!(attempt.source_seen, Some(who.ip.to_string()));
         }
     }
+    // Operators can see both clients' affinity and the Service by name.
+    let affinity = tb.agent_cli(&["dump", "affinity", "-o", "json"]).unwrap();
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&affinity.stdout).unwrap();
+    assert_eq!(entries.len(), 2, "one entry per client: {entries:?}");
+    let table = tb.agent_cli(&["dump", "services"]).unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("default/web:http") && table.contains("1s"),
+        "{table}"
+    );
+
     // After the 1 s timeout each new connection is a fresh uniform choice:
     // eight of them all landing on one of four backends has p = 4^-7.
     let mut seen = BTreeSet::new();

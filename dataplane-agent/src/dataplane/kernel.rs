@@ -111,6 +111,36 @@ impl Loaded {
         Ok(Self { ebpf, layout })
     }
 
+    /// Forwards the programs' aya-log records to this process's log (at
+    /// their own level, debug for the datapath's), read as they arrive.
+    pub fn forward_program_logs(&mut self) {
+        let logger = match aya_log::EbpfLogger::init(&mut self.ebpf) {
+            Ok(logger) => logger,
+            Err(error) => {
+                tracing::warn!(%error, "program logs are not forwarded");
+                return;
+            }
+        };
+        // SAFETY: the logger owns its ring buffer's descriptor for its whole
+        // life and always reports that same descriptor.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut logger = match registered {
+            Ok(logger) => logger,
+            Err(error) => {
+                tracing::warn!(error = %error, "program logs are not forwarded");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while let Ok(mut ready) = logger.readable_mut().await {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        });
+    }
+
     pub fn take_maps(&mut self) -> Result<KernelMaps> {
         Ok(KernelMaps {
             services: typed_map(self.ebpf.take_map(map_names::SERVICES), map_names::SERVICES)?,
