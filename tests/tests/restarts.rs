@@ -19,6 +19,7 @@ fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
     )
     .unwrap();
     tb.start_agent(&[]).unwrap();
+    let first_programs = dataplane_testbed::testbed::pinned_program_ids(&tb.pin_dir).unwrap();
 
     let held = tb.hold(&client, "10.96.0.10:80", 100, 12).unwrap();
     let restarting = AtomicBool::new(true);
@@ -64,6 +65,15 @@ fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
     );
     assert!(summary.rounds >= 20, "{summary:?}");
     assert_eq!(summary.backends.len(), 2, "{summary:?}");
+    // Each agent loaded its own programs and swapped them in; the first
+    // agent's are gone from the kernel.
+    let last_programs = dataplane_testbed::testbed::pinned_program_ids(&tb.pin_dir).unwrap();
+    assert!(first_programs.iter().all(|id| !last_programs.contains(id)));
+    let loaded = dataplane_testbed::testbed::loaded_program_ids().unwrap();
+    assert!(
+        first_programs.iter().all(|id| !loaded.contains(id)),
+        "replaced programs were unloaded"
+    );
     let restarts = tb
         .agent_log()
         .matches("adopted pinned maps services=1 backends=2")
