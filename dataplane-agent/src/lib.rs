@@ -2,6 +2,7 @@
 pub mod dataplane;
 pub mod dump;
 pub mod health;
+pub mod kube_proxy_rules;
 pub mod metrics;
 pub mod model;
 pub mod run;

@@ -116,6 +116,11 @@ struct RunArgs {
     /// /healthz and /livez address (kube-proxy's default); "" disables.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: String,
+    /// At start, remove a parked kube-proxy's iptables chains (KUBE-*, nft
+    /// and legacy backends) and nftables tables (kube-proxy); needs
+    /// iptables/nft on PATH, and CAP_NET_RAW for the legacy backend.
+    #[arg(long)]
+    cleanup_kube_proxy_rules: bool,
     /// Full resync period: re-read the pinned maps and converge.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     sync_period: Duration,
@@ -193,6 +198,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         },
         metrics_bind_address: bind_address("--metrics-bind-address", &args.metrics_bind_address)?,
         healthz_bind_address: bind_address("--healthz-bind-address", &args.healthz_bind_address)?,
+        cleanup_kube_proxy_rules: args.cleanup_kube_proxy_rules,
     };
     run::run(config).await
 }

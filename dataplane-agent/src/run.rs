@@ -56,6 +56,9 @@ pub struct RunConfig {
     pub metrics_bind_address: Option<SocketAddr>,
     /// Where to serve /healthz; None disables the server.
     pub healthz_bind_address: Option<SocketAddr>,
+    /// Remove a parked kube-proxy's iptables chains and nftables tables at
+    /// start.
+    pub cleanup_kube_proxy_rules: bool,
 }
 
 /// A started source.
@@ -342,6 +345,22 @@ pub async fn run(config: RunConfig) -> Result<()> {
         bpffs_dir = %config.bpffs_dir.display(),
         "adopted pinned maps"
     );
+    if config.cleanup_kube_proxy_rules {
+        match crate::kube_proxy_rules::remove_all() {
+            Ok(removed) => info!(
+                chains = removed.chains,
+                jumps = removed.jumps,
+                nft_tables = removed.nft_tables,
+                "removed kube-proxy's leftover rules"
+            ),
+            // Leftover rules do not stop socket load balancing (it acts
+            // before they see a packet); report and go on.
+            Err(error) => error!(
+                error = format!("{error:#}"),
+                "could not remove kube-proxy's rules"
+            ),
+        }
+    }
     let (metrics, registry) = Metrics::new(PinLayout::new(&config.bpffs_dir));
     let health = Health::new(2 * config.sync_period);
     start_servers(&config, registry, &health).await?;

@@ -157,3 +157,94 @@ fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
     let health = tb.http_get_in_node("127.0.0.1:10256", "/healthz").unwrap();
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }
+
+/// Runs `program args` in the node namespace and returns its stdout.
+fn in_node(tb: &Testbed, program: &str, args: &[&str]) -> String {
+    let output = tb
+        .command_in(&tb.node_netns, false, program)
+        .unwrap()
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_parked_kube_proxys_leftover_rules_are_removed_and_others_kept() {
+    let tb = Testbed::new().unwrap();
+    // What kube-proxy leaves behind: iptables chains in both backends with
+    // jumps into them from the built-in chains, and its nftables table.
+    for iptables in ["iptables-nft", "iptables-legacy"] {
+        for rule in [
+            &["-t", "nat", "-N", "KUBE-SERVICES"][..],
+            &["-t", "nat", "-N", "KUBE-SVC-ABCDEF"],
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "KUBE-SERVICES",
+                "-d",
+                "10.96.0.10/32",
+                "-p",
+                "tcp",
+                "-j",
+                "KUBE-SVC-ABCDEF",
+            ],
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-m",
+                "comment",
+                "--comment",
+                "kubernetes service portals",
+                "-j",
+                "KUBE-SERVICES",
+            ],
+            &["-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES"],
+            &["-t", "filter", "-N", "KUBE-FORWARD"],
+            &["-t", "filter", "-A", "FORWARD", "-j", "KUBE-FORWARD"],
+            // Not kube-proxy's: must survive.
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "--dport",
+                "9999",
+                "-j",
+                "ACCEPT",
+            ],
+        ] {
+            in_node(&tb, iptables, rule);
+        }
+    }
+    in_node(&tb, "nft", &["add", "table", "ip", "kube-proxy"]);
+    in_node(&tb, "nft", &["add", "table", "ip", "mine"]);
+
+    tb.start_agent(&["--cleanup-kube-proxy-rules"]).unwrap();
+    for save in ["iptables-nft-save", "iptables-legacy-save"] {
+        let rules = in_node(&tb, save, &[]);
+        assert!(!rules.contains("KUBE-"), "{save}:\n{rules}");
+        assert!(rules.contains("--dport 9999 -j ACCEPT"), "{save}:\n{rules}");
+    }
+    let tables = in_node(&tb, "nft", &["list", "tables"]);
+    assert!(
+        !tables.contains("kube-proxy") && tables.contains("table ip mine"),
+        "{tables}"
+    );
+    assert!(
+        tb.agent_log()
+            .contains("removed kube-proxy's leftover rules chains=6 jumps=6 nft_tables=1"),
+        "{}",
+        tb.agent_log()
+    );
+}

@@ -169,8 +169,6 @@ pub fn validate() -> Result<()> {
     Ok(())
 }
 
-const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
-
 /// The container tool on this machine, if any.
 fn container_tool() -> Option<&'static str> {
     ["podman", "buildah"]
@@ -178,8 +176,8 @@ fn container_tool() -> Option<&'static str> {
         .find(|tool| command_succeeds(Command::new(tool).arg("--version")))
 }
 
-/// Builds the image with podman or buildah from a static binary; without
-/// either, says so and succeeds (there is nothing to check the image with).
+/// Builds the image with podman or buildah from a release binary; without
+/// either, says so and succeeds (there is nothing to build the image with).
 pub fn image() -> Result<()> {
     let Some(tool) = container_tool() else {
         println!(
@@ -198,10 +196,8 @@ pub fn image() -> Result<()> {
     ]))?;
     let context = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/image-context");
     std::fs::create_dir_all(&context)?;
-    let binary = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target")
-        .join(MUSL_TARGET)
-        .join("release/dataplane-agent");
+    let binary =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane-agent");
     std::fs::copy(&binary, context.join("dataplane-agent"))
         .with_context(|| format!("copying {}", binary.display()))?;
     let tag = format!("dataplane-agent:{}", env!("CARGO_PKG_VERSION"));

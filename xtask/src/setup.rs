@@ -14,11 +14,35 @@ const BPFFS: &str = "/sys/fs/bpf";
 
 pub fn setup() -> Result<()> {
     check_kernel()?;
-    ensure_nightly_with_rust_src().context("setup step 1/4: nightly toolchain with rust-src")?;
-    ensure_bpf_linker().context("setup step 2/4: bpf-linker against nightly's own LLVM")?;
-    ensure_bpffs().context("setup step 3/4: mounting bpffs")?;
-    ensure_kubernetes_validate().context("setup step 4/4: kubernetes-validate for deploy/")?;
+    ensure_nightly_with_rust_src().context("setup step 1/5: nightly toolchain with rust-src")?;
+    ensure_bpf_linker().context("setup step 2/5: bpf-linker against nightly's own LLVM")?;
+    ensure_bpffs().context("setup step 3/5: mounting bpffs")?;
+    ensure_kubernetes_validate().context("setup step 4/5: kubernetes-validate for deploy/")?;
+    ensure_packet_filters().context("setup step 5/5: iptables and nftables")?;
     Ok(())
+}
+
+/// iptables and nft: the tests build kube-proxy's leftovers with them (and
+/// the benchmarks kube-proxy's rule sets), from Debian's packages.
+fn ensure_packet_filters() -> Result<()> {
+    let present = |tool: &str| command_succeeds(Command::new(tool).arg("--version"));
+    if present("iptables-save") && present("nft") && present("iptables-legacy") {
+        return Ok(());
+    }
+    println!("setup: installing iptables and nftables (Debian packages)");
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "iptables",
+            "nftables",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context(
+        "apt-get install iptables nftables failed; it needs root and the Debian package registry",
+    )
 }
 
 const KUBERNETES_VALIDATE_VERSION: &str = "1.34.1";
