@@ -185,15 +185,7 @@ pub fn image() -> Result<()> {
         );
         return Ok(());
     };
-    run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
-    run(Command::new("cargo").args([
-        "build",
-        "--release",
-        "-p",
-        "dataplane-agent",
-        "--target",
-        MUSL_TARGET,
-    ]))?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "dataplane-agent"]))?;
     let context = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/image-context");
     std::fs::create_dir_all(&context)?;
     let binary =
