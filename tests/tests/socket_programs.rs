@@ -43,14 +43,6 @@ fn attached() -> Programs {
     }
 }
 
-fn frontend() -> Frontend {
-    Frontend {
-        ip: VIP,
-        port: 80,
-        protocol: Protocol::Tcp,
-    }
-}
-
 fn put_slot(maps: &mut KernelMaps, generation: u16, index: u16, host: &Host) {
     let key = BackendKey {
         service_id: 7,
@@ -67,7 +59,9 @@ fn put_slot(maps: &mut KernelMaps, generation: u16, index: u16, host: &Host) {
     .unwrap();
 }
 
-fn put_service(maps: &mut KernelMaps, generation: u16, backend_count: u16) {
+/// Service 7 on VIP:80 over `protocol`, at `generation` with
+/// `backend_count` slots.
+fn put_frontend(maps: &mut KernelMaps, protocol: Protocol, generation: u16, backend_count: u16) {
     let value = ServiceValue {
         service_id: 7,
         backend_count,
@@ -75,7 +69,16 @@ fn put_service(maps: &mut KernelMaps, generation: u16, backend_count: u16) {
         flags: 0,
         affinity_timeout_s: 0,
     };
-    maps.put_service(&service_key(&frontend()), &value).unwrap();
+    let frontend = Frontend {
+        ip: VIP,
+        port: 80,
+        protocol,
+    };
+    maps.put_service(&service_key(&frontend), &value).unwrap();
+}
+
+fn put_service(maps: &mut KernelMaps, generation: u16, backend_count: u16) {
+    put_frontend(maps, Protocol::Tcp, generation, backend_count);
 }
 
 fn stat(tb: &Testbed, wanted: Stat) -> u64 {
@@ -179,25 +182,6 @@ fn getpeername_shows_the_service_and_the_backend_sees_the_client() {
     }
 }
 
-fn udp_frontend() -> Frontend {
-    Frontend {
-        protocol: Protocol::Udp,
-        ..frontend()
-    }
-}
-
-fn put_udp_service(maps: &mut KernelMaps, backend_count: u16) {
-    let value = ServiceValue {
-        service_id: 7,
-        backend_count,
-        generation: 0,
-        flags: 0,
-        affinity_timeout_s: 0,
-    };
-    maps.put_service(&service_key(&udp_frontend()), &value)
-        .unwrap();
-}
-
 #[test]
 fn udp_replies_come_from_the_service_address_on_connected_and_unconnected_sockets() {
     let Programs {
@@ -208,7 +192,7 @@ fn udp_replies_come_from_the_service_address_on_connected_and_unconnected_socket
         ..
     } = attached();
     put_slot(&mut maps, 0, 0, &pod1);
-    put_udp_service(&mut maps, 1);
+    put_frontend(&mut maps, Protocol::Udp, 0, 1);
     for mode in ["udp", "udp-unconnected"] {
         let attempts = tb.exchange(&client, "10.96.0.10:80", 5, mode).unwrap();
         for attempt in attempts {
@@ -253,7 +237,7 @@ fn udp_to_a_service_without_endpoints_is_refused() {
         mut maps,
         ..
     } = attached();
-    put_udp_service(&mut maps, 0);
+    put_frontend(&mut maps, Protocol::Udp, 0, 0);
     for mode in ["udp", "udp-unconnected"] {
         let attempts = tb.exchange(&client, "10.96.0.10:80", 2, mode).unwrap();
         assert!(

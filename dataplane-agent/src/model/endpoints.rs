@@ -81,6 +81,26 @@ enum TopologyFilter<'a> {
 }
 
 impl TopologyFilter<'_> {
+    /// Whether the endpoint carries hints of this filter's kind at all.
+    fn is_hinted(&self, endpoint: &Endpoint) -> bool {
+        let hints = endpoint.hints.as_ref();
+        match self {
+            Self::None => true,
+            Self::Zone(_) => hints
+                .and_then(|h| h.for_zones.as_ref())
+                .is_some_and(|zones| !zones.is_empty()),
+            Self::Node(_) => hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .is_some_and(|nodes| !nodes.is_empty()),
+        }
+    }
+
+    /// kube-proxy's rule for using hints: every ready endpoint has them
+    /// and at least one names this node (or zone).
+    fn applies_to(&self, ready: &[&Endpoint]) -> bool {
+        ready.iter().all(|e| self.is_hinted(e)) && ready.iter().any(|e| self.admits(e))
+    }
+
     fn admits(&self, endpoint: &Endpoint) -> bool {
         let hints = endpoint.hints.as_ref();
         match self {
@@ -112,29 +132,13 @@ fn topology_filter<'a>(candidates: &[Candidate], node: &'a NodeInfo) -> Topology
         return TopologyFilter::None;
     }
     let node_filter = TopologyFilter::Node(&node.name);
-    let all_have_node_hints = ready.iter().all(|e| {
-        e.hints
-            .as_ref()
-            .and_then(|h| h.for_nodes.as_ref())
-            .is_some_and(|n| !n.is_empty())
-    });
-    if all_have_node_hints && ready.iter().any(|e| node_filter.admits(e)) {
+    if node_filter.applies_to(&ready) {
         return node_filter;
     }
-    let Some(zone) = node.zone.as_deref().filter(|z| !z.is_empty()) else {
-        return TopologyFilter::None;
-    };
-    let zone_filter = TopologyFilter::Zone(zone);
-    let all_have_zone_hints = ready.iter().all(|e| {
-        e.hints
-            .as_ref()
-            .and_then(|h| h.for_zones.as_ref())
-            .is_some_and(|z| !z.is_empty())
-    });
-    if all_have_zone_hints && ready.iter().any(|e| zone_filter.admits(e)) {
-        return zone_filter;
+    match node.zone.as_deref().filter(|z| !z.is_empty()) {
+        Some(zone) if TopologyFilter::Zone(zone).applies_to(&ready) => TopologyFilter::Zone(zone),
+        _ => TopologyFilter::None,
     }
-    TopologyFilter::None
 }
 
 /// The port number an EndpointSlice gives for a Service port: the slice port
