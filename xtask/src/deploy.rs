@@ -176,27 +176,49 @@ fn container_tool() -> Option<&'static str> {
         .find(|tool| command_succeeds(Command::new(tool).arg("--version")))
 }
 
-/// Builds the image with podman or buildah from a release binary; without
-/// either, says so and succeeds (there is nothing to build the image with).
-pub fn image() -> Result<()> {
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Builds the image with podman or buildah from a static (musl) binary;
+/// `with_iptables` builds the Debian-based variant instead. Without either
+/// tool, says so and succeeds (there is nothing to build the image with).
+pub fn image(with_iptables: bool) -> Result<()> {
     let Some(tool) = container_tool() else {
         println!(
             "xtask: image: skipped, neither podman nor buildah is installed (the Containerfile is deploy/Containerfile)"
         );
         return Ok(());
     };
-    run(Command::new("cargo").args(["build", "--release", "-p", "dataplane-agent"]))?;
-    let context = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/image-context");
+    // ring and other C dependencies need a musl C compiler for this target.
+    if !command_succeeds(Command::new("musl-gcc").arg("--version")) {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "musl-tools"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))?;
+    run(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "dataplane-agent",
+        "--target",
+        MUSL_TARGET,
+    ]))?;
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let context = target.join("image-context");
     std::fs::create_dir_all(&context)?;
-    let binary =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/dataplane-agent");
+    let binary = target.join(MUSL_TARGET).join("release/dataplane-agent");
     std::fs::copy(&binary, context.join("dataplane-agent"))
         .with_context(|| format!("copying {}", binary.display()))?;
-    let tag = format!("dataplane-agent:{}", env!("CARGO_PKG_VERSION"));
+    let (containerfile, suffix) = if with_iptables {
+        ("Containerfile.iptables", "-iptables")
+    } else {
+        ("Containerfile", "")
+    };
+    let tag = format!("dataplane-agent:{}{suffix}", env!("CARGO_PKG_VERSION"));
     let build = if tool == "podman" { "build" } else { "bud" };
     run(Command::new(tool)
         .args([build, "-f"])
-        .arg(deploy_dir().join("Containerfile"))
+        .arg(deploy_dir().join(containerfile))
         .args(["-t", &tag])
         .arg(&context))?;
     println!("xtask: built image {tag} with {tool}");

@@ -33,7 +33,12 @@ enum Task {
     /// Render and validate deploy/ against the Kubernetes schemas, offline.
     ValidateDeploy,
     /// Build the container image (podman or buildah), if one is installed.
-    Image,
+    Image {
+        /// The Debian-based variant with iptables and nft (for
+        /// --cleanup-kube-proxy-rules); needs a registry for its base.
+        #[arg(long)]
+        with_iptables: bool,
+    },
     /// A small namespace cluster, the real agent, traffic through a Service.
     Demo {
         /// Connections to send through the Service.
@@ -84,7 +89,7 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         .env("RUSTFLAGS", "--cfg=bpf_target_arch=\"x86_64\""))?;
     println!("xtask: deploy/ manifests");
     deploy::validate()?;
-    deploy::image()?;
+    deploy::image(false)?;
     build()?;
     println!("xtask: cargo test (unit, program and integration tests)");
     run(Command::new("cargo")
@@ -106,7 +111,7 @@ fn main() -> Result<()> {
             setup::setup()?;
             deploy::validate()
         }
-        Task::Image => deploy::image(),
+        Task::Image { with_iptables } => deploy::image(with_iptables),
         Task::Demo { connections } => {
             require_root("cargo xtask demo")?;
             setup::setup()?;
