@@ -373,6 +373,23 @@ impl Testbed {
         self.http_get_in_node("127.0.0.1:10249", "/metrics")
     }
 
+    /// Runs `dataplane-probe <args>` in `host`, inside the testbed's cgroup
+    /// (so socket load balancing applies) or not, and returns its stdout.
+    pub fn probe(&self, host: &Host, in_cgroup: bool, args: &[&str]) -> Result<String> {
+        let output = run(self
+            .command_in(&host.netns, in_cgroup, sibling_binary("dataplane-probe")?)?
+            .args(args))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Runs `program args` in the node namespace and returns its stdout.
+    pub fn in_node(&self, program: &str, args: &[&str]) -> Result<String> {
+        let output = run(self
+            .command_in(&self.node_netns, false, program)?
+            .args(args))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// Starts `connections` long-lived TCP connections from `host` to `to`,
     /// exchanging a line on each every 200 ms for `seconds`; the child
     /// prints a JSON summary (see [`HoldSummary`]) when it ends.

@@ -3,16 +3,12 @@
 //! `deploy/examples/`, and TCP connections through the ClusterIP; prints who
 //! answered and which source address each backend saw.
 
-use std::{
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
 use dataplane_testbed::{Testbed, probe::tally};
+
+use crate::interrupt::Interrupt;
 
 const SERVICE: &str = "10.96.0.10:80";
 const DRAINING_SERVICE: &str = "10.96.0.11:80";
@@ -22,27 +18,12 @@ fn examples_dir() -> PathBuf {
 }
 
 pub fn demo(connections: usize) -> Result<()> {
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    // Ctrl-C also reaches the agent, the probes and `ip` (same process
-    // group); this process only has to notice and unwind, which drops the
-    // testbed and removes everything it made.
-    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-        .context("installing the Ctrl-C handler")?;
-    let result = run_demo(connections, &interrupted);
-    if result.is_err() && interrupted.load(Ordering::SeqCst) {
-        bail!("interrupted; the demo cluster has been removed");
-    }
-    result
+    let interrupt = Interrupt::install()?;
+    interrupt.explain(run_demo(connections, &interrupt))
 }
 
-fn run_demo(connections: usize, interrupted: &AtomicBool) -> Result<()> {
-    let check = || -> Result<()> {
-        if interrupted.load(Ordering::SeqCst) {
-            bail!("interrupted; the demo cluster has been removed");
-        }
-        Ok(())
-    };
+fn run_demo(connections: usize, interrupt: &Interrupt) -> Result<()> {
+    let check = || interrupt.check();
 
     println!("demo: building a node namespace with a client and three pods");
     let mut tb = Testbed::new()?;

@@ -1,6 +1,8 @@
 //! The one entry point for everything beyond `cargo build`.
+mod bench;
 mod demo;
 mod deploy;
+mod interrupt;
 mod setup;
 mod util;
 
@@ -30,6 +32,9 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Benchmarks: ours beside kube-proxy's iptables and nftables modes and
+    /// direct pod-to-pod, at several Service counts, in one run.
+    Bench(bench::BenchArgs),
     /// Render and validate deploy/ against the Kubernetes schemas, offline.
     ValidateDeploy,
     /// Build the container image (podman or buildah), if one is installed.
@@ -107,6 +112,12 @@ fn main() -> Result<()> {
             build()
         }
         Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Bench(args) => {
+            require_root("cargo xtask bench")?;
+            setup::setup()?;
+            build()?;
+            bench::bench(&args)
+        }
         Task::ValidateDeploy => {
             setup::setup()?;
             deploy::validate()

@@ -51,6 +51,18 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         interval_ms: u64,
     },
+    /// Load for benchmarks: for `seconds`, either new connections (connect,
+    /// read the greeting, close) or request/response on one kept-alive
+    /// connection; prints count, rate and latency percentiles as JSON.
+    Bench {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        seconds: f64,
+        /// `short` (a connection per request) or `keepalive`.
+        #[arg(long)]
+        load: String,
+    },
     /// GET http://<to><path> and print the body (for metrics and health
     /// endpoints inside a namespace).
     HttpGet {
@@ -243,6 +255,97 @@ fn hold(to: SocketAddr, connections: usize, seconds: u64, interval: Duration) ->
     Ok(())
 }
 
+/// Connect, read the greeting, close with a reset: without TIME_WAIT, a
+/// long run never exhausts the client's ports or fills conntrack with dead
+/// flows, so every dataplane is measured from the same state.
+fn short_request(to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One benchmark run: latencies in microseconds, failures counted.
+fn bench(to: SocketAddr, seconds: f64, load: &str) -> Result<()> {
+    let timeout = Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut latencies_us: Vec<u64> = Vec::new();
+    let mut failures = 0u64;
+    match load {
+        "short" => {
+            while Instant::now() < deadline {
+                let begun = Instant::now();
+                match short_request(to, timeout) {
+                    Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
+                    Err(_) => failures += 1,
+                }
+            }
+        }
+        "keepalive" => {
+            let stream = TcpStream::connect_timeout(&to, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_nodelay(true)?;
+            let mut writer = stream.try_clone()?;
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            while Instant::now() < deadline {
+                line.clear();
+                let begun = Instant::now();
+                let result = writer
+                    .write_all(b"ping\n")
+                    .and_then(|()| reader.read_line(&mut line).map(|_| ()));
+                match result {
+                    Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
+                    Err(_) => failures += 1,
+                }
+            }
+        }
+        other => anyhow::bail!("unknown load {other:?}: short or keepalive"),
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    let percentile = |p: f64| {
+        latencies_us
+            .get(
+                ((latencies_us.len() as f64 * p) as usize)
+                    .min(latencies_us.len().saturating_sub(1)),
+            )
+            .copied()
+            .unwrap_or(0)
+    };
+    let summary = serde_json::json!({
+        "count": latencies_us.len(),
+        "failures": failures,
+        "seconds": elapsed,
+        "rate": latencies_us.len() as f64 / elapsed,
+        "p50_us": percentile(0.50),
+        "p99_us": percentile(0.99),
+    });
+    println!("{summary}");
+    Ok(())
+}
+
 fn http_get(to: SocketAddr, path: &str) -> Result<()> {
     use std::io::Read as _;
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
@@ -269,6 +372,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve { listen, name } => serve(listen, &name),
         Command::HttpGet { to, path } => http_get(to, &path),
+        Command::Bench { to, seconds, load } => bench(to, seconds, &load),
         Command::Hold {
             to,
             connections,

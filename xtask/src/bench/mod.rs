@@ -1,0 +1,416 @@
+//! `cargo xtask bench`: the same topology and the same traffic through four
+//! dataplanes in one run (direct pod-to-pod as the floor, ours, kube-proxy's
+//! iptables and nftables rule sets), at several Service counts; a JSON file
+//! and a Markdown table of ratios.
+//!
+//! The Service under test is one of N (placed last in kube-proxy's
+//! KUBE-SERVICES chain, its worst case; no effect on the map-based
+//! dataplanes); its 10 endpoints are real pods, the other Services' are
+//! addresses nobody dials, there to make the rule sets as large as a real
+//! cluster's.
+
+mod peers;
+
+use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Instant};
+
+use anyhow::{Context as _, Result, bail};
+use dataplane_testbed::{Host, Testbed, manifests};
+
+use crate::interrupt::Interrupt;
+use serde::Serialize;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The full set: 100, 1,000, 10,000 and 50,000 Services, longer runs.
+    #[arg(long)]
+    full: bool,
+    /// Service counts (overrides the mode's).
+    #[arg(long, value_delimiter = ',')]
+    scales: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Repeats per measurement (the median is reported, with the spread).
+    #[arg(long)]
+    repeats: Option<usize>,
+}
+
+const ENDPOINTS_PER_SERVICE: usize = 10;
+const HOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+#[derive(Clone, Debug)]
+pub struct BenchService {
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+/// N Services, the hot one last.
+#[derive(Clone, Debug)]
+pub struct ServiceSet {
+    pub services: Vec<BenchService>,
+}
+
+impl ServiceSet {
+    fn new(count: usize, pods: &[Host]) -> Self {
+        let mut services: Vec<BenchService> = (1..count)
+            .map(|i| BenchService {
+                name: format!("bench/filler-{i}"),
+                // 10.100.0.0/16 onwards: never dialled.
+                cluster_ip: Ipv4Addr::from(0x0a64_0000 + i as u32),
+                port: 80,
+                endpoints: (0..ENDPOINTS_PER_SERVICE)
+                    .map(|e| {
+                        Ipv4Addr::from(
+                            0x0ac8_0000 + (i * ENDPOINTS_PER_SERVICE + e) as u32 + 0x1_0000,
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        services.push(BenchService {
+            name: "bench/hot".into(),
+            cluster_ip: HOT_VIP,
+            port: 80,
+            endpoints: pods.iter().map(|p| p.ip).collect(),
+        });
+        Self { services }
+    }
+
+    /// The same Services as manifests for the agent.
+    fn manifests(&self) -> String {
+        let documents: Vec<String> = self
+            .services
+            .iter()
+            .map(|s| {
+                let name = s.name.replace("bench/", "");
+                let endpoints: Vec<String> = s
+                    .endpoints
+                    .iter()
+                    .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+                    .collect();
+                manifests::join(&[
+                    manifests::Svc::new(&name, &s.cluster_ip.to_string())
+                        .port("http", s.port, "TCP", 8080)
+                        .yaml(),
+                    format!(
+                        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{}",
+                        endpoints.concat()
+                    ),
+                ])
+            })
+            .collect();
+        documents.join("---\n")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Dataplane {
+    Direct,
+    Ours,
+    Iptables,
+    Nftables,
+}
+
+impl Dataplane {
+    const ALL: [Dataplane; 4] = [Self::Direct, Self::Ours, Self::Iptables, Self::Nftables];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "direct (floor)",
+            Self::Ours => "ours (socket LB)",
+            Self::Iptables => "kube-proxy iptables",
+            Self::Nftables => "kube-proxy nftables",
+        }
+    }
+}
+
+/// One probe run.
+#[derive(Clone, Debug, Default, serde::Deserialize, Serialize)]
+struct Run {
+    count: u64,
+    failures: u64,
+    rate: f64,
+    p50_us: u64,
+    p99_us: u64,
+    /// CPU time of the whole machine per 1,000 requests, in milliseconds.
+    #[serde(default)]
+    cpu_ms_per_1000: f64,
+}
+
+/// The median run (by rate) of several, with the spread of the rates.
+#[derive(Clone, Debug, Serialize)]
+struct Figure {
+    median: Run,
+    rate_min: f64,
+    rate_max: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Row {
+    services: usize,
+    dataplane: Dataplane,
+    short_connections: Figure,
+    keepalive: Figure,
+    /// Time to program all Services: the agent from start to ready, the
+    /// peers their rule load.
+    program_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct Results {
+    commit: String,
+    kernel: String,
+    cores: usize,
+    seconds_per_run: f64,
+    repeats: usize,
+    rows: Vec<Row>,
+}
+
+fn busy_jiffies() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    Ok(fields
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, v)| v)
+        .sum())
+}
+
+fn measure(
+    tb: &Testbed,
+    client: &Host,
+    in_cgroup: bool,
+    target: &str,
+    load: &str,
+    seconds: f64,
+) -> Result<Run> {
+    let before = busy_jiffies()?;
+    let output = tb.probe(
+        client,
+        in_cgroup,
+        &[
+            "bench",
+            "--to",
+            target,
+            "--seconds",
+            &seconds.to_string(),
+            "--load",
+            load,
+        ],
+    )?;
+    let jiffies = busy_jiffies()?.saturating_sub(before);
+    let mut run: Run =
+        serde_json::from_str(output.trim()).with_context(|| format!("probe said {output:?}"))?;
+    // USER_HZ is 100: a jiffy is 10 ms.
+    run.cpu_ms_per_1000 = if run.count == 0 {
+        0.0
+    } else {
+        jiffies as f64 * 10.0 / run.count as f64 * 1000.0
+    };
+    if run.failures > 0 {
+        bail!("{} of the {load} requests to {target} failed", run.failures);
+    }
+    Ok(run)
+}
+
+fn figure(mut runs: Vec<Run>) -> Figure {
+    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    Figure {
+        rate_min: runs.first().map_or(0.0, |r| r.rate),
+        rate_max: runs.last().map_or(0.0, |r| r.rate),
+        median: runs[runs.len() / 2].clone(),
+    }
+}
+
+/// Loads a dataplane for `set`, returns how long programming took.
+fn load(tb: &Testbed, dataplane: Dataplane, set: &ServiceSet) -> Result<f64> {
+    let started = Instant::now();
+    match dataplane {
+        Dataplane::Direct => {}
+        Dataplane::Ours => {
+            tb.write_manifest("bench.yaml", &set.manifests())?;
+            tb.start_agent(&["--metrics-bind-address", "", "--healthz-bind-address", ""])?;
+        }
+        Dataplane::Iptables => {
+            let file = tb.work_dir.join("iptables.rules");
+            std::fs::write(&file, peers::iptables_rules(set))?;
+            tb.in_node(
+                "iptables-nft-restore",
+                &["--noflush", &file.display().to_string()],
+            )?;
+        }
+        Dataplane::Nftables => {
+            let file = tb.work_dir.join("nftables.rules");
+            std::fs::write(&file, peers::nftables_rules(set))?;
+            tb.in_node("nft", &["-f", &file.display().to_string()])?;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn unload(tb: &Testbed, dataplane: Dataplane) -> Result<()> {
+    match dataplane {
+        Dataplane::Direct => {}
+        Dataplane::Ours => {
+            tb.stop_agent(libc::SIGTERM)?;
+            tb.agent_cli(&["cleanup"])?;
+        }
+        Dataplane::Iptables => {
+            tb.in_node("iptables-nft", &["-t", "nat", "-F"])?;
+            tb.in_node("iptables-nft", &["-t", "nat", "-X"])?;
+        }
+        Dataplane::Nftables => {
+            tb.in_node("nft", &["delete", "table", "ip", "kube-proxy"])?;
+        }
+    }
+    Ok(())
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let interrupt = Interrupt::install()?;
+    interrupt.explain(run_bench(args, &interrupt))
+}
+
+fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
+    let scales = if !args.scales.is_empty() {
+        args.scales.clone()
+    } else if args.full {
+        vec![100, 1_000, 10_000, 50_000]
+    } else {
+        vec![100, 1_000, 10_000]
+    };
+    let seconds = args.seconds.unwrap_or(if args.full { 5.0 } else { 2.0 });
+    let repeats = args.repeats.unwrap_or(3).max(1);
+
+    let mut tb = Testbed::new()?;
+    let client = tb.host("client")?;
+    let mut pods = Vec::new();
+    for i in 1..=ENDPOINTS_PER_SERVICE {
+        let pod = tb.host(&format!("pod{i}"))?;
+        tb.serve(&pod, 8080)?;
+        pods.push(pod);
+    }
+    let mut rows = Vec::new();
+    for &services in &scales {
+        let set = ServiceSet::new(services, &pods);
+        for dataplane in Dataplane::ALL {
+            let program_seconds = load(&tb, dataplane, &set)?;
+            let target = match dataplane {
+                Dataplane::Direct => format!("{}:8080", pods[0].ip),
+                _ => format!("{HOT_VIP}:80"),
+            };
+            let in_cgroup = dataplane == Dataplane::Ours;
+            let mut short = Vec::new();
+            let mut keepalive = Vec::new();
+            for _ in 0..repeats {
+                interrupt.check()?;
+                short.push(measure(&tb, &client, in_cgroup, &target, "short", seconds)?);
+                keepalive.push(measure(
+                    &tb,
+                    &client,
+                    in_cgroup,
+                    &target,
+                    "keepalive",
+                    seconds,
+                )?);
+            }
+            unload(&tb, dataplane)?;
+            let row = Row {
+                services,
+                dataplane,
+                short_connections: figure(short),
+                keepalive: figure(keepalive),
+                program_seconds,
+            };
+            println!(
+                "bench: {services:>6} Services  {:<20} {:>8.0} conn/s  p99 {:>5} µs  {:>8.0} req/s  load {:.3} s",
+                dataplane.label(),
+                row.short_connections.median.rate,
+                row.short_connections.median.p99_us,
+                row.keepalive.median.rate,
+                program_seconds
+            );
+            rows.push(row);
+        }
+    }
+    let results = Results {
+        commit: crate::util::stdout_of(std::process::Command::new("git").args([
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ]))
+        .unwrap_or_default()
+        .trim()
+        .to_owned(),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+            .trim()
+            .to_owned(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        seconds_per_run: seconds,
+        repeats,
+        rows,
+    };
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    let table = markdown(&results);
+    std::fs::write(out_dir.join("results.md"), &table)?;
+    println!("\n{table}\nbench: wrote {}", out_dir.display());
+    drop(tb);
+    Ok(())
+}
+
+/// The Markdown report: every figure, and ratios to the floor and to each
+/// kube-proxy mode.
+fn markdown(results: &Results) -> String {
+    let mut out = format!(
+        "Machine: {} cores, kernel {}; commit {}; {} s per run, median of {} runs (rate min..max in brackets).\n\n",
+        results.cores, results.kernel, results.commit, results.seconds_per_run, results.repeats
+    );
+    out += "| Services | dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | program s | conn/s vs floor | vs iptables | vs nftables |\n";
+    out += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for row in &results.rows {
+        let rate_of = |dataplane| {
+            results
+                .rows
+                .iter()
+                .find(|r| r.services == row.services && r.dataplane == dataplane)
+                .map_or(f64::NAN, |r| r.short_connections.median.rate)
+        };
+        let mine = row.short_connections.median.rate;
+        let s = &row.short_connections;
+        let k = &row.keepalive;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} [{:.0}..{:.0}] | {} | {} | {:.1} | {:.0} | {} | {:.3} | {:.2} | {:.2} | {:.2} |",
+            row.services,
+            row.dataplane.label(),
+            s.median.rate,
+            s.rate_min,
+            s.rate_max,
+            s.median.p50_us,
+            s.median.p99_us,
+            s.median.cpu_ms_per_1000,
+            k.median.rate,
+            k.median.p99_us,
+            row.program_seconds,
+            mine / rate_of(Dataplane::Direct),
+            mine / rate_of(Dataplane::Iptables),
+            mine / rate_of(Dataplane::Nftables),
+        );
+    }
+    out
+}
