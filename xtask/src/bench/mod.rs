@@ -33,6 +33,11 @@ pub struct BenchArgs {
     /// Repeats per measurement (the median is reported, with the spread).
     #[arg(long)]
     repeats: Option<usize>,
+    /// Longest a peer may take to load its rule set before it is reported
+    /// as not loaded (kube-proxy's iptables mode takes minutes at 10,000
+    /// Services).
+    #[arg(long)]
+    load_timeout_seconds: Option<u64>,
 }
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
@@ -152,10 +157,11 @@ struct Figure {
 struct Row {
     services: usize,
     dataplane: Dataplane,
-    short_connections: Figure,
-    keepalive: Figure,
+    /// None when the dataplane did not load within the timeout.
+    short_connections: Option<Figure>,
+    keepalive: Option<Figure>,
     /// Time to program all Services: the agent from start to ready, the
-    /// peers their rule load.
+    /// peers their rule load (the timeout, if it did not load).
     program_seconds: f64,
 }
 
@@ -232,30 +238,42 @@ fn figure(mut runs: Vec<Run>) -> Figure {
     }
 }
 
-/// Loads a dataplane for `set`, returns how long programming took.
-fn load(tb: &Testbed, dataplane: Dataplane, set: &ServiceSet) -> Result<f64> {
+/// Loads a dataplane for `set`; returns how long programming took, or
+/// None if a peer's rule load did not finish within `timeout`.
+fn load(tb: &Testbed, dataplane: Dataplane, set: &ServiceSet, timeout: u64) -> Result<Option<f64>> {
     let started = Instant::now();
-    match dataplane {
-        Dataplane::Direct => {}
+    let (tool, flag, file, rules) = match dataplane {
+        Dataplane::Direct => return Ok(Some(0.0)),
         Dataplane::Ours => {
             tb.write_manifest("bench.yaml", &set.manifests())?;
             tb.start_agent(&["--metrics-bind-address", "", "--healthz-bind-address", ""])?;
+            return Ok(Some(started.elapsed().as_secs_f64()));
         }
-        Dataplane::Iptables => {
-            let file = tb.work_dir.join("iptables.rules");
-            std::fs::write(&file, peers::iptables_rules(set))?;
-            tb.in_node(
-                "iptables-nft-restore",
-                &["--noflush", &file.display().to_string()],
-            )?;
-        }
-        Dataplane::Nftables => {
-            let file = tb.work_dir.join("nftables.rules");
-            std::fs::write(&file, peers::nftables_rules(set))?;
-            tb.in_node("nft", &["-f", &file.display().to_string()])?;
-        }
+        Dataplane::Iptables => (
+            "iptables-nft-restore",
+            "--noflush",
+            "iptables.rules",
+            peers::iptables_rules(set),
+        ),
+        Dataplane::Nftables => ("nft", "-f", "nftables.rules", peers::nftables_rules(set)),
+    };
+    let path = tb.work_dir.join(file);
+    std::fs::write(&path, rules)?;
+    let status = tb
+        .command_in(&tb.node_netns, false, "timeout")?
+        .args([&timeout.to_string(), tool, flag])
+        .arg(&path)
+        .status()
+        .with_context(|| format!("running {tool}"))?;
+    match status.code() {
+        Some(0) => Ok(Some(started.elapsed().as_secs_f64())),
+        // timeout(1)'s status when the command ran out of time.
+        Some(124) => Ok(None),
+        _ => bail!(
+            "{tool} failed to load the {} Services with {status}",
+            set.services.len()
+        ),
     }
-    Ok(started.elapsed().as_secs_f64())
 }
 
 fn unload(tb: &Testbed, dataplane: Dataplane) -> Result<()> {
@@ -291,6 +309,9 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     };
     let seconds = args.seconds.unwrap_or(if args.full { 5.0 } else { 2.0 });
     let repeats = args.repeats.unwrap_or(3).max(1);
+    let load_timeout = args
+        .load_timeout_seconds
+        .unwrap_or(if args.full { 900 } else { 60 });
 
     let mut tb = Testbed::new()?;
     let client = tb.host("client")?;
@@ -304,7 +325,21 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     for &services in &scales {
         let set = ServiceSet::new(services, &pods);
         for dataplane in Dataplane::ALL {
-            let program_seconds = load(&tb, dataplane, &set)?;
+            let Some(program_seconds) = load(&tb, dataplane, &set, load_timeout)? else {
+                println!(
+                    "bench: {services:>6} Services  {:<20} did not load within {load_timeout} s",
+                    dataplane.label()
+                );
+                unload(&tb, dataplane)?;
+                rows.push(Row {
+                    services,
+                    dataplane,
+                    short_connections: None,
+                    keepalive: None,
+                    program_seconds: load_timeout as f64,
+                });
+                continue;
+            };
             let target = match dataplane {
                 Dataplane::Direct => format!("{}:8080", pods[0].ip),
                 _ => format!("{HOT_VIP}:80"),
@@ -325,22 +360,22 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
                 )?);
             }
             unload(&tb, dataplane)?;
-            let row = Row {
-                services,
-                dataplane,
-                short_connections: figure(short),
-                keepalive: figure(keepalive),
-                program_seconds,
-            };
+            let (short, keepalive) = (figure(short), figure(keepalive));
             println!(
                 "bench: {services:>6} Services  {:<20} {:>8.0} conn/s  p99 {:>5} µs  {:>8.0} req/s  load {:.3} s",
                 dataplane.label(),
-                row.short_connections.median.rate,
-                row.short_connections.median.p99_us,
-                row.keepalive.median.rate,
+                short.median.rate,
+                short.median.p99_us,
+                keepalive.median.rate,
                 program_seconds
             );
-            rows.push(row);
+            rows.push(Row {
+                services,
+                dataplane,
+                short_connections: Some(short),
+                keepalive: Some(keepalive),
+                program_seconds,
+            });
         }
     }
     let results = Results {
@@ -388,14 +423,29 @@ fn markdown(results: &Results) -> String {
                 .rows
                 .iter()
                 .find(|r| r.services == row.services && r.dataplane == dataplane)
-                .map_or(f64::NAN, |r| r.short_connections.median.rate)
+                .and_then(|r| r.short_connections.as_ref())
+                .map(|f| f.median.rate)
         };
-        let mine = row.short_connections.median.rate;
-        let s = &row.short_connections;
-        let k = &row.keepalive;
+        let (Some(s), Some(k)) = (&row.short_connections, &row.keepalive) else {
+            let _ = writeln!(
+                out,
+                "| {} | {} | did not load within {:.0} s | | | | | | {:.0}+ | | | |",
+                row.services,
+                row.dataplane.label(),
+                row.program_seconds,
+                row.program_seconds
+            );
+            continue;
+        };
+        let ratio = |dataplane| {
+            rate_of(dataplane).map_or_else(
+                || "n/a".to_owned(),
+                |theirs| format!("{:.2}", s.median.rate / theirs),
+            )
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} [{:.0}..{:.0}] | {} | {} | {:.1} | {:.0} | {} | {:.3} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} [{:.0}..{:.0}] | {} | {} | {:.1} | {:.0} | {} | {:.3} | {} | {} | {} |",
             row.services,
             row.dataplane.label(),
             s.median.rate,
@@ -407,9 +457,9 @@ fn markdown(results: &Results) -> String {
             k.median.rate,
             k.median.p99_us,
             row.program_seconds,
-            mine / rate_of(Dataplane::Direct),
-            mine / rate_of(Dataplane::Iptables),
-            mine / rate_of(Dataplane::Nftables),
+            ratio(Dataplane::Direct),
+            ratio(Dataplane::Iptables),
+            ratio(Dataplane::Nftables),
         );
     }
     out
