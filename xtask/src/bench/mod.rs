@@ -288,7 +288,13 @@ fn unload(tb: &Testbed, dataplane: Dataplane) -> Result<()> {
             tb.in_node("iptables-nft", &["-t", "nat", "-X"])?;
         }
         Dataplane::Nftables => {
-            tb.in_node("nft", &["delete", "table", "ip", "kube-proxy"])?;
+            // `nft -f` is atomic: after a timed-out load there is no table.
+            if tb
+                .in_node("nft", &["list", "tables"])?
+                .contains("kube-proxy")
+            {
+                tb.in_node("nft", &["delete", "table", "ip", "kube-proxy"])?;
+            }
         }
     }
     Ok(())
