@@ -158,22 +158,6 @@ fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }
 
-/// Runs `program args` in the node namespace and returns its stdout.
-fn in_node(tb: &Testbed, program: &str, args: &[&str]) -> String {
-    let output = tb
-        .command_in(&tb.node_netns, false, program)
-        .unwrap()
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 #[test]
 fn a_parked_kube_proxys_leftover_rules_are_removed_and_others_kept() {
     let tb = Testbed::new().unwrap();
@@ -224,19 +208,20 @@ fn a_parked_kube_proxys_leftover_rules_are_removed_and_others_kept() {
                 "ACCEPT",
             ],
         ] {
-            in_node(&tb, iptables, rule);
+            tb.in_node(iptables, rule).unwrap();
         }
     }
-    in_node(&tb, "nft", &["add", "table", "ip", "kube-proxy"]);
-    in_node(&tb, "nft", &["add", "table", "ip", "mine"]);
+    tb.in_node("nft", &["add", "table", "ip", "kube-proxy"])
+        .unwrap();
+    tb.in_node("nft", &["add", "table", "ip", "mine"]).unwrap();
 
     tb.start_agent(&["--cleanup-kube-proxy-rules"]).unwrap();
     for save in ["iptables-nft-save", "iptables-legacy-save"] {
-        let rules = in_node(&tb, save, &[]);
+        let rules = tb.in_node(save, &[]).unwrap();
         assert!(!rules.contains("KUBE-"), "{save}:\n{rules}");
         assert!(rules.contains("--dport 9999 -j ACCEPT"), "{save}:\n{rules}");
     }
-    let tables = in_node(&tb, "nft", &["list", "tables"]);
+    let tables = tb.in_node("nft", &["list", "tables"]).unwrap();
     assert!(
         !tables.contains("kube-proxy") && tables.contains("table ip mine"),
         "{tables}"

@@ -192,6 +192,35 @@ fn a_410_gone_relists_without_flushing_the_dataplane() {
 }
 
 #[test]
+fn dropped_watches_resume_from_their_resource_version_without_a_relist() {
+    let c = cluster();
+    c.apply(&http_service_on("web", "10.96.0.10", 80, &[&c.pods[0]]));
+    c.start_agent();
+    let lists_before = c.api.requests().lists;
+
+    let attempts = c.under_load(|| {
+        for _ in 0..3 {
+            c.api.drop_watches();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    assert_all_ok(&attempts);
+    c.apply(&http_service_on(
+        "web",
+        "10.96.0.10",
+        80,
+        &[&c.pods[0], &c.pods[1]],
+    ));
+    c.wait_for_backends("a change after the disconnects arrives", 2);
+    assert_eq!(
+        c.api.requests().lists,
+        lists_before,
+        "resumed, not relisted"
+    );
+    assert!(c.api.requests().watches.values().all(|n| *n >= 4));
+}
+
+#[test]
 fn an_api_outage_of_a_minute_keeps_traffic_flowing_and_the_agent_catches_up() {
     let c = cluster();
     c.apply(&http_service_on(

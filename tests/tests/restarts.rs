@@ -3,7 +3,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use dataplane_testbed::{Testbed, manifests::http_service_on, testbed::HoldSummary};
+use dataplane_testbed::{
+    Testbed,
+    apiserver::ApiServer,
+    manifests::{http_service_on, objects},
+    testbed::{AgentSource, HoldSummary},
+};
 
 #[test]
 fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
@@ -13,12 +18,23 @@ fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
     for pod in &pods {
         tb.serve(pod, 8080).unwrap();
     }
-    tb.write_manifest(
-        "web.yaml",
-        &http_service_on("web", "10.96.0.10", 80, &[&pods[0], &pods[1]]),
+    // Against the API server stand-in: every restarted agent lists the
+    // cluster again before it touches the pinned state.
+    let api = ApiServer::start(Some(&tb.node_netns)).unwrap();
+    let kubeconfig = tb.work_dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).unwrap();
+    api.apply_all(
+        objects(&http_service_on(
+            "web",
+            "10.96.0.10",
+            80,
+            &[&pods[0], &pods[1]],
+        ))
+        .unwrap(),
     )
     .unwrap();
-    tb.start_agent(&[]).unwrap();
+    let source = AgentSource::Kubeconfig(&kubeconfig);
+    tb.start_agent_on(&source, &[]).unwrap();
     let first_programs = dataplane_testbed::testbed::pinned_program_ids(&tb.pin_dir).unwrap();
 
     let held = tb.hold(&client, "10.96.0.10:80", 100, 12).unwrap();
@@ -40,7 +56,7 @@ fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
             };
             tb.stop_agent(signal).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(200));
-            tb.start_agent(&[]).unwrap();
+            tb.start_agent_on(&source, &[]).unwrap();
         }
         restarting.store(false, Ordering::Relaxed);
         looping.join().expect("loop thread")
@@ -73,6 +89,11 @@ fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
     assert!(
         first_programs.iter().all(|id| !loaded.contains(id)),
         "replaced programs were unloaded"
+    );
+    assert_eq!(
+        api.requests().lists.get("Service"),
+        Some(&11),
+        "each of the 11 agents listed once"
     );
     let restarts = tb
         .agent_log()
