@@ -7,3 +7,6 @@ pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod source;
+
+#[cfg(test)]
+mod properties;

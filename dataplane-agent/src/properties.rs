@@ -1,0 +1,283 @@
+//! Property tests over arbitrary cluster states: the model never panics and
+//! the map writer always leaves consistent maps, whatever the objects say.
+//! Seeded by proptest (failures are persisted and replayed); the number of
+//! cases grows with PROPTEST_CASES for long runs.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort, ServiceSpec},
+    discovery::v1::{
+        Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+    },
+};
+use proptest::prelude::*;
+
+use crate::{
+    dataplane::state::{Limits, MapStore, PinnedState, frontend_of, member_key},
+    model::{ClusterState, NodeInfo, ObjectName, desired, fixtures::meta},
+};
+
+fn ip_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => (0u8..4, 1u8..6).prop_map(|(a, b)| format!("10.96.{a}.{b}")),
+        1 => Just("None".to_owned()),
+        1 => Just(String::new()),
+        1 => Just("10.96.0.300".to_owned()),
+        1 => Just("fd00::1".to_owned()),
+    ]
+}
+
+fn protocol() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        4 => Just(Some("TCP".to_owned())),
+        2 => Just(Some("UDP".to_owned())),
+        1 => Just(Some("SCTP".to_owned())),
+        1 => Just(None),
+        1 => Just(Some("ICMP".to_owned())),
+    ]
+}
+
+fn port_name() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        Just(None),
+        Just(Some("http".to_owned())),
+        Just(Some("dns".to_owned()))
+    ]
+}
+
+fn service() -> impl Strategy<Value = Service> {
+    (
+        0usize..6,
+        ip_text(),
+        prop::collection::vec((port_name(), -1i32..70_000, protocol()), 0..4),
+        any::<bool>(),
+        prop_oneof![
+            Just(None),
+            Just(Some("ClientIP".to_owned())),
+            Just(Some("Bogus".to_owned()))
+        ],
+        prop_oneof![Just(None), Just(Some("ExternalName".to_owned()))],
+    )
+        .prop_map(|(name, ip, ports, local, affinity, type_)| Service {
+            metadata: meta(&format!("svc-{name}"), &[]),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip),
+                type_,
+                session_affinity: affinity,
+                internal_traffic_policy: local.then(|| "Local".to_owned()),
+                ports: Some(
+                    ports
+                        .into_iter()
+                        .map(|(name, port, protocol)| ServicePort {
+                            name,
+                            port,
+                            protocol,
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+}
+
+fn endpoint() -> impl Strategy<Value = Endpoint> {
+    (
+        prop_oneof![8 => (0u8..8).prop_map(|o| format!("10.0.0.{o}")), 1 => Just("bogus".to_owned())],
+        prop::option::of(any::<bool>()),
+        prop::option::of(any::<bool>()),
+        prop::option::of(any::<bool>()),
+        prop_oneof![Just("node-a"), Just("node-b")],
+        prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]),
+    )
+        .prop_map(|(ip, ready, serving, terminating, node, zone)| Endpoint {
+            addresses: vec![ip],
+            conditions: Some(EndpointConditions {
+                ready,
+                serving,
+                terminating,
+            }),
+            node_name: Some(node.to_owned()),
+            hints: zone.map(|z| EndpointHints {
+                for_zones: Some(vec![ForZone { name: z.to_owned() }]),
+                for_nodes: None,
+            }),
+            ..Default::default()
+        })
+}
+
+fn slice() -> impl Strategy<Value = EndpointSlice> {
+    (
+        0usize..8,
+        0usize..7,
+        prop_oneof![8 => Just("IPv4"), 1 => Just("IPv6"), 1 => Just("FQDN")],
+        prop::collection::vec((port_name(), 0i32..70_000, protocol()), 0..3),
+        prop::collection::vec(endpoint(), 0..5),
+    )
+        .prop_map(
+            |(name, owner, address_type, ports, endpoints)| EndpointSlice {
+                metadata: meta(
+                    &format!("slice-{name}"),
+                    &[("kubernetes.io/service-name", &format!("svc-{owner}"))],
+                ),
+                address_type: address_type.to_owned(),
+                ports: Some(
+                    ports
+                        .into_iter()
+                        .map(|(name, port, protocol)| EndpointPort {
+                            name,
+                            port: Some(port),
+                            protocol,
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                endpoints,
+            },
+        )
+}
+
+fn cluster() -> impl Strategy<Value = ClusterState> {
+    (
+        prop::collection::vec(service(), 0..8),
+        prop::collection::vec(slice(), 0..10),
+    )
+        .prop_map(|(services, slices)| ClusterState {
+            services: services
+                .into_iter()
+                .map(|s| (ObjectName::of(&s.metadata), s))
+                .collect(),
+            endpoint_slices: slices
+                .into_iter()
+                .map(|s| (ObjectName::of(&s.metadata), s))
+                .collect(),
+            nodes: Default::default(),
+        })
+}
+
+/// A kernel stand-in that fails the writes of one chosen backend address,
+/// to drive the error paths too.
+#[derive(Default)]
+struct Maps {
+    state: PinnedState,
+    poisoned: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected")]
+struct Injected;
+
+impl MapStore for Maps {
+    type Error = Injected;
+    fn put_service(
+        &mut self,
+        key: &dataplane_common::ServiceKey,
+        value: &dataplane_common::ServiceValue,
+    ) -> Result<(), Injected> {
+        self.state.services.insert(*key, *value);
+        Ok(())
+    }
+    fn delete_service(&mut self, key: &dataplane_common::ServiceKey) -> Result<(), Injected> {
+        self.state.services.remove(key);
+        Ok(())
+    }
+    fn put_backend(
+        &mut self,
+        key: &dataplane_common::BackendKey,
+        value: &dataplane_common::BackendValue,
+    ) -> Result<(), Injected> {
+        if self.poisoned == Some(crate::dataplane::state::backend_of(value).ip) {
+            return Err(Injected);
+        }
+        self.state.backends.insert(*key, *value);
+        Ok(())
+    }
+    fn delete_backend(&mut self, key: &dataplane_common::BackendKey) -> Result<(), Injected> {
+        self.state.backends.remove(key);
+        Ok(())
+    }
+    fn put_member(
+        &mut self,
+        key: &dataplane_common::MemberKey,
+        index: u32,
+    ) -> Result<(), Injected> {
+        self.state.members.insert(*key, index);
+        Ok(())
+    }
+    fn delete_member(&mut self, key: &dataplane_common::MemberKey) -> Result<(), Injected> {
+        self.state.members.remove(key);
+        Ok(())
+    }
+}
+
+/// Every SERVICES entry points at exactly `backend_count` slots of its
+/// generation, each with its MEMBERS entry, and ids are unique.
+fn assert_consistent(state: &PinnedState) {
+    let mut ids = BTreeSet::new();
+    for value in state.services.values() {
+        assert!(
+            ids.insert(value.service_id),
+            "service id {} used twice",
+            value.service_id
+        );
+        let slots = state.current_backends(value);
+        assert_eq!(slots.len(), usize::from(value.backend_count));
+        for (index, slot_value) in slots.iter().enumerate() {
+            let slot = dataplane_common::BackendKey {
+                service_id: value.service_id,
+                generation: value.generation,
+                index: index as u16,
+            };
+            assert!(state.members.contains_key(&member_key(&slot, slot_value)));
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn the_model_accepts_anything_and_its_output_is_well_formed(cluster in cluster()) {
+        let node = NodeInfo { name: "node-a".into(), zone: Some("zone-a".into()) };
+        let desired = desired(&cluster, &node);
+        for (frontend, entry) in &desired.frontends {
+            prop_assert!(cluster.services.contains_key(&entry.service));
+            prop_assert!(!frontend.ip.is_unspecified());
+            prop_assert!(frontend.port != 0);
+            let mut sorted = entry.backends.clone();
+            sorted.sort();
+            sorted.dedup();
+            prop_assert_eq!(&sorted, &entry.backends, "backends sorted and unique");
+            prop_assert!(entry.backends.iter().all(|b| b.port != 0));
+        }
+    }
+
+    #[test]
+    fn any_sequence_of_cluster_states_leaves_consistent_maps(
+        states in prop::collection::vec(cluster(), 1..4),
+        poisoned in prop::option::of((0u8..8).prop_map(|o| Ipv4Addr::new(10, 0, 0, o))),
+    ) {
+        let node = NodeInfo { name: "node-a".into(), zone: None };
+        let mut maps = Maps { poisoned, ..Maps::default() };
+        let mut mirror = PinnedState::default();
+        for cluster in &states {
+            let want = desired(cluster, &node);
+            let report = mirror.apply(&want, &mut maps, &Limits::default());
+            assert_consistent(&maps.state);
+            prop_assert_eq!(&mirror, &maps.state, "the mirror is exact");
+            // Everything desired is programmed, except what failed.
+            let failed: BTreeSet<_> = report.failed.iter().map(|(f, _)| *f).collect();
+            let programmed: BTreeSet<_> = maps.state.services.keys().filter_map(frontend_of).collect();
+            for frontend in want.frontends.keys() {
+                prop_assert!(programmed.contains(frontend) || failed.contains(frontend));
+            }
+            for frontend in &programmed {
+                prop_assert!(want.frontends.contains_key(frontend) || failed.contains(frontend));
+            }
+            let retired = mirror.unreachable_backends();
+            mirror.sweep(&retired, &mut maps);
+            prop_assert!(mirror.unreachable_backends().is_empty(), "no orphaned slots");
+            assert_consistent(&maps.state);
+        }
+    }
+}
