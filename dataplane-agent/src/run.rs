@@ -329,6 +329,7 @@ async fn start_servers(
 }
 
 pub async fn run(config: RunConfig) -> Result<()> {
+    crate::dataplane::capabilities::check()?;
     let layout = PinLayout::new(&config.bpffs_dir);
     pins::ensure_bpffs_dir(&layout.dir)?;
     pins::ensure_cgroup2(&config.cgroup)?;

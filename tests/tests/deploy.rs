@@ -233,3 +233,56 @@ fn a_parked_kube_proxys_leftover_rules_are_removed_and_others_kept() {
         tb.agent_log()
     );
 }
+
+#[test]
+fn a_missing_capability_is_named_at_start() {
+    let tb = Testbed::new().unwrap();
+    let output = tb
+        .command_in(&tb.node_netns, false, "setpriv")
+        .unwrap()
+        .args(["--bounding-set", "-all,+net_admin", "--inh-caps=-all", "--"])
+        .arg(sibling_binary("dataplane-agent").unwrap())
+        .arg("run")
+        .arg("--manifests")
+        .arg(&tb.manifests)
+        .arg("--bpffs-dir")
+        .arg(&tb.pin_dir)
+        .arg("--cgroup")
+        .arg(&tb.cgroup)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("missing capabilities: CAP_BPF (to load programs")
+            && !stderr.contains("CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn pinned_maps_are_closed_to_unprivileged_users() {
+    let tb = Testbed::new().unwrap();
+    tb.start_agent(&[]).unwrap();
+    // As root: readable.
+    assert!(
+        tb.agent_cli(&["dump", "services"])
+            .unwrap()
+            .status
+            .success()
+    );
+    // As nobody, even with the path: refused.
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(sibling_binary("dataplane-agent").unwrap())
+        .args(["dump", "services", "--bpffs-dir"])
+        .arg(&tb.pin_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "nobody read the maps");
+    assert!(
+        stderr.contains("BPF_OBJ_GET") && stderr.contains("Permission denied"),
+        "{stderr}"
+    );
+}

@@ -96,6 +96,10 @@ pub fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
         ensure_bpffs_mount(Path::new(DEFAULT_BPFFS))?;
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Only root may open the pins: whoever can write SERVICES decides where
+    // every connection of the node goes (docs/security.md).
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("restricting {} to its owner", dir.display()))?;
     Ok(())
 }
 
