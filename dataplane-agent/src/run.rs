@@ -119,6 +119,7 @@ impl Agent {
         let _entered = span.enter();
         let started = std::time::Instant::now();
         let loaded = self.source.load()?;
+        let load_ms = started.elapsed().as_secs_f64() * 1e3;
         for problem in &loaded.problems {
             warn!(%problem, "skipping manifest");
         }
@@ -128,9 +129,11 @@ impl Agent {
             warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
         }
 
+        let apply_started = std::time::Instant::now();
         let report = self
             .mirror
             .apply(&desired, &mut self.maps, &self.config.limits);
+        let apply_ms = apply_started.elapsed().as_secs_f64() * 1e3;
         for (frontend, error) in &report.failed {
             let service = desired
                 .frontends
@@ -155,6 +158,8 @@ impl Agent {
             removed = report.removed,
             failed = report.failed.len(),
             invalid_objects = loaded.problems.len() + desired.skipped.len(),
+            load_ms,
+            apply_ms,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "synced"
         );
