@@ -143,7 +143,8 @@ fn owner_pid(name: &str) -> Option<u32> {
     rest.split('x').next()?.parse().ok()
 }
 
-/// Removes namespaces, cgroups and pins that a killed run left behind.
+/// Removes namespaces, pins, work directories and cgroups that a killed
+/// run left behind.
 fn remove_leftovers() {
     let dead = |name: &str| owner_pid(name).is_some_and(|pid| !pid_alive(pid));
     if let Ok(entries) = std::fs::read_dir(NETNS_DIR) {
@@ -162,6 +163,14 @@ fn remove_leftovers() {
                 let _ = dataplane_agent::dataplane::kernel::cleanup(
                     &dataplane_agent::dataplane::pins::PinLayout::new(entry.path()),
                 );
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                let _ = std::fs::remove_dir_all(entry.path());
             }
         }
     }
