@@ -15,7 +15,10 @@ use proptest::prelude::*;
 
 use crate::{
     dataplane::state::{Limits, MapStore, PinnedState, frontend_of, member_key},
-    model::{ClusterState, NodeInfo, ObjectName, desired, fixtures::meta},
+    model::{
+        ClusterState, NodeInfo, desired,
+        fixtures::{self, meta},
+    },
 };
 
 fn ip_text() -> impl Strategy<Value = String> {
@@ -144,17 +147,7 @@ fn cluster() -> impl Strategy<Value = ClusterState> {
         prop::collection::vec(service(), 0..8),
         prop::collection::vec(slice(), 0..10),
     )
-        .prop_map(|(services, slices)| ClusterState {
-            services: services
-                .into_iter()
-                .map(|s| (ObjectName::of(&s.metadata), s))
-                .collect(),
-            endpoint_slices: slices
-                .into_iter()
-                .map(|s| (ObjectName::of(&s.metadata), s))
-                .collect(),
-            nodes: Default::default(),
-        })
+        .prop_map(|(services, slices)| fixtures::cluster(services, slices))
 }
 
 /// A kernel stand-in that fails the writes of one chosen backend address,
