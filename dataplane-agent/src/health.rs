@@ -1,7 +1,10 @@
 //! `/healthz` and `/livez` with kube-proxy's semantics and JSON shape
-//! (pkg/proxy/healthcheck/proxier_health.go): healthy once a sync has
-//! succeeded and no queued change has waited longer than the health timeout
-//! without a sync; 503 otherwise.
+//! (pkg/proxy/healthcheck/proxier_health.go): unhealthy (503) only when a
+//! change has waited longer than the health timeout without a sync; a
+//! starting agent with nothing queued is healthy. `/healthz` is also 503
+//! when the node is being deleted (deletionTimestamp, or the cluster
+//! autoscaler's ToBeDeletedByClusterAutoscaler taint), so load balancers
+//! drain it first (KEP-3836); `/livez` ignores that.
 
 use std::{
     net::SocketAddr,
@@ -13,11 +16,22 @@ use anyhow::{Context as _, Result};
 use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
 use serde::Serialize;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Times {
     last_updated: Option<SystemTime>,
     /// The oldest change not synced yet.
     oldest_queued: Option<SystemTime>,
+    node_eligible: bool,
+}
+
+impl Default for Times {
+    fn default() -> Self {
+        Self {
+            last_updated: None,
+            oldest_queued: None,
+            node_eligible: true,
+        }
+    }
 }
 
 /// Shared between the sync loop (which reports) and the server.
@@ -62,17 +76,29 @@ impl Health {
         times.oldest_queued = None;
     }
 
-    pub fn check(&self, now: SystemTime) -> (bool, HealthBody) {
+    /// Whether this node should keep receiving external traffic.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.times().node_eligible = eligible;
+    }
+
+    /// `/livez`: the dataplane keeps up with changes.
+    pub fn live(&self, now: SystemTime) -> (bool, HealthBody) {
         let times = self.times();
         let overdue =
             |since: SystemTime| now.duration_since(since).unwrap_or_default() > self.timeout;
-        let healthy = times.last_updated.is_some() && !times.oldest_queued.is_some_and(overdue);
+        let healthy = !times.oldest_queued.is_some_and(overdue);
         let body = HealthBody {
             last_updated: times.last_updated.map(rfc3339).unwrap_or_default(),
             current_time: rfc3339(now),
-            node_eligible: true,
+            node_eligible: times.node_eligible,
         };
         (healthy, body)
+    }
+
+    /// `/healthz`: live, and the node is not being deleted.
+    pub fn check(&self, now: SystemTime) -> (bool, HealthBody) {
+        let (live, body) = self.live(now);
+        (live && body.node_eligible, body)
     }
 }
 
@@ -88,14 +114,21 @@ pub async fn bind(address: SocketAddr) -> Result<tokio::net::TcpListener> {
 
 pub async fn serve(listener: tokio::net::TcpListener, health: Health) -> Result<()> {
     let app = Router::new()
-        .route("/healthz", get(respond))
-        .route("/livez", get(respond))
+        .route("/healthz", get(respond_healthz))
+        .route("/livez", get(respond_livez))
         .with_state(health);
     axum::serve(listener, app).await.context("serving /healthz")
 }
 
-async fn respond(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
-    let (healthy, body) = health.check(SystemTime::now());
+async fn respond_healthz(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
+    respond(health.check(SystemTime::now()))
+}
+
+async fn respond_livez(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
+    respond(health.live(SystemTime::now()))
+}
+
+fn respond((healthy, body): (bool, HealthBody)) -> (StatusCode, Json<HealthBody>) {
     let status = if healthy {
         StatusCode::OK
     } else {
@@ -115,14 +148,16 @@ mod tests {
     }
 
     #[test]
-    fn unhealthy_until_the_first_sync() {
+    fn a_starting_agent_is_healthy_until_a_queued_change_is_overdue() {
         let health = Health::new(Duration::from_secs(60));
-        assert!(!health.check(at(0)).0);
-        health.updated(at(1));
-        let (healthy, body) = health.check(at(2));
+        assert!(health.check(at(0)).0, "nothing queued yet");
+        health.queued(at(0));
+        assert!(!health.check(at(61)).0, "the first sync never came");
+        health.updated(at(62));
+        let (healthy, body) = health.check(at(63));
         assert!(healthy);
-        assert_eq!(body.last_updated, "2023-11-14T22:13:21.000000000Z");
-        assert_eq!(body.current_time, "2023-11-14T22:13:22.000000000Z");
+        assert_eq!(body.last_updated, "2023-11-14T22:14:22.000000000Z");
+        assert_eq!(body.current_time, "2023-11-14T22:14:23.000000000Z");
     }
 
     #[test]
@@ -138,6 +173,16 @@ mod tests {
             health.check(at(500)).0,
             "idle is healthy: nothing is queued"
         );
+    }
+
+    #[test]
+    fn a_node_being_deleted_fails_healthz_but_not_livez() {
+        let health = Health::new(Duration::from_secs(60));
+        health.updated(at(0));
+        health.set_node_eligible(false);
+        assert!(!health.check(at(1)).0);
+        assert!(health.live(at(1)).0);
+        assert!(!health.check(at(1)).1.node_eligible);
     }
 
     #[test]

@@ -8,8 +8,35 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, Result, bail};
 use tracing::{info, warn};
 
-/// kube-proxy's chains all start with this (pkg/proxy/iptables).
-const CHAIN_PREFIX: &str = "KUBE-";
+/// kube-proxy's own chains (pkg/proxy/iptables/proxier.go): these names
+/// and prefixes only. Other components use KUBE- too (kubelet's
+/// KUBE-FIREWALL and KUBE-KUBELET-CANARY, kube-router's KUBE-ROUTER-* and
+/// network policy chains): those must stay.
+const KUBE_PROXY_CHAINS: [&str; 8] = [
+    "KUBE-SERVICES",
+    "KUBE-EXTERNAL-SERVICES",
+    "KUBE-NODEPORTS",
+    "KUBE-POSTROUTING",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-PROXY-CANARY",
+    "KUBE-MARK-MASQ",
+];
+const KUBE_PROXY_CHAIN_PREFIXES: [&str; 6] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-SEP-",
+    "KUBE-FW-",
+    "KUBE-EXT-",
+    "KUBE-XLB-",
+];
+
+fn is_kube_proxy_chain(name: &str) -> bool {
+    KUBE_PROXY_CHAINS.contains(&name)
+        || KUBE_PROXY_CHAIN_PREFIXES
+            .iter()
+            .any(|p| name.starts_with(p))
+}
 /// kube-proxy's nftables mode keeps everything in tables of this name.
 const NFT_TABLE: &str = "kube-proxy";
 
@@ -128,7 +155,7 @@ pub fn removal_script(saved: &str) -> (String, usize, usize) {
             jumps.clear();
         } else if let Some(chain) = line.strip_prefix(':') {
             if let Some(name) = chain.split_whitespace().next()
-                && name.starts_with(CHAIN_PREFIX)
+                && is_kube_proxy_chain(name)
             {
                 chains.push(name);
             }
@@ -138,8 +165,8 @@ pub fn removal_script(saved: &str) -> (String, usize, usize) {
                 .split_whitespace()
                 .collect::<Vec<_>>()
                 .windows(2)
-                .any(|w| matches!(w[0], "-j" | "-g") && w[1].starts_with(CHAIN_PREFIX));
-            if jumps_into_kube && !chain.starts_with(CHAIN_PREFIX) {
+                .any(|w| matches!(w[0], "-j" | "-g") && is_kube_proxy_chain(w[1]));
+            if jumps_into_kube && !is_kube_proxy_chain(chain) {
                 jumps.push(rule);
             }
         } else if line == "COMMIT"
@@ -177,12 +204,14 @@ mod tests {
 :OUTPUT ACCEPT [0:0]
 :KUBE-SERVICES - [0:0]
 :KUBE-SVC-ABC - [0:0]
+:KUBE-FIREWALL - [0:0]
 :MY-CHAIN - [0:0]
 -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
 -A PREROUTING -p tcp -m tcp --dport 9999 -j ACCEPT
 -A OUTPUT -j KUBE-SERVICES
 -A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -j KUBE-SVC-ABC
 -A MY-CHAIN -j RETURN
+-A OUTPUT -j KUBE-FIREWALL
 COMMIT
 *filter
 :INPUT ACCEPT [0:0]

@@ -88,7 +88,9 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     interfaces: Vec<String>,
     /// cgroup v2 directory whose processes get socket load balancing;
-    /// default: the cgroup v2 root (mounted if the host has none).
+    /// default: the first cgroup v2 mount (mounted if there is none). In a
+    /// container, always pass the host's cgroup root mounted in: the
+    /// container's own cgroup2 mount covers only the container.
     #[arg(long)]
     cgroup: Option<PathBuf>,
     /// bpffs directory for the pinned maps and program links.
@@ -175,6 +177,9 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         },
     };
     check_interfaces(&args.interfaces)?;
+    if args.sync_period.is_zero() {
+        bail!("--sync-period must be longer than zero");
+    }
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
         None => pins::default_cgroup2_root()?,
@@ -252,7 +257,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        // At least two workers: a sync holds one for its map writes, and the
+        // health server and watches must keep answering meanwhile, also on a
+        // one-CPU node.
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
             .enable_all()
             .build()
             .context("starting the tokio runtime")?

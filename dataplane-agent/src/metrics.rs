@@ -111,7 +111,7 @@ impl Metrics {
         );
         registry.register(
             "dataplane_frontend_errors",
-            "Frontend programming failures",
+            "Frontend programming failures, counted at every sync that could not program a frontend",
             metrics.frontend_errors_total.clone(),
         );
         registry.register(

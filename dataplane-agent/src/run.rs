@@ -23,6 +23,7 @@ use crate::{
     metrics::{self, FrontendErrorLabels, MapLabels, Metrics, ReasonLabels},
     model::{self, ClusterState, NodeInfo, ObjectName},
     source::{
+        Changes,
         kube::{self, KubeSource},
         manifests::{self, ManifestDir},
     },
@@ -71,7 +72,7 @@ enum Source {
 }
 
 impl Source {
-    async fn start(config: &RunConfig, changes: mpsc::UnboundedSender<()>) -> Result<Self> {
+    async fn start(config: &RunConfig, changes: Changes) -> Result<Self> {
         Ok(match &config.source {
             SourceConfig::Manifests(dir) => Self::Manifests {
                 _watcher: manifests::watch_dir(dir, changes)?,
@@ -107,6 +108,8 @@ struct Agent {
     health: Health,
     /// EndpointSlice change-trigger times already measured.
     seen_triggers: BTreeMap<ObjectName, String>,
+    /// Changes older than this agent are not its programming latency.
+    started_at: SystemTime,
 }
 
 /// The annotation the EndpointSlice controller sets to when the change that
@@ -124,6 +127,7 @@ impl Agent {
             warn!(%problem, "skipping manifest");
         }
         let node = NodeInfo::from_cluster(&loaded.cluster, &self.config.node_name);
+        self.health.set_node_eligible(!node.being_deleted);
         let desired = model::desired(&loaded.cluster, &node);
         for skipped in &desired.skipped {
             warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
@@ -254,6 +258,7 @@ impl Agent {
             };
             if self.seen_triggers.get(name) != Some(trigger)
                 && let Ok(at) = humantime::parse_rfc3339_weak(trigger)
+                && at >= self.started_at
                 && let Ok(latency) = now.duration_since(at)
             {
                 self.metrics
@@ -306,31 +311,45 @@ impl Agent {
     }
 }
 
-/// Starts the metrics and health servers that are configured. Binding
-/// happens here, so a taken port fails the start with a clear error.
-async fn start_servers(
+/// Starts the metrics and health servers that are configured. A port that
+/// is taken (kube-proxy still holds 10249 and 10256 until it is parked) is
+/// retried every few seconds instead of failing the start: the dataplane
+/// matters more than its telemetry.
+fn start_servers(
     config: &RunConfig,
     registry: prometheus_client::registry::Registry,
     health: &Health,
-) -> Result<()> {
+) {
     if let Some(address) = config.metrics_bind_address {
-        let listener = metrics::bind(address).await?;
         tokio::spawn(async move {
+            let listener = bind_retrying(address, "metrics").await;
             if let Err(error) = metrics::serve(listener, registry).await {
                 error!(error = format!("{error:#}"), "the metrics server stopped");
             }
         });
     }
     if let Some(address) = config.healthz_bind_address {
-        let listener = health::bind(address).await?;
         let health = health.clone();
         tokio::spawn(async move {
+            let listener = bind_retrying(address, "health").await;
             if let Err(error) = health::serve(listener, health).await {
                 error!(error = format!("{error:#}"), "the health server stopped");
             }
         });
     }
-    Ok(())
+}
+
+async fn bind_retrying(address: SocketAddr, what: &str) -> tokio::net::TcpListener {
+    const RETRY: Duration = Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpListener::bind(address).await {
+            Ok(listener) => return listener,
+            Err(error) => {
+                warn!(%address, %error, server = what, "cannot bind yet (kube-proxy still running?); retrying");
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
 }
 
 pub async fn run(config: RunConfig) -> Result<()> {
@@ -351,30 +370,16 @@ pub async fn run(config: RunConfig) -> Result<()> {
         bpffs_dir = %config.bpffs_dir.display(),
         "adopted pinned maps"
     );
-    if config.cleanup_kube_proxy_rules {
-        match crate::kube_proxy_rules::remove_all() {
-            Ok(removed) => info!(
-                chains = removed.chains,
-                jumps = removed.jumps,
-                nft_tables = removed.nft_tables,
-                "removed kube-proxy's leftover rules"
-            ),
-            // Leftover rules do not stop socket load balancing (it acts
-            // before they see a packet); report and go on.
-            Err(error) => error!(
-                error = format!("{error:#}"),
-                "could not remove kube-proxy's rules"
-            ),
-        }
-    }
     let (metrics, registry) = Metrics::new(PinLayout::new(&config.bpffs_dir));
     let health = Health::new(2 * config.sync_period);
-    start_servers(&config, registry, &health).await?;
+    start_servers(&config, registry, &health);
 
     // Until the source has its first complete view, the programs a
     // previous agent left keep serving the pinned state untouched.
     let (changes_sender, mut changes) = mpsc::unbounded_channel();
-    let source = Source::start(&config, changes_sender).await?;
+    let queued = health.clone();
+    let notifier = Changes::new(changes_sender, move || queued.queued(SystemTime::now()));
+    let source = Source::start(&config, notifier).await?;
     let mut agent = Agent {
         source,
         config,
@@ -384,6 +389,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics,
         health,
         seen_triggers: BTreeMap::new(),
+        started_at: SystemTime::now(),
     };
     // Slots a previous agent retired but did not sweep get a fresh grace.
     agent.retire_unreachable();
@@ -392,10 +398,30 @@ pub async fn run(config: RunConfig) -> Result<()> {
     agent.sync()?;
     loaded.attach_socket_lb(&agent.config.cgroup)?;
     info!(cgroup = %agent.config.cgroup.display(), "socket load balancing attached; ready");
+    if agent.config.cleanup_kube_proxy_rules {
+        match crate::kube_proxy_rules::remove_all() {
+            Ok(removed) => info!(
+                chains = removed.chains,
+                jumps = removed.jumps,
+                nft_tables = removed.nft_tables,
+                "removed kube-proxy's leftover rules"
+            ),
+            // Done only now that the programs serve every ClusterIP, so no
+            // connection is ever without a handler. Leftover rules do not
+            // stop socket load balancing (it acts before they see a
+            // packet); report and go on.
+            Err(error) => error!(
+                error = format!("{error:#}"),
+                "could not remove kube-proxy's rules"
+            ),
+        }
+    }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let mut full_resync = tokio::time::interval(agent.config.sync_period);
+    // After a stall, one resync, not a burst of them.
+    full_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     full_resync.reset();
     loop {
         tokio::select! {
@@ -403,7 +429,6 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 if change.is_none() {
                     anyhow::bail!("the source stopped sending changes");
                 }
-                agent.health.queued(SystemTime::now());
                 // Coalesce a burst of changes into one sync, as kube-proxy's
                 // BoundedFrequencyRunner does.
                 tokio::time::sleep(agent.config.min_sync_period).await;

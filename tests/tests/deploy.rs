@@ -194,7 +194,9 @@ fn a_parked_kube_proxys_leftover_rules_are_removed_and_others_kept() {
             &["-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES"],
             &["-t", "filter", "-N", "KUBE-FORWARD"],
             &["-t", "filter", "-A", "FORWARD", "-j", "KUBE-FORWARD"],
-            // Not kube-proxy's: must survive.
+            // Not kube-proxy's: must survive (kubelet's own KUBE- chain too).
+            &["-t", "filter", "-N", "KUBE-FIREWALL"],
+            &["-t", "filter", "-A", "INPUT", "-j", "KUBE-FIREWALL"],
             &[
                 "-t",
                 "nat",
@@ -216,9 +218,26 @@ fn a_parked_kube_proxys_leftover_rules_are_removed_and_others_kept() {
     tb.in_node("nft", &["add", "table", "ip", "mine"]).unwrap();
 
     tb.start_agent(&["--cleanup-kube-proxy-rules"]).unwrap();
+    // The cleanup runs once the programs serve (after the ready line).
+    tb.wait_until(
+        "the cleanup ran",
+        std::time::Duration::from_secs(10),
+        || {
+            Ok(tb
+                .agent_log()
+                .contains("removed kube-proxy's leftover rules"))
+        },
+    )
+    .unwrap();
     for save in ["iptables-nft-save", "iptables-legacy-save"] {
         let rules = tb.in_node(save, &[]).unwrap();
-        assert!(!rules.contains("KUBE-"), "{save}:\n{rules}");
+        for gone in ["KUBE-SERVICES", "KUBE-SVC-", "KUBE-FORWARD"] {
+            assert!(!rules.contains(gone), "{save}:\n{rules}");
+        }
+        assert!(
+            rules.contains("-A INPUT -j KUBE-FIREWALL"),
+            "{save}:\n{rules}"
+        );
         assert!(rules.contains("--dport 9999 -j ACCEPT"), "{save}:\n{rules}");
     }
     let tables = tb.in_node("nft", &["list", "tables"]).unwrap();

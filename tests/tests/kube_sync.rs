@@ -290,20 +290,37 @@ fn an_agent_restarted_while_the_api_is_down_keeps_serving_and_converges_later() 
 #[test]
 fn programming_latency_and_sync_metrics_are_exported() {
     let c = cluster();
-    let mut objects = objects(&http_service_on("web", "10.96.0.10", 80, &[&c.pods[0]])).unwrap();
-    // The EndpointSlice controller stamps when the change that produced the
-    // slice happened; a second ago here.
-    let trigger = std::time::SystemTime::now() - Duration::from_secs(1);
-    objects[1]["metadata"]["annotations"] = serde_json::json!({
-        "endpoints.kubernetes.io/last-change-trigger-time":
-            humantime::format_rfc3339_seconds(trigger).to_string(),
-    });
-    c.api.apply_all(objects).unwrap();
+    // The EndpointSlice controller stamps when the change that produced a
+    // slice happened. A change from before the agent started is not its
+    // latency; one made while it runs is.
+    let stamped = |seconds_ago: u64| {
+        let mut objects =
+            objects(&http_service_on("web", "10.96.0.10", 80, &[&c.pods[0]])).unwrap();
+        let trigger = std::time::SystemTime::now() - Duration::from_secs(seconds_ago);
+        objects[1]["metadata"]["annotations"] = serde_json::json!({
+            "endpoints.kubernetes.io/last-change-trigger-time":
+                humantime::format_rfc3339_seconds(trigger).to_string(),
+        });
+        objects
+    };
+    c.api.apply_all(stamped(3600)).unwrap();
     c.start_agent();
     let metrics = c.tb.metrics().unwrap();
     assert!(
-        metrics.contains("kubeproxy_network_programming_duration_seconds_count 1"),
-        "{metrics}"
+        metrics.contains("kubeproxy_network_programming_duration_seconds_count 0"),
+        "an hour-old change is not counted:\n{metrics}"
     );
-    assert!(metrics.contains("kubeproxy_sync_proxy_rules_duration_seconds_count"));
+    std::thread::sleep(Duration::from_millis(1100));
+    c.api.apply_all(stamped(0)).unwrap();
+    c.tb.wait_until("the change is measured", Duration::from_secs(10), || {
+        Ok(c.tb
+            .metrics()?
+            .contains("kubeproxy_network_programming_duration_seconds_count 1"))
+    })
+    .unwrap();
+    assert!(
+        c.tb.metrics()
+            .unwrap()
+            .contains("kubeproxy_sync_proxy_rules_duration_seconds_count")
+    );
 }

@@ -215,12 +215,14 @@ pub fn image(with_iptables: bool) -> Result<()> {
         ("Containerfile", "")
     };
     let tag = format!("dataplane-agent:{}{suffix}", env!("CARGO_PKG_VERSION"));
+    // Also :latest{suffix}, the tag deploy/ refers to.
+    let latest = format!("dataplane-agent:latest{suffix}");
     let build = if tool == "podman" { "build" } else { "bud" };
     run(Command::new(tool)
         .args([build, "-f"])
         .arg(deploy_dir().join(containerfile))
-        .args(["-t", &tag])
+        .args(["-t", &tag, "-t", &latest])
         .arg(&context))?;
-    println!("xtask: built image {tag} with {tool}");
+    println!("xtask: built image {tag} (also {latest}) with {tool}");
     Ok(())
 }

@@ -62,7 +62,13 @@ pub struct NodeInfo {
     pub name: String,
     /// `topology.kubernetes.io/zone` of this node's Node object.
     pub zone: Option<String>,
+    /// The Node is being deleted (deletionTimestamp) or drained by the
+    /// cluster autoscaler: kube-proxy then fails /healthz (KEP-3836).
+    pub being_deleted: bool,
 }
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+const AUTOSCALER_DELETION_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// The well-known label kube-proxy reads the node's zone from.
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -71,15 +77,23 @@ impl NodeInfo {
     /// This node as the cluster state describes it (its zone from its Node
     /// object, if there is one).
     pub fn from_cluster(cluster: &ClusterState, name: &str) -> Self {
-        let zone = cluster
-            .nodes
-            .get(name)
+        let node = cluster.nodes.get(name);
+        let zone = node
             .and_then(|node| node.metadata.labels.as_ref())
             .and_then(|labels| labels.get(ZONE_LABEL))
             .cloned();
+        let being_deleted = node.is_some_and(|node| {
+            node.metadata.deletion_timestamp.is_some()
+                || node
+                    .spec
+                    .as_ref()
+                    .and_then(|spec| spec.taints.as_ref())
+                    .is_some_and(|taints| taints.iter().any(|t| t.key == AUTOSCALER_DELETION_TAINT))
+        });
         Self {
             name: name.to_owned(),
             zone,
+            being_deleted,
         }
     }
 }

@@ -9,6 +9,7 @@ fn node() -> NodeInfo {
     NodeInfo {
         name: NODE.into(),
         zone: None,
+        being_deleted: false,
     }
 }
 
@@ -652,6 +653,28 @@ fn session_affinity_client_ip_carries_its_timeout() {
         skipped[0].contains("unknown sessionAffinity"),
         "{skipped:?}"
     );
+}
+
+#[test]
+fn a_node_being_deleted_or_drained_by_the_autoscaler_is_reported() {
+    let mut cluster = in_zone(cluster(vec![], vec![]), Some("zone-a"));
+    assert!(!NodeInfo::from_cluster(&cluster, NODE).being_deleted);
+    let node = cluster.nodes.get_mut(NODE).unwrap();
+    node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+        taints: Some(vec![k8s_openapi::api::core::v1::Taint {
+            key: "ToBeDeletedByClusterAutoscaler".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    assert!(NodeInfo::from_cluster(&cluster, NODE).being_deleted);
+    let node = cluster.nodes.get_mut(NODE).unwrap();
+    node.spec = None;
+    node.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+    ));
+    assert!(NodeInfo::from_cluster(&cluster, NODE).being_deleted);
 }
 
 #[test]

@@ -18,9 +18,9 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::Changes;
 use crate::model::{ClusterState, ObjectName};
 
 /// kube-proxy's informer selector (cmd/kube-proxy/app/server.go): Services
@@ -61,11 +61,7 @@ impl KubeSource {
     /// Starts the watches. Every event (including a relist) sends a unit
     /// on `changes`. Returns once every store holds a complete list, so the
     /// first sync never mistakes "not listed yet" for "deleted".
-    pub async fn start(
-        client: Client,
-        node_name: &str,
-        changes: mpsc::UnboundedSender<()>,
-    ) -> Result<Self> {
+    pub async fn start(client: Client, node_name: &str, changes: Changes) -> Result<Self> {
         let labels = watcher::Config::default().labels(KUBE_PROXY_LABEL_SELECTOR);
         let services = reflect(
             Api::<Service>::all(client.clone()),
@@ -122,7 +118,7 @@ impl KubeSource {
 }
 
 /// A reflector for `api`, driven on its own task.
-fn reflect<K>(api: Api<K>, config: watcher::Config, changes: mpsc::UnboundedSender<()>) -> Store<K>
+fn reflect<K>(api: Api<K>, config: watcher::Config, changes: Changes) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -135,7 +131,7 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(_) => {
-                    if changes.send(()).is_err() {
+                    if !changes.notify() {
                         return;
                     }
                 }

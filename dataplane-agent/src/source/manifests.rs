@@ -15,7 +15,6 @@ use k8s_openapi::{
 };
 use notify::{RecursiveMode, Watcher as _};
 use serde::Deserialize as _;
-use tokio::sync::mpsc;
 
 use crate::model::{ClusterState, ObjectName};
 
@@ -288,19 +287,16 @@ fn insert_unique<T>(
 
 /// Watches `dir` and sends a unit on `changes` for every change (the
 /// receiver coalesces). The watch lasts as long as the returned watcher.
-pub fn watch_dir(
-    dir: &Path,
-    changes: mpsc::UnboundedSender<()>,
-) -> Result<notify::RecommendedWatcher> {
+pub fn watch_dir(dir: &Path, changes: super::Changes) -> Result<notify::RecommendedWatcher> {
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if event.kind.is_access() => {}
             Ok(_) => {
-                let _receiver_gone = changes.send(());
+                changes.notify();
             }
             Err(error) => {
                 tracing::warn!(%error, "manifest directory watch error; resyncing");
-                let _receiver_gone = changes.send(());
+                changes.notify();
             }
         })
         .context("creating the manifest directory watcher")?;
