@@ -347,6 +347,43 @@ impl Testbed {
         self.exchange(host, to, count, "tcp")
     }
 
+    /// Keeps connecting from `host` to `to` (in batches of 20, `pause`
+    /// between batches) for as long as `during` runs, and returns every
+    /// attempt. The loop also stops if `during` panics, so a failing test
+    /// ends instead of hanging.
+    pub fn connect_during(
+        &self,
+        host: &Host,
+        to: &str,
+        pause: Duration,
+        during: impl FnOnce(),
+    ) -> Result<Vec<Attempt>> {
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        let running = std::sync::atomic::AtomicBool::new(true);
+        std::thread::scope(|scope| {
+            let looping = scope.spawn(|| {
+                let mut attempts = Vec::new();
+                while running.load(Ordering::Relaxed) {
+                    attempts.extend(self.connect(host, to, 20)?);
+                    std::thread::sleep(pause);
+                }
+                Ok(attempts)
+            });
+            {
+                let _stop = StopOnDrop(&running);
+                during();
+            }
+            looping
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the connection loop panicked")))
+        })
+    }
+
     /// Like [`Testbed::connect`], over UDP: `mode` is `udp` (connected
     /// socket) or `udp-unconnected` (sendto/recvfrom).
     pub fn exchange(

@@ -2,12 +2,7 @@
 //! diff, it must come back to exactly the desired state, with no orphaned
 //! slot, while unchanged Services keep serving.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use dataplane_testbed::{Host, Testbed, probe::Attempt};
 
@@ -105,55 +100,45 @@ fn killed_in_the_middle_of_a_10000_service_diff_the_agent_converges_exactly() {
         Duration::from_secs_f64(field("apply_ms") / 1e3),
     );
 
-    let running = AtomicBool::new(true);
     let mut mixed_states_seen = 0;
-    let hot_traffic = std::thread::scope(|scope| {
-        let looping = scope.spawn(|| {
-            let mut attempts: Vec<Attempt> = Vec::new();
-            while running.load(Ordering::Relaxed) {
-                attempts.extend(tb.connect(&client, "10.96.0.10:80", 20)?);
-                std::thread::sleep(Duration::from_millis(20));
+    let hot_traffic = tb
+        .connect_during(&client, "10.96.0.10:80", Duration::from_millis(20), || {
+            // Aim inside the map writes; the machine is shared and its timing
+            // noisy, so steer: a kill that found only old state comes later next
+            // time, one that found only new state earlier. Stop after two kills
+            // mid-diff (or eight tries).
+            let mut delay = load + apply / 2;
+            for generation in 1..=8 {
+                tb.write_manifest("cluster.yaml", &cluster_yaml(generation, &pods))
+                    .unwrap();
+                std::thread::sleep(delay);
+                tb.stop_agent(libc::SIGKILL).unwrap();
+                let state = programmed(&tb);
+                assert_eq!(
+                    state.len(),
+                    SERVICES,
+                    "never a Service missing, even mid-diff"
+                );
+                let new = at_generation(&state, generation);
+                let old = at_generation(&state, generation - 1);
+                match (new, old) {
+                    (0, _) => delay += apply / 2,
+                    (_, 0) => delay = delay.saturating_sub(apply * 2 / 5).max(load / 2),
+                    _ => mixed_states_seen += 1,
+                }
+                tb.start_agent(&["--min-sync-period", "10ms"]).unwrap();
+                let state = programmed(&tb);
+                assert_eq!(
+                    at_generation(&state, generation),
+                    SERVICES - 1,
+                    "converged exactly"
+                );
+                if mixed_states_seen >= 2 {
+                    break;
+                }
             }
-            anyhow::Ok(attempts)
-        });
-        // Aim inside the map writes; the machine is shared and its timing
-        // noisy, so steer: a kill that found only old state comes later next
-        // time, one that found only new state earlier. Stop after two kills
-        // mid-diff (or eight tries).
-        let mut delay = load + apply / 2;
-        for generation in 1..=8 {
-            tb.write_manifest("cluster.yaml", &cluster_yaml(generation, &pods))
-                .unwrap();
-            std::thread::sleep(delay);
-            tb.stop_agent(libc::SIGKILL).unwrap();
-            let state = programmed(&tb);
-            assert_eq!(
-                state.len(),
-                SERVICES,
-                "never a Service missing, even mid-diff"
-            );
-            let new = at_generation(&state, generation);
-            let old = at_generation(&state, generation - 1);
-            match (new, old) {
-                (0, _) => delay += apply / 2,
-                (_, 0) => delay = delay.saturating_sub(apply * 2 / 5).max(load / 2),
-                _ => mixed_states_seen += 1,
-            }
-            tb.start_agent(&["--min-sync-period", "10ms"]).unwrap();
-            let state = programmed(&tb);
-            assert_eq!(
-                at_generation(&state, generation),
-                SERVICES - 1,
-                "converged exactly"
-            );
-            if mixed_states_seen >= 2 {
-                break;
-            }
-        }
-        running.store(false, Ordering::Relaxed);
-        looping.join().expect("load thread")
-    })
-    .unwrap();
+        })
+        .unwrap();
 
     assert!(
         mixed_states_seen >= 1,

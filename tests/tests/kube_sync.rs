@@ -2,10 +2,7 @@
 //! HTTP, kube-rs in the agent): traffic follows the API, survives watch
 //! expiry, API outages and agent restarts during them.
 
-use std::{
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use dataplane_testbed::{
     Host, Testbed,
@@ -86,21 +83,9 @@ impl Cluster {
     /// Runs `during` while a loop of connections goes through the Service;
     /// returns every attempt of the loop.
     fn under_load(&self, during: impl FnOnce()) -> Vec<Attempt> {
-        let running = AtomicBool::new(true);
-        std::thread::scope(|scope| {
-            let looping = scope.spawn(|| {
-                let mut attempts = Vec::new();
-                while running.load(Ordering::Relaxed) {
-                    attempts.extend(self.tb.connect(&self.client, TARGET, 20)?);
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                anyhow::Ok(attempts)
-            });
-            during();
-            running.store(false, Ordering::Relaxed);
-            looping.join().expect("load thread")
-        })
-        .unwrap()
+        self.tb
+            .connect_during(&self.client, TARGET, Duration::from_millis(50), during)
+            .unwrap()
     }
 }
 

@@ -1,7 +1,7 @@
 //! Agent restarts are invisible to traffic: programs and maps stay pinned,
 //! a new agent adopts them and swaps its programs in without a gap.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use dataplane_testbed::{
     Testbed,
@@ -38,30 +38,21 @@ fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
     let first_programs = dataplane_testbed::testbed::pinned_program_ids(&tb.pin_dir).unwrap();
 
     let held = tb.hold(&client, "10.96.0.10:80", 100, 12).unwrap();
-    let restarting = AtomicBool::new(true);
-    let new_connections = std::thread::scope(|scope| {
-        let looping = scope.spawn(|| {
-            let mut attempts = Vec::new();
-            while restarting.load(Ordering::Relaxed) {
-                attempts.extend(tb.connect(&client, "10.96.0.10:80", 20)?);
+    let new_connections = tb
+        .connect_during(&client, "10.96.0.10:80", Duration::ZERO, || {
+            // Alternate a crash and a clean stop, ten restarts in all.
+            for round in 0..10 {
+                let signal = if round % 2 == 0 {
+                    libc::SIGKILL
+                } else {
+                    libc::SIGTERM
+                };
+                tb.stop_agent(signal).unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+                tb.start_agent_on(&source, &[]).unwrap();
             }
-            anyhow::Ok(attempts)
-        });
-        // Alternate a crash and a clean stop, ten restarts in all.
-        for round in 0..10 {
-            let signal = if round % 2 == 0 {
-                libc::SIGKILL
-            } else {
-                libc::SIGTERM
-            };
-            tb.stop_agent(signal).unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            tb.start_agent_on(&source, &[]).unwrap();
-        }
-        restarting.store(false, Ordering::Relaxed);
-        looping.join().expect("loop thread")
-    })
-    .unwrap();
+        })
+        .unwrap();
 
     let failed: Vec<_> = new_connections.iter().filter(|a| !a.ok).collect();
     assert!(
