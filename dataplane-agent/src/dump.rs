@@ -7,7 +7,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
-use dataplane_common::{AffinityKey, AffinityValue, SERVICE_FLAG_AFFINITY, map_names};
+use dataplane_common::{
+    AFFINITY_CLIENT_IPV4, AffinityKey, AffinityValue, SERVICE_FLAG_AFFINITY, map_names,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::model::DesiredDataplane;
@@ -172,7 +174,9 @@ pub fn services_table(rows: &[ServiceRow]) -> String {
 #[derive(Serialize)]
 pub struct AffinityRow {
     pub service_id: u32,
-    pub client_netns_cookie: u64,
+    /// `netns:<cookie>` for a pod or host process (socket LB), or the
+    /// client's address for external traffic.
+    pub client: String,
     pub backend: String,
     /// Seconds since the client's last new connection.
     pub idle_s: f64,
@@ -188,7 +192,11 @@ pub fn affinity_rows(layout: &PinLayout) -> Result<Vec<AffinityRow>> {
         let (key, value) = entry.context("reading AFFINITY")?;
         rows.push(AffinityRow {
             service_id: key.service_id,
-            client_netns_cookie: key.netns_cookie,
+            client: if key.client_kind == AFFINITY_CLIENT_IPV4 {
+                state::ipv4_of_be(key.client as u32).to_string()
+            } else {
+                format!("netns:{}", key.client)
+            },
             backend: state::backend_of(&value.backend).to_string(),
             idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
         });
@@ -200,19 +208,19 @@ pub fn affinity_rows(layout: &PinLayout) -> Result<Vec<AffinityRow>> {
 pub fn affinity_table(rows: &[AffinityRow]) -> String {
     let mut out = format!(
         "{:>6} {:>20}  {:<22} {:>10}\n",
-        "ID", "CLIENT NETNS", "BACKEND", "IDLE"
+        "ID", "CLIENT", "BACKEND", "IDLE"
     );
     for row in rows {
         out += &format!(
             "{:>6} {:>20}  {:<22} {:>9.1}s\n",
-            row.service_id, row.client_netns_cookie, row.backend, row.idle_s
+            row.service_id, row.client, row.backend, row.idle_s
         );
     }
     out
 }
 
 /// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_now_ns() -> u64 {
+pub fn monotonic_now_ns() -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

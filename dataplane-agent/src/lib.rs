@@ -6,6 +6,7 @@ pub mod kube_proxy_rules;
 pub mod metrics;
 pub mod model;
 pub mod run;
+pub mod service_health;
 pub mod source;
 
 #[cfg(test)]

@@ -5,9 +5,9 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
-    dataplane::{kernel, pins, state::Limits},
+    dataplane::{conntrack, kernel, pins, state::Limits},
     dump,
-    run::{self, RunConfig, SourceConfig},
+    run::{self, ExternalConfig, ExternalMode, RunConfig, SourceConfig},
 };
 
 #[derive(Parser)]
@@ -83,10 +83,48 @@ struct RunArgs {
     /// KUBERNETES_SERVICE_HOST/KUBERNETES_SERVICE_PORT.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
-    /// Node interfaces for the north-south (TC/XDP) datapath; checked to
-    /// exist. Socket load balancing needs none.
+    /// Node interfaces that external traffic (NodePort, load-balancer IPs,
+    /// externalIPs) arrives on; the north-south datapath attaches to their
+    /// TC ingress and egress. Socket load balancing needs none.
     #[arg(long, value_delimiter = ',')]
     interfaces: Vec<String>,
+    /// How external traffic reaches a backend on another node: `tunnel`
+    /// keeps the client's address (VXLAN to the backend's node, which must
+    /// run this agent too), `snat` masquerades to this node's address.
+    #[arg(long, value_enum, default_value = "tunnel")]
+    external_mode: ExternalMode,
+    /// This node's address for the tunnel and SNAT; default: the first
+    /// IPv4 address of the first --interfaces entry.
+    #[arg(long)]
+    node_ip: Option<std::net::Ipv4Addr>,
+    /// UDP port of the VXLAN tunnel between nodes (must be the same on all
+    /// nodes and differ from any other VXLAN device's port).
+    #[arg(long, default_value_t = 4789)]
+    tunnel_port: u16,
+    /// VXLAN network identifier of the tunnel.
+    #[arg(long, default_value_t = 0x00ce11, value_parser = clap::value_parser!(u32).range(0..1 << 24))]
+    tunnel_vni: u32,
+    /// Source ports for SNAT mode, `min-max`; outside the node's
+    /// ip_local_port_range, so they never collide with its own sockets.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_port_range: (u16, u16),
+    /// Idle time after which an established TCP flow on the node
+    /// interfaces is forgotten (kube-proxy's conntrack default).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_established: Duration,
+    /// Idle time after a FIN or RST.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    conntrack_tcp_timeout_closing: Duration,
+    /// Idle time of a UDP flow.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    conntrack_udp_timeout: Duration,
+    /// How often idle flows are swept from the conntrack map.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    conntrack_sweep_period: Duration,
+    /// Address the healthCheckNodePorts of externalTrafficPolicy Local
+    /// load balancers are served on.
+    #[arg(long, default_value = "0.0.0.0")]
+    health_check_bind_ip: std::net::IpAddr,
     /// cgroup v2 directory whose processes get socket load balancing;
     /// default: the first cgroup v2 mount (mounted if there is none). In a
     /// container, always pass the host's cgroup root mounted in: the
@@ -159,10 +197,26 @@ fn node_name(flag: Option<String>) -> Result<String> {
     Ok(hostname.trim().to_lowercase())
 }
 
+fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
+    let (min, max) = value
+        .split_once('-')
+        .ok_or_else(|| format!("{value:?} is not min-max"))?;
+    let parse = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
+    let (min, max) = (parse(min)?, parse(max)?);
+    if min == 0 || min > max {
+        return Err(format!("{value:?} is not a range of ports"));
+    }
+    Ok((min, max))
+}
+
 fn check_interfaces(interfaces: &[String]) -> Result<()> {
-    for interface in interfaces.iter().filter(|i| !i.is_empty()) {
-        let path = PathBuf::from("/sys/class/net").join(interface);
-        if !path.exists() {
+    for interface in interfaces {
+        // if_nametoindex asks the kernel about this network namespace;
+        // /sys/class/net shows whichever namespace sysfs was mounted in.
+        let name = std::ffi::CString::new(interface.as_str())
+            .with_context(|| format!("--interfaces: {interface:?} is not a name"))?;
+        // SAFETY: a valid NUL-terminated string.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
             bail!("--interfaces: no interface {interface:?} in this network namespace");
         }
     }
@@ -176,7 +230,13 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             kubeconfig: args.kubeconfig,
         },
     };
-    check_interfaces(&args.interfaces)?;
+    let interfaces: Vec<String> = args
+        .interfaces
+        .iter()
+        .filter(|i| !i.is_empty())
+        .cloned()
+        .collect();
+    check_interfaces(&interfaces)?;
     if args.sync_period.is_zero() {
         bail!("--sync-period must be longer than zero");
     }
@@ -204,6 +264,21 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         metrics_bind_address: bind_address("--metrics-bind-address", &args.metrics_bind_address)?,
         healthz_bind_address: bind_address("--healthz-bind-address", &args.healthz_bind_address)?,
         cleanup_kube_proxy_rules: args.cleanup_kube_proxy_rules,
+        external: (!interfaces.is_empty()).then_some(ExternalConfig {
+            interfaces,
+            mode: args.external_mode,
+            node_ip: args.node_ip,
+            tunnel_port: args.tunnel_port,
+            vni: args.tunnel_vni,
+            snat_ports: args.snat_port_range,
+            conntrack: conntrack::Timeouts {
+                tcp_established: args.conntrack_tcp_timeout_established,
+                tcp_closing: args.conntrack_tcp_timeout_closing,
+                udp: args.conntrack_udp_timeout,
+            },
+            conntrack_sweep_period: args.conntrack_sweep_period,
+        }),
+        health_check_bind_ip: args.health_check_bind_ip,
     };
     run::run(config).await
 }

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub frontend_errors_total: Family<ReasonLabels, Counter>,
     pub map_entries: Family<MapLabels, Gauge>,
     pub map_capacity: Family<MapLabels, Gauge>,
+    /// Flows the conntrack sweep expired.
+    pub conntrack_expired_total: Counter,
 }
 
 impl Metrics {
@@ -72,6 +74,7 @@ impl Metrics {
             frontend_errors_total: Family::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            conntrack_expired_total: Counter::default(),
         };
         let mut registry = Registry::default();
         registry.register(
@@ -123,6 +126,11 @@ impl Metrics {
             "dataplane_map_capacity",
             "Maximum entries of each pinned map",
             metrics.map_capacity.clone(),
+        );
+        registry.register(
+            "dataplane_conntrack_expired",
+            "Conntrack entries of idle or closed flows removed by the agent's sweep",
+            metrics.conntrack_expired_total.clone(),
         );
         registry.register_collector(Box::new(DatapathStats { layout }));
         (metrics, registry)

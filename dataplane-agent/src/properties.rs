@@ -203,6 +203,22 @@ impl MapStore for Maps {
         self.state.members.remove(key);
         Ok(())
     }
+    fn put_source_range(
+        &mut self,
+        service_id: u32,
+        range: &crate::model::SourceRange,
+    ) -> Result<(), Injected> {
+        self.state.source_ranges.insert((service_id, *range));
+        Ok(())
+    }
+    fn delete_source_range(
+        &mut self,
+        service_id: u32,
+        range: &crate::model::SourceRange,
+    ) -> Result<(), Injected> {
+        self.state.source_ranges.remove(&(service_id, *range));
+        Ok(())
+    }
 }
 
 /// Every SERVICES entry points at exactly `backend_count` slots of its

@@ -2,26 +2,32 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
-use dataplane_common::{BACKENDS_MAX_ENTRIES, BackendKey, SERVICES_MAX_ENTRIES, map_names};
+use dataplane_common::{
+    BACKENDS_MAX_ENTRIES, BackendKey, CONNTRACK_MAX_ENTRIES, ConfigValue, EXTERNAL_MODE_SNAT,
+    EXTERNAL_MODE_TUNNEL, SERVICES_MAX_ENTRIES, map_names,
+};
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{error, info, info_span, warn};
 
 use crate::{
     dataplane::{
-        kernel::{KernelMaps, Loaded},
+        conntrack, interfaces,
+        kernel::{InterfaceMaps, KernelMaps, Loaded},
         pins::{self, PinLayout},
-        state::{ApplyReport, Limits, PinnedState},
+        state::{ApplyReport, Limits, PinnedState, ipv4_be},
     },
     dump,
     health::{self, Health},
     metrics::{self, FrontendErrorLabels, MapLabels, Metrics, ReasonLabels},
     model::{self, ClusterState, NodeInfo, ObjectName},
+    service_health::{ServiceHealthServers, ServiceHealthTarget},
     source::{
         Changes,
         kube::{self, KubeSource},
@@ -60,6 +66,34 @@ pub struct RunConfig {
     /// Remove a parked kube-proxy's iptables chains and nftables tables at
     /// start.
     pub cleanup_kube_proxy_rules: bool,
+    /// The north-south datapath; None when no interface is configured.
+    pub external: Option<ExternalConfig>,
+    /// Where healthCheckNodePorts are served (kube-proxy: every address).
+    pub health_check_bind_ip: IpAddr,
+}
+
+/// How external traffic reaches a backend on another node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExternalMode {
+    /// VXLAN to the backend's node; the backend sees the client's address.
+    Tunnel,
+    /// Masquerade to this node's address (kube-proxy's behaviour).
+    Snat,
+}
+
+/// The node-interface (north-south) datapath's settings.
+#[derive(Clone, Debug)]
+pub struct ExternalConfig {
+    pub interfaces: Vec<String>,
+    pub mode: ExternalMode,
+    /// The tunnel's and SNAT's source address; default: the first IPv4
+    /// address of the first interface.
+    pub node_ip: Option<Ipv4Addr>,
+    pub tunnel_port: u16,
+    pub vni: u32,
+    pub snat_ports: (u16, u16),
+    pub conntrack: conntrack::Timeouts,
+    pub conntrack_sweep_period: Duration,
 }
 
 /// A started source.
@@ -110,6 +144,8 @@ struct Agent {
     seen_triggers: BTreeMap<ObjectName, String>,
     /// Changes older than this agent are not its programming latency.
     started_at: SystemTime,
+    health_check_servers: ServiceHealthServers,
+    interface_maps: Option<InterfaceMaps>,
 }
 
 /// The annotation the EndpointSlice controller sets to when the change that
@@ -146,6 +182,7 @@ impl Agent {
             error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
         }
         self.retire_unreachable();
+        self.serve_health_checks(&desired);
         self.health.updated(SystemTime::now());
         self.record_metrics(&desired, &report, loaded.problems.len(), started.elapsed());
         self.observe_programming_latency(&loaded.cluster);
@@ -170,6 +207,28 @@ impl Agent {
         Ok(())
     }
 
+    /// kube-proxy's per-Service health checks for externalTrafficPolicy
+    /// Local load balancers.
+    fn serve_health_checks(&mut self, desired: &model::DesiredDataplane) {
+        let wanted: BTreeMap<u16, ServiceHealthTarget> = desired
+            .health_checks
+            .iter()
+            .map(|(port, check)| {
+                (
+                    *port,
+                    ServiceHealthTarget {
+                        namespace: check.service.namespace.clone(),
+                        name: check.service.name.clone(),
+                        local_endpoints: check.local_endpoints,
+                    },
+                )
+            })
+            .collect();
+        for (port, error) in self.health_check_servers.reconcile(&wanted) {
+            error!(port, %error, "healthCheckNodePort not served; retried at the next sync");
+        }
+    }
+
     /// A full resync: what the kernel maps hold (in case anything but this
     /// agent touched them) becomes the starting point again, then converge.
     fn resync(&mut self) -> Result<()> {
@@ -177,6 +236,11 @@ impl Agent {
             .maps
             .read()
             .context("re-reading the pinned maps for a full resync")?;
+        if let (Some(maps), Some(external)) = (&mut self.interface_maps, &self.config.external) {
+            // Node addresses can change (DHCP, a new LB address on the node).
+            let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
+            maps.set_node_ips(&addresses)?;
+        }
         self.sync()
     }
 
@@ -361,6 +425,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let mut loaded = Loaded::load(layout)?;
     loaded.forward_program_logs();
     let maps = loaded.take_maps()?;
+    let interface_maps = match &config.external {
+        Some(external) => {
+            let mut interface_maps = loaded.take_interface_maps()?;
+            configure_interfaces(&mut interface_maps, external)?;
+            Some(interface_maps)
+        }
+        None => None,
+    };
     let mirror = maps
         .read()
         .context("reading the pinned maps left by a previous agent")?;
@@ -380,6 +452,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let queued = health.clone();
     let notifier = Changes::new(changes_sender, move || queued.queued(SystemTime::now()));
     let source = Source::start(&config, notifier).await?;
+    let config_health_ip = config.health_check_bind_ip;
+    let health_for_checks = health.clone();
     let mut agent = Agent {
         source,
         config,
@@ -390,6 +464,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
         health,
         seen_triggers: BTreeMap::new(),
         started_at: SystemTime::now(),
+        health_check_servers: ServiceHealthServers::new(config_health_ip, {
+            let health = health_for_checks;
+            Arc::new(move || health.check(SystemTime::now()).0)
+        }),
+        interface_maps,
     };
     // Slots a previous agent retired but did not sweep get a fresh grace.
     agent.retire_unreachable();
@@ -397,6 +476,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
     // programs already sees every Service.
     agent.sync()?;
     loaded.attach_socket_lb(&agent.config.cgroup)?;
+    if let Some(external) = &agent.config.external {
+        loaded.attach_interfaces(&external.interfaces)?;
+        info!(interfaces = ?external.interfaces, mode = ?external.mode, "node interfaces attached");
+        spawn_conntrack_sweep(
+            PinLayout::new(&agent.config.bpffs_dir),
+            external.clone(),
+            agent.metrics.clone(),
+        );
+    }
     info!(cgroup = %agent.config.cgroup.display(), "socket load balancing attached; ready");
     if agent.config.cleanup_kube_proxy_rules {
         match crate::kube_proxy_rules::remove_all() {
@@ -449,6 +537,80 @@ pub async fn run(config: RunConfig) -> Result<()> {
     }
     info!("stopping; programs and maps stay pinned and keep serving");
     Ok(())
+}
+
+/// Writes CONFIG and NODE_IPS before the interface programs attach.
+fn configure_interfaces(maps: &mut InterfaceMaps, external: &ExternalConfig) -> Result<()> {
+    let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
+    let node_ip = match external.node_ip {
+        Some(ip) => ip,
+        None => first_address_of_first_interface(external)?,
+    };
+    maps.set_node_ips(&addresses)?;
+    maps.set_config(&ConfigValue {
+        external_mode: match external.mode {
+            ExternalMode::Tunnel => EXTERNAL_MODE_TUNNEL,
+            ExternalMode::Snat => EXTERNAL_MODE_SNAT,
+        },
+        node_ip_be: ipv4_be(node_ip),
+        vni: external.vni,
+        tunnel_port_be: external.tunnel_port.to_be(),
+        snat_port_min: external.snat_ports.0,
+        snat_port_max: external.snat_ports.1,
+        _pad: 0,
+    })?;
+    info!(%node_ip, node_addresses = ?addresses, "north-south datapath configured");
+    Ok(())
+}
+
+fn first_address_of_first_interface(external: &ExternalConfig) -> Result<Ipv4Addr> {
+    let first = external
+        .interfaces
+        .first()
+        .context("no node interface configured")?;
+    interfaces::ipv4_addresses(std::slice::from_ref(first))?
+        .into_iter()
+        .next()
+        .with_context(|| {
+            format!("interface {first} has no IPv4 address; pass --node-ip to choose the tunnel and SNAT address")
+        })
+}
+
+/// Expires idle flows from CONNTRACK periodically, off the async workers.
+fn spawn_conntrack_sweep(layout: PinLayout, external: ExternalConfig, metrics: Metrics) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(external.conntrack_sweep_period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let layout = layout.clone();
+            let timeouts = external.conntrack;
+            let swept = tokio::task::spawn_blocking(move || {
+                conntrack::sweep(&layout, &timeouts, dump::monotonic_now_ns())
+            })
+            .await;
+            match swept {
+                Ok(Ok(report)) => {
+                    let labels = MapLabels {
+                        map: map_names::CONNTRACK.into(),
+                    };
+                    metrics
+                        .map_entries
+                        .get_or_create(&labels)
+                        .set(gauge(report.entries));
+                    metrics
+                        .map_capacity
+                        .get_or_create(&labels)
+                        .set(i64::from(CONNTRACK_MAX_ENTRIES));
+                    metrics
+                        .conntrack_expired_total
+                        .inc_by(report.expired as u64);
+                }
+                Ok(Err(error)) => warn!(error = format!("{error:#}"), "conntrack sweep failed"),
+                Err(error) => warn!(%error, "conntrack sweep task failed"),
+            }
+        }
+    });
 }
 
 /// A count as a gauge value (saturating; counts never approach i64::MAX).

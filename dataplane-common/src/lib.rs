@@ -17,7 +17,22 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const MEMBERS: &str = "MEMBERS";
     pub const AFFINITY: &str = "AFFINITY";
-    pub const ALL: [&str; 6] = [SERVICES, BACKENDS, SOCK_REV, STATS, MEMBERS, AFFINITY];
+    pub const CONNTRACK: &str = "CONNTRACK";
+    pub const NODE_IPS: &str = "NODE_IPS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
+    pub const ALL: [&str; 10] = [
+        SERVICES,
+        BACKENDS,
+        SOCK_REV,
+        STATS,
+        MEMBERS,
+        AFFINITY,
+        CONNTRACK,
+        NODE_IPS,
+        CONFIG,
+        SOURCE_RANGES,
+    ];
 }
 
 /// Names of the BPF programs in the object file.
@@ -26,6 +41,8 @@ pub mod program_names {
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
     pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    pub const TC_INGRESS: &str = "tc_ingress";
+    pub const TC_EGRESS: &str = "tc_egress";
 }
 
 /// Map capacities compiled into the object. The agent enforces its own,
@@ -34,18 +51,46 @@ pub const SERVICES_MAX_ENTRIES: u32 = 65_536;
 pub const BACKENDS_MAX_ENTRIES: u32 = 1_048_576;
 pub const SOCK_REV_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
+pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
+pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
+pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 
 /// `ServiceValue::flags`: sessionAffinity ClientIP, for
 /// `affinity_timeout_s` seconds since the client's last new connection.
 pub const SERVICE_FLAG_AFFINITY: u32 = 1;
+/// `loadBalancerSourceRanges`: only sources in SOURCE_RANGES under this
+/// frontend's id may connect; others are dropped.
+pub const SERVICE_FLAG_SOURCE_RANGES: u32 = 2;
+/// `externalTrafficPolicy: Local` with no endpoint on this node while the
+/// Service has endpoints elsewhere: drop (the load balancer's health check
+/// steers clients away) instead of rejecting.
+pub const SERVICE_FLAG_DROP_WITHOUT_BACKENDS: u32 = 4;
+
+/// `BackendValue::flags`: the backend runs on another node whose address is
+/// `node_ip_be`; external traffic reaches it through the tunnel (or SNAT).
+/// Without it the backend is reached by DNAT and the node's own routing.
+pub const BACKEND_FLAG_REMOTE: u16 = 1;
 
 /// IANA protocol numbers as stored in [`ServiceKey::protocol`].
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// `ServiceKey::scope` for a frontend reachable from anywhere (ClusterIP).
+/// `ServiceKey::scope`: which traffic a frontend entry is for. The same
+/// address can have different backends for traffic from inside and from
+/// outside the cluster (externalTrafficPolicy), hence separate entries.
+///
+/// Traffic that starts on this node (socket LB): ClusterIPs, and the
+/// in-cluster view of externalIPs and load-balancer IPs.
 pub const SCOPE_ANY: u8 = 0;
+/// Traffic arriving on a node interface for an externalIP or LB IP.
+pub const SCOPE_EXTERNAL: u8 = 1;
+/// Traffic arriving on a node interface for a node IP and a nodePort; the
+/// key's address is 0 (any of the node's addresses, in NODE_IPS).
+pub const SCOPE_NODEPORT: u8 = 2;
+/// Traffic that starts on this node for one of its own addresses and a
+/// nodePort (socket LB); address 0 as for [`SCOPE_NODEPORT`].
+pub const SCOPE_NODEPORT_LOCAL: u8 = 3;
 
 /// A Service frontend: one (virtual IP, port, protocol).
 #[repr(C)]
@@ -111,16 +156,22 @@ pub struct MemberKey {
 }
 const _: () = assert!(size_of::<MemberKey>() == 12);
 
-/// sessionAffinity state of one client for one Service frontend. The client
-/// is identified by its network namespace cookie: at connect() time the
-/// source address is not chosen yet, and a pod is its network namespace.
+/// sessionAffinity state of one client for one Service frontend. Socket LB
+/// identifies a client by its network namespace cookie (at connect() time
+/// the source address is not chosen yet, and a pod is its network
+/// namespace); the node interfaces by its IPv4 source address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     pub service_id: u32,
-    pub _pad: u32,
-    pub netns_cookie: u64,
+    /// [`AFFINITY_CLIENT_NETNS`] or [`AFFINITY_CLIENT_IPV4`].
+    pub client_kind: u32,
+    pub client: u64,
 }
+
+/// `AffinityKey::client_kind`.
+pub const AFFINITY_CLIENT_NETNS: u32 = 0;
+pub const AFFINITY_CLIENT_IPV4: u32 = 1;
 const _: () = assert!(size_of::<AffinityKey>() == 16);
 
 #[repr(C)]
@@ -157,6 +208,99 @@ pub struct SockRevValue {
 }
 const _: () = assert!(size_of::<SockRevValue>() == 8);
 
+/// `CtKey`/`CtValue` kinds of flow on the node interfaces.
+/// Client -> frontend, as it arrives: translate to the backend.
+pub const CT_FORWARD: u8 = 1;
+/// Backend -> client (or -> this node in SNAT mode): translate back to the
+/// frontend the client dialled.
+pub const CT_REPLY: u8 = 2;
+/// On the backend's node: backend -> client replies of a flow that arrived
+/// through the tunnel go back through it to `tunnel_ip_be`.
+pub const CT_TUNNEL_RETURN: u8 = 3;
+
+/// `CtValue::flags`.
+pub const CT_FLAG_FIN_SEEN: u8 = 1;
+pub const CT_FLAG_RST_SEEN: u8 = 2;
+/// The backend is on another node: the packet is tunnelled (or SNATed).
+pub const CT_FLAG_REMOTE: u8 = 4;
+/// SNAT mode: the source is rewritten to `snat_ip_be:snat_port_be`.
+pub const CT_FLAG_SNAT: u8 = 8;
+
+/// A flow on the node interfaces, as seen in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<CtKey>() == 16);
+
+/// What to do with the packets of one direction of a flow.
+///
+/// [`CT_FORWARD`]: rewrite the destination to `nat_ip_be:nat_port_be` (the
+/// backend); with [`CT_FLAG_SNAT`] also the source to
+/// `snat_ip_be:snat_port_be`; with [`CT_FLAG_REMOTE`] tunnel to
+/// `tunnel_ip_be`. [`CT_REPLY`]: rewrite the source to `nat_ip_be:
+/// nat_port_be` (the frontend), with [`CT_FLAG_SNAT`] also the destination
+/// to `snat_ip_be:snat_port_be` (the client). [`CT_TUNNEL_RETURN`]:
+/// encapsulate to `tunnel_ip_be`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtValue {
+    pub nat_ip_be: u32,
+    pub snat_ip_be: u32,
+    pub tunnel_ip_be: u32,
+    pub nat_port_be: u16,
+    pub snat_port_be: u16,
+    pub kind: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// The frontend's id (for affinity, metrics and the sweep).
+    pub service_id: u32,
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) of the last packet.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<CtValue>() == 32);
+
+/// `ConfigValue::external_mode`: how external traffic reaches a backend on
+/// another node.
+pub const EXTERNAL_MODE_TUNNEL: u32 = 1;
+pub const EXTERNAL_MODE_SNAT: u32 = 2;
+
+/// The single entry of CONFIG, written by the agent before it attaches the
+/// interface programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConfigValue {
+    pub external_mode: u32,
+    /// This node's address on the node network: the tunnel's outer source
+    /// and the SNAT address.
+    pub node_ip_be: u32,
+    /// VXLAN network identifier (host order).
+    pub vni: u32,
+    pub tunnel_port_be: u16,
+    /// SNAT source ports are taken from `snat_port_min..=snat_port_max`
+    /// (host order).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ConfigValue>() == 20);
+
+/// An LPM-trie key of SOURCE_RANGES: `prefix_len` counts bits of
+/// `service_id_be` (always all 32) and then of `source_be`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    pub service_id_be: u32,
+    pub source_be: u32,
+}
+const _: () = assert!(size_of::<SourceRangeKey>() == 8);
+
 /// Indexes into the per-CPU STATS array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,16 +316,60 @@ pub enum Stat {
     SockRevUpdateFailed = 3,
     /// A connection reused its client's affine backend.
     SockAffinityHit = 4,
+    /// A new external flow was translated to a backend on this node.
+    ExtNewLocal = 5,
+    /// A new external flow was sent through the tunnel to another node.
+    ExtNewTunnel = 6,
+    /// A new external flow was SNATed to a backend on another node.
+    ExtNewSnat = 7,
+    /// A packet of a known external flow was translated.
+    ExtEstablished = 8,
+    /// A packet from the tunnel was decapsulated for a local backend.
+    ExtDecapsulated = 9,
+    /// External traffic to a frontend without endpoints was rejected
+    /// (TCP RST or ICMP port unreachable).
+    ExtRejected = 10,
+    /// Dropped: externalTrafficPolicy Local and no endpoint on this node.
+    ExtDropNoLocalEndpoint = 11,
+    /// Dropped: the source is outside loadBalancerSourceRanges.
+    ExtDropSourceRange = 12,
+    /// A fragment or a packet with a truncated or malformed header addressed
+    /// a frontend and was passed untranslated.
+    ExtPassedMalformed = 13,
+    /// The conntrack map refused an entry (the flow was not translated).
+    ExtConntrackFull = 14,
+    /// Encapsulation, redirect or a rewrite failed; the packet was dropped.
+    ExtDropDatapathError = 15,
+    /// An ICMP error about a translated flow was translated too.
+    ExtIcmpTranslated = 16,
+    /// No free SNAT source port was found; the packet was dropped.
+    ExtSnatPortsExhausted = 17,
+    /// A packet too big for the tunnel got ICMP "fragmentation needed".
+    ExtTooBigForTunnel = 18,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SockTranslated,
         Stat::SockRefusedNoEndpoints,
         Stat::SockBackendMissing,
         Stat::SockRevUpdateFailed,
         Stat::SockAffinityHit,
+        Stat::ExtNewLocal,
+        Stat::ExtNewTunnel,
+        Stat::ExtNewSnat,
+        Stat::ExtEstablished,
+        Stat::ExtDecapsulated,
+        Stat::ExtRejected,
+        Stat::ExtDropNoLocalEndpoint,
+        Stat::ExtDropSourceRange,
+        Stat::ExtPassedMalformed,
+        Stat::ExtConntrackFull,
+        Stat::ExtDropDatapathError,
+        Stat::ExtIcmpTranslated,
+        Stat::ExtSnatPortsExhausted,
+        Stat::ExtTooBigForTunnel,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -191,6 +379,20 @@ impl Stat {
             Stat::SockBackendMissing => "sock_backend_missing",
             Stat::SockRevUpdateFailed => "sock_rev_update_failed",
             Stat::SockAffinityHit => "sock_affinity_hit",
+            Stat::ExtNewLocal => "ext_new_local",
+            Stat::ExtNewTunnel => "ext_new_tunnel",
+            Stat::ExtNewSnat => "ext_new_snat",
+            Stat::ExtEstablished => "ext_established",
+            Stat::ExtDecapsulated => "ext_decapsulated",
+            Stat::ExtRejected => "ext_rejected",
+            Stat::ExtDropNoLocalEndpoint => "ext_drop_no_local_endpoint",
+            Stat::ExtDropSourceRange => "ext_drop_source_range",
+            Stat::ExtPassedMalformed => "ext_passed_malformed",
+            Stat::ExtConntrackFull => "ext_conntrack_full",
+            Stat::ExtDropDatapathError => "ext_drop_datapath_error",
+            Stat::ExtIcmpTranslated => "ext_icmp_translated",
+            Stat::ExtSnatPortsExhausted => "ext_snat_ports_exhausted",
+            Stat::ExtTooBigForTunnel => "ext_too_big_for_tunnel",
         }
     }
 }
@@ -209,4 +411,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for ConfigValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }

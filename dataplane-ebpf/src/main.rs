@@ -3,10 +3,23 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod csum;
+mod icmp;
+mod lb;
 mod maps;
+mod nat;
+mod packet;
+mod reject;
+mod route;
 mod sock;
+mod tc;
+mod tunnel;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 /// cgroup `connect4`: a TCP or UDP connect() to a Service frontend is
 /// redirected to one of its backends before the first packet exists.
@@ -34,6 +47,19 @@ pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername4)]
 pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::reverse_to_frontend4(&ctx)
+}
+
+/// TC ingress on a node interface: external traffic to Service frontends,
+/// tunnelled flows from other nodes, ICMP errors about translated flows.
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
+}
+
+/// TC egress on a node interface: replies of translated flows.
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    tc::egress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -3,12 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendKey,
-    BackendValue, MemberKey, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, ServiceKey, ServiceValue,
-    SockRevKey, SockRevValue, Stat,
+    BackendValue, CONNTRACK_MAX_ENTRIES, ConfigValue, CtKey, CtValue, MemberKey,
+    NODE_IPS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, Stat,
 };
 
 /// `BPF_F_NO_PREALLOC`: a preallocated hash map recycles the element an
@@ -43,6 +44,26 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map]
 pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
     LruHashMap::pinned(SOCK_REV_MAX_ENTRIES, 0);
+
+/// Flows on the node interfaces, one entry per direction. LRU: under a
+/// flood of new flows the least recently used go first, so established
+/// flows that keep sending survive; the agent also sweeps idle ones.
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
+
+/// This node's own IPv4 addresses (network order) on its interfaces: where
+/// nodePorts are served and tunnels end.
+#[map]
+pub static NODE_IPS: HashMap<u32, u32> = HashMap::pinned(NODE_IPS_MAX_ENTRIES, NO_PREALLOC);
+
+#[map]
+pub static CONFIG: Array<ConfigValue> = Array::pinned(1, 0);
+
+/// loadBalancerSourceRanges: (frontend id, source prefix) -> 1. (aya adds
+/// the BPF_F_NO_PREALLOC an LPM trie requires.)
+#[map]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
+    LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

@@ -5,21 +5,19 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
-    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use aya_log_ebpf::debug;
 use dataplane_common::{
-    AffinityKey, AffinityValue, BackendKey, BackendValue, IPPROTO_TCP, IPPROTO_UDP, MemberKey,
-    SCOPE_ANY, SERVICE_FLAG_AFFINITY, ServiceKey, ServiceValue, SockRevKey, SockRevValue, Stat,
+    AFFINITY_CLIENT_NETNS, BackendValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_ANY, SCOPE_NODEPORT_LOCAL,
+    ServiceKey, SockRevKey, SockRevValue, Stat,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, MEMBERS, SERVICES, SOCK_REV, count};
-
-const NANOS_PER_SECOND: u64 = 1_000_000_000;
+use crate::{
+    lb,
+    maps::{NODE_IPS, SOCK_REV, count},
+};
 
 /// sock_addr verdicts: 1 lets the syscall proceed, 0 fails it (with EPERM
 /// unless `bpf_set_retval` chose another error).
@@ -37,19 +35,13 @@ pub fn translate_to_backend4(ctx: &SockAddrContext) -> i32 {
     let Some(protocol) = balanced_protocol(protocol) else {
         return ALLOW;
     };
-    let key = service_key(vip_be, port_be, protocol);
-    // SAFETY: the value is copied out at once; SERVICES is not preallocated,
-    // so a concurrent update swaps in a new element and this one stays
-    // valid until the program returns (maps.rs).
-    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
+    let Some((key, service)) = find_frontend(vip_be, port_be, protocol) else {
         return ALLOW;
     };
-    let chosen = if service.flags & SERVICE_FLAG_AFFINITY != 0 {
-        select_affine_backend(ctx, &service)
-    } else {
-        select_backend(&service)
-    };
-    let Some(backend) = chosen else {
+    // SAFETY: the context is a valid sock_addr for this hook.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(backend) = lb::select(&service, AFFINITY_CLIENT_NETNS, netns) else {
+        count(Stat::SockRefusedNoEndpoints);
         // Debug level: compiled in, filtered by the agent's log level.
         debug!(
             ctx,
@@ -111,89 +103,34 @@ fn balanced_protocol(protocol: u32) -> Option<u8> {
     }
 }
 
+/// The frontend a socket addresses: a Service IP, or one of this node's
+/// own addresses with a nodePort (kube-proxy serves nodePorts to local
+/// clients too, so a pod reaching its own Service through a node IP
+/// works). Returns the key the client addressed and the entry to use.
 #[inline(always)]
-fn service_key(vip_be: u32, user_port: u32, protocol: u8) -> ServiceKey {
-    ServiceKey {
+fn find_frontend(
+    vip_be: u32,
+    user_port: u32,
+    protocol: u8,
+) -> Option<(ServiceKey, dataplane_common::ServiceValue)> {
+    let key = ServiceKey {
         vip_be,
         // The port sits in the low 16 bits of user_port, in network order.
         port_be: user_port as u16,
         protocol,
         scope: SCOPE_ANY,
+    };
+    if let Some(service) = lb::frontend(&key) {
+        return Some((key, service));
     }
-}
-
-/// Uniform random choice among the current generation's backends.
-#[inline(always)]
-fn select_backend(service: &ServiceValue) -> Option<BackendValue> {
-    let backend_count = u32::from(service.backend_count);
-    if backend_count == 0 {
-        count(Stat::SockRefusedNoEndpoints);
-        return None;
-    }
-    // SAFETY: helper without preconditions.
-    let index = unsafe { bpf_get_prandom_u32() } % backend_count;
-    let key = BackendKey {
-        service_id: service.service_id,
-        generation: service.generation,
-        index: index as u16,
-    };
-    // SAFETY: the value is copied out at once.
-    match unsafe { BACKENDS.get(key) } {
-        Some(backend) => Some(*backend),
-        None => {
-            count(Stat::SockBackendMissing);
-            None
-        }
-    }
-}
-
-/// sessionAffinity ClientIP: the client's previous backend if it used it
-/// within the timeout and it is still in the current generation; otherwise
-/// a fresh uniform choice, remembered. Every new connection refreshes the
-/// timestamp, as kube-proxy's `recent --set` on each new connection does.
-#[inline(always)]
-fn select_affine_backend(ctx: &SockAddrContext, service: &ServiceValue) -> Option<BackendValue> {
-    let key = AffinityKey {
-        service_id: service.service_id,
-        _pad: 0,
-        // SAFETY: the context is a valid sock_addr for this hook.
-        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-    };
-    // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let timeout_ns = u64::from(service.affinity_timeout_s) * NANOS_PER_SECOND;
-    // SAFETY: the value is copied out at once.
-    let remembered = unsafe { AFFINITY.get(key) }.copied();
-    let backend = match remembered {
-        Some(previous)
-            if now.wrapping_sub(previous.last_seen_ns) <= timeout_ns
-                && is_current_member(service, &previous) =>
-        {
-            count(Stat::SockAffinityHit);
-            previous.backend
-        }
-        _ => select_backend(service)?,
-    };
-    let refreshed = AffinityValue {
-        backend,
-        _pad: 0,
-        last_seen_ns: now,
-    };
-    // A full LRU evicts its oldest entry; an error here only costs affinity.
-    let _ = AFFINITY.insert(key, refreshed, 0);
-    Some(backend)
-}
-
-#[inline(always)]
-fn is_current_member(service: &ServiceValue, previous: &AffinityValue) -> bool {
-    let member = MemberKey {
-        service_id: service.service_id,
-        generation: service.generation,
-        port_be: previous.backend.port_be,
-        ip_be: previous.backend.ip_be,
-    };
     // SAFETY: presence check only.
-    unsafe { MEMBERS.get(member) }.is_some()
+    unsafe { NODE_IPS.get(vip_be) }?;
+    let node_port = ServiceKey {
+        vip_be: 0,
+        scope: SCOPE_NODEPORT_LOCAL,
+        ..key
+    };
+    Some((key, lb::frontend(&node_port)?))
 }
 
 #[inline(always)]

@@ -1,6 +1,7 @@
 //! The one network-namespace harness: tests and `cargo xtask demo` build
 //! their little clusters with it.
 pub mod apiserver;
+pub mod cluster;
 pub mod manifests;
 pub mod probe;
 pub mod testbed;

@@ -13,6 +13,7 @@ pub struct Svc {
     ports: Vec<String>,
     spec: Vec<String>,
     labels: Vec<String>,
+    status: Vec<String>,
 }
 
 impl Svc {
@@ -23,7 +24,33 @@ impl Svc {
             ports: Vec::new(),
             spec: Vec::new(),
             labels: Vec::new(),
+            status: Vec::new(),
         }
+    }
+
+    /// A port with a nodePort (for `type: NodePort` or `LoadBalancer`).
+    pub fn node_port(
+        mut self,
+        name: &str,
+        port: u16,
+        protocol: &str,
+        target_port: u16,
+        node_port: u16,
+    ) -> Self {
+        self.ports.push(format!(
+            "{{name: {name}, port: {port}, protocol: {protocol}, targetPort: {target_port}, nodePort: {node_port}}}"
+        ));
+        self
+    }
+
+    /// `status.loadBalancer.ingress` with these IPs.
+    pub fn load_balancer_ips(mut self, ips: &[&str]) -> Self {
+        let ingress: Vec<String> = ips.iter().map(|ip| format!("{{ip: \"{ip}\"}}")).collect();
+        self.status.push(format!(
+            "loadBalancer: {{ingress: [{}]}}",
+            ingress.join(", ")
+        ));
+        self
     }
 
     /// A port whose targetPort is the number `target_port`, named `name`.
@@ -55,6 +82,12 @@ impl Svc {
         );
         for line in &self.spec {
             out += &format!("  {line}\n");
+        }
+        if !self.status.is_empty() {
+            out += "status:\n";
+            for line in &self.status {
+                out += &format!("  {line}\n");
+            }
         }
         out
     }
@@ -171,6 +204,13 @@ pub fn http_service_on(name: &str, cluster_ip: &str, port: u16, hosts: &[&Host])
 pub fn node(name: &str, zone: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{topology.kubernetes.io/zone: {zone}}}\n"
+    )
+}
+
+/// A Node object with an InternalIP (where other nodes tunnel to).
+pub fn node_with_ip(name: &str, ip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nstatus:\n  addresses: [{{type: InternalIP, address: \"{ip}\"}}]\n"
     )
 }
 

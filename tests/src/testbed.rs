@@ -46,6 +46,10 @@ pub struct Host {
 pub struct Testbed {
     pub id: String,
     pub node_netns: String,
+    /// The node's name, as the agent is told (`--hostname-override`).
+    pub node_name: String,
+    /// Hosts get 10.<subnet>.<n>.2.
+    subnet: u8,
     pub hosts: Vec<Host>,
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
@@ -68,7 +72,7 @@ fn run(command: &mut Command) -> Result<Output> {
     Ok(output)
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+pub fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(|_| ())
 }
 
@@ -189,6 +193,11 @@ fn remove_leftovers() {
 impl Testbed {
     /// A node namespace, a cgroup, a pin directory and a manifest directory.
     pub fn new() -> Result<Self> {
+        Self::node("node-a", 200)
+    }
+
+    /// A node named `node_name` whose hosts get addresses 10.`subnet`.n.2.
+    pub fn node(node_name: &str, subnet: u8) -> Result<Self> {
         remove_leftovers();
         let id = format!(
             "{PREFIX}{}x{}",
@@ -198,6 +207,8 @@ impl Testbed {
         let work_dir = std::env::temp_dir().join(&id);
         let testbed = Self {
             node_netns: format!("{id}-node"),
+            node_name: node_name.into(),
+            subnet,
             cgroup: cgroup2_root()?.join(&id),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&id),
             manifests: work_dir.join("manifests"),
@@ -224,7 +235,7 @@ impl Testbed {
         Ok(testbed)
     }
 
-    fn add_netns(&self, name: &str) -> Result<()> {
+    pub fn add_netns(&self, name: &str) -> Result<()> {
         let _guard = NETNS_LOCK
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -232,20 +243,22 @@ impl Testbed {
     }
 
     /// Adds a host namespace `name` wired to the node, with address
-    /// 10.200.<n>.2 and a default route through the node (10.200.<n>.1).
+    /// 10.<subnet>.<n>.2 and a default route through the node
+    /// (10.<subnet>.<n>.1).
     pub fn host(&mut self, name: &str) -> Result<Host> {
         let index = self.hosts.len() + 1;
+        let subnet = self.subnet;
         let netns = format!("{}-{name}", self.id);
         self.add_netns(&netns)?;
         self.hosts.push(Host {
             name: name.into(),
             netns: netns.clone(),
-            ip: Ipv4Addr::new(10, 200, index as u8, 2),
+            ip: Ipv4Addr::new(10, subnet, index as u8, 2),
         });
         let node_if = format!("h{index}");
         let (node_ip, host_ip) = (
-            format!("10.200.{index}.1/24"),
-            format!("10.200.{index}.2/24"),
+            format!("10.{subnet}.{index}.1/24"),
+            format!("10.{subnet}.{index}.2/24"),
         );
         let node = self.node_netns.clone();
         ip(&[
@@ -264,7 +277,7 @@ impl Testbed {
             "add",
             "default",
             "via",
-            &format!("10.200.{index}.1"),
+            &format!("10.{subnet}.{index}.1"),
         ])?;
         self.hosts.last().cloned().context("host just added")
     }
@@ -393,8 +406,21 @@ impl Testbed {
         count: usize,
         mode: &str,
     ) -> Result<Vec<Attempt>> {
+        self.exchange_in(&host.netns, true, to, count, mode)
+    }
+
+    /// Like [`Testbed::exchange`] from any namespace, inside the testbed's
+    /// cgroup or not (a client outside the cluster is not).
+    pub fn exchange_in(
+        &self,
+        netns: &str,
+        in_cgroup: bool,
+        to: &str,
+        count: usize,
+        mode: &str,
+    ) -> Result<Vec<Attempt>> {
         let output = run(self
-            .command_in(&host.netns, true, sibling_binary("dataplane-probe")?)?
+            .command_in(netns, in_cgroup, sibling_binary("dataplane-probe")?)?
             .args(["connect", "--to", to, "--count", &count.to_string()])
             .args(["--timeout-ms", "2000", "--mode", mode]))?;
         let attempts = parse_attempts(&String::from_utf8_lossy(&output.stdout))?;
@@ -496,7 +522,7 @@ impl Testbed {
             .arg(&self.cgroup)
             .arg("--bpffs-dir")
             .arg(&self.pin_dir)
-            .args(["--hostname-override", "node-a"])
+            .args(["--hostname-override", &self.node_name])
             .args(extra_args)
             .env("RUST_LOG", "info");
         Ok(command)

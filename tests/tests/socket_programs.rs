@@ -49,14 +49,8 @@ fn put_slot(maps: &mut KernelMaps, generation: u16, index: u16, host: &Host) {
         generation,
         index,
     };
-    maps.put_backend(
-        &key,
-        &backend_value(&Backend {
-            ip: host.ip,
-            port: 8080,
-        }),
-    )
-    .unwrap();
+    maps.put_backend(&key, &backend_value(&Backend::routed(host.ip, 8080)))
+        .unwrap();
 }
 
 /// Service 7 on VIP:80 over `protocol`, at `generation` with
@@ -69,11 +63,7 @@ fn put_frontend(maps: &mut KernelMaps, protocol: Protocol, generation: u16, back
         flags: 0,
         affinity_timeout_s: 0,
     };
-    let frontend = Frontend {
-        ip: VIP,
-        port: 80,
-        protocol,
-    };
+    let frontend = Frontend::cluster(VIP, 80, protocol);
     maps.put_service(&service_key(&frontend), &value).unwrap();
 }
 

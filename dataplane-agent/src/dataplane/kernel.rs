@@ -5,19 +5,29 @@
 use std::{fs::File, path::Path};
 
 use anyhow::{Context as _, Result};
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, links::FdLink,
+        tc::TcAttachOptions,
+    },
 };
 use dataplane_common::{
-    BackendKey, BackendValue, MemberKey, ServiceKey, ServiceValue, Stat, map_names, program_names,
+    BackendKey, BackendValue, ConfigValue, MemberKey, ServiceKey, ServiceValue, SourceRangeKey,
+    Stat, map_names, program_names,
 };
 
 use super::{
     pins::PinLayout,
-    state::{MapStore, PinnedState},
+    state::{MapStore, PinnedState, ipv4_be, ipv4_of_be},
 };
+use crate::model::SourceRange;
 
 /// The programs, built by build.rs from the dataplane-ebpf crate.
 static PROGRAM_OBJECT: &[u8] =
@@ -33,10 +43,29 @@ pub const SOCKET_PROGRAMS: [&str; 4] = [
     program_names::SOCK_SENDMSG4,
 ];
 
+/// Programs of the node interfaces, with the hook each runs on. Egress
+/// first, for the same reason as in [`SOCKET_PROGRAMS`].
+pub const INTERFACE_PROGRAMS: [(&str, TcAttachType); 2] = [
+    (program_names::TC_EGRESS, TcAttachType::Egress),
+    (program_names::TC_INGRESS, TcAttachType::Ingress),
+];
+
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, BackendValue>,
     members: HashMap<MapData, MemberKey, u32>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+}
+
+/// The SOURCE_RANGES key: all 32 bits of the id, then the prefix.
+fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        32 + u32::from(range.prefix_len),
+        SourceRangeKey {
+            service_id_be: service_id.to_be(),
+            source_be: ipv4_be(range.ip),
+        },
+    )
 }
 
 impl MapStore for KernelMaps {
@@ -58,6 +87,20 @@ impl MapStore for KernelMaps {
     }
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
         ignore_missing(self.members.remove(key))
+    }
+    fn put_source_range(&mut self, service_id: u32, range: &SourceRange) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&source_range_key(service_id, range), 1, 0)
+    }
+    fn delete_source_range(
+        &mut self,
+        service_id: u32,
+        range: &SourceRange,
+    ) -> Result<(), MapError> {
+        ignore_missing(
+            self.source_ranges
+                .remove(&source_range_key(service_id, range)),
+        )
     }
 }
 
@@ -85,6 +128,17 @@ impl KernelMaps {
         for entry in self.members.iter() {
             let (key, index) = entry.context("reading MEMBERS")?;
             state.members.insert(key, index);
+        }
+        for key in self.source_ranges.keys() {
+            let key = key.context("reading SOURCE_RANGES")?;
+            let data = key.data();
+            state.source_ranges.insert((
+                u32::from_be(data.service_id_be),
+                SourceRange {
+                    ip: ipv4_of_be(data.source_be),
+                    prefix_len: key.prefix_len().saturating_sub(32) as u8,
+                },
+            ));
         }
         Ok(state)
     }
@@ -146,6 +200,18 @@ impl Loaded {
             services: typed_map(self.ebpf.take_map(map_names::SERVICES), map_names::SERVICES)?,
             backends: typed_map(self.ebpf.take_map(map_names::BACKENDS), map_names::BACKENDS)?,
             members: typed_map(self.ebpf.take_map(map_names::MEMBERS), map_names::MEMBERS)?,
+            source_ranges: typed_map(
+                self.ebpf.take_map(map_names::SOURCE_RANGES),
+                map_names::SOURCE_RANGES,
+            )?,
+        })
+    }
+
+    /// The maps that configure the node-interface programs.
+    pub fn take_interface_maps(&mut self) -> Result<InterfaceMaps> {
+        Ok(InterfaceMaps {
+            config: typed_map(self.ebpf.take_map(map_names::CONFIG), map_names::CONFIG)?,
+            node_ips: typed_map(self.ebpf.take_map(map_names::NODE_IPS), map_names::NODE_IPS)?,
         })
     }
 
@@ -159,16 +225,81 @@ impl Loaded {
     pub fn attach_socket_lb(&mut self, cgroup: &Path) -> Result<()> {
         let cgroup_dir =
             File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let targets = SOCKET_PROGRAMS
+            .iter()
+            .map(|name| Target::Cgroup {
+                program: name,
+                dir: &cgroup_dir,
+                path: cgroup,
+            })
+            .collect();
+        self.attach_staged(targets)
+    }
+
+    /// Attaches the node-interface programs to every interface in
+    /// `interfaces` (TCX links, pinned as `<program>_<interface>`), with the
+    /// same make-before-break replacement of a previous agent's links as
+    /// [`Loaded::attach_socket_lb`]; links of interfaces no longer listed
+    /// are removed.
+    pub fn attach_interfaces(&mut self, interfaces: &[String]) -> Result<()> {
+        for (name, _) in INTERFACE_PROGRAMS {
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()
+                .with_context(|| format!("{name} is not a TC program"))?;
+            program
+                .load()
+                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        }
+        let mut targets = Vec::new();
+        let mut wanted_pins = BTreeSet::new();
+        for interface in interfaces {
+            for (program, hook) in INTERFACE_PROGRAMS {
+                wanted_pins.insert(interface_pin_name(program, interface));
+                targets.push(Target::Interface {
+                    program,
+                    interface,
+                    hook,
+                });
+            }
+        }
+        self.attach_staged(targets)?;
+        self.remove_interface_pins_except(&wanted_pins)
+    }
+
+    /// Detaches node-interface programs of interfaces no longer configured.
+    fn remove_interface_pins_except(&self, wanted: &BTreeSet<String>) -> Result<()> {
+        let links_dir = self.layout.links_dir();
+        for entry in std::fs::read_dir(&links_dir)
+            .with_context(|| format!("listing {}", links_dir.display()))?
+        {
+            let entry = entry.with_context(|| format!("listing {}", links_dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_interface_pin = INTERFACE_PROGRAMS
+                .iter()
+                .any(|(program, _)| name.starts_with(&format!("{program}_")));
+            if is_interface_pin && !wanted.contains(&name) && !name.ends_with("_staged") {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("removing link pin {}", entry.path().display()))?;
+                tracing::info!(link = %name, "detached from an interface no longer configured");
+            }
+        }
+        Ok(())
+    }
+
+    /// All or nothing: every new link is attached and pinned under a
+    /// staging name first. Only when all are in place do they replace the
+    /// old pins; if one fails, the staged ones are removed (detaching them)
+    /// and whatever was attached before stays as it was.
+    fn attach_staged(&mut self, targets: Vec<Target>) -> Result<()> {
         std::fs::create_dir_all(self.layout.links_dir())
             .with_context(|| format!("creating {}", self.layout.links_dir().display()))?;
-        // All or nothing: every new link is attached and pinned under a
-        // staging name first. Only when all are in place do they replace the
-        // old pins; if one fails, the staged ones are removed (detaching
-        // them) and whatever was attached before stays as it was.
         let mut staged = Vec::new();
-        let result = SOCKET_PROGRAMS.iter().try_for_each(|name| {
-            let link = self.attach_one(name, &cgroup_dir, cgroup)?;
-            let pin = self.layout.link(name);
+        let result = targets.iter().try_for_each(|target| {
+            let link = self.attach_one(target)?;
+            let pin = self.layout.link(&target.pin_name());
             let staged_pin = staged_path(&pin);
             if staged_pin.exists() {
                 std::fs::remove_file(&staged_pin)
@@ -192,16 +323,29 @@ impl Loaded {
         Ok(())
     }
 
-    fn attach_one(&mut self, name: &str, cgroup_dir: &File, cgroup: &Path) -> Result<FdLink> {
+    fn attach_one(&mut self, target: &Target) -> Result<FdLink> {
+        match target {
+            Target::Cgroup { program, dir, path } => self.attach_cgroup(program, dir, path),
+            Target::Interface {
+                program,
+                interface,
+                hook,
+            } => self.attach_interface(program, interface, *hook),
+        }
+    }
+
+    fn attach_cgroup(&mut self, name: &str, cgroup_dir: &File, cgroup: &Path) -> Result<FdLink> {
         let program: &mut CgroupSockAddr = self
             .ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()
             .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
-        program
-            .load()
-            .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        }
         // A cgroup bpf_link is always multi-attach and the kernel rejects
         // any flag on it (kernel/bpf/cgroup.c, cgroup_bpf_link_attach), so
         // `Single` (flags 0) is right here.
@@ -213,6 +357,100 @@ impl Loaded {
             .with_context(|| format!("taking the link of {name}"))?
             .try_into()
             .with_context(|| format!("{name} was not attached through a bpf_link (kernel < 5.7?)"))
+    }
+
+    fn attach_interface(
+        &mut self,
+        name: &str,
+        interface: &str,
+        hook: TcAttachType,
+    ) -> Result<FdLink> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a TC program"))?;
+        // Appended after any program already there (a previous agent's, or
+        // another vendor's): ours pass what is not theirs to the next.
+        let link_id = program
+            .attach_with_options(
+                interface,
+                hook,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| {
+                format!("attaching {name} to {interface} with TCX (needs kernel >= 6.6)")
+            })?;
+        program
+            .take_link(link_id)
+            .with_context(|| format!("taking the link of {name} on {interface}"))?
+            .try_into()
+            .with_context(|| format!("{name} on {interface} is not a TCX link"))
+    }
+}
+
+/// Something to attach a program to.
+enum Target<'a> {
+    Cgroup {
+        program: &'a str,
+        dir: &'a File,
+        path: &'a Path,
+    },
+    Interface {
+        program: &'a str,
+        interface: &'a str,
+        hook: TcAttachType,
+    },
+}
+
+impl Target<'_> {
+    fn pin_name(&self) -> String {
+        match self {
+            Self::Cgroup { program, .. } => (*program).to_owned(),
+            Self::Interface {
+                program, interface, ..
+            } => interface_pin_name(program, interface),
+        }
+    }
+}
+
+fn interface_pin_name(program: &str, interface: &str) -> String {
+    // bpffs refuses dots in names; interface names may contain them.
+    format!("{program}_{}", interface.replace('.', "-"))
+}
+
+/// CONFIG and NODE_IPS: how the node-interface programs behave, and which
+/// addresses are this node's.
+pub struct InterfaceMaps {
+    config: Array<MapData, ConfigValue>,
+    node_ips: HashMap<MapData, u32, u32>,
+}
+
+impl InterfaceMaps {
+    pub fn set_config(&mut self, config: &ConfigValue) -> Result<()> {
+        self.config.set(0, config, 0).context("writing CONFIG")
+    }
+
+    /// Makes NODE_IPS hold exactly `addresses` (new ones first, then the
+    /// stale ones removed).
+    pub fn set_node_ips(&mut self, addresses: &BTreeSet<Ipv4Addr>) -> Result<()> {
+        for address in addresses {
+            self.node_ips
+                .insert(ipv4_be(*address), 1, 0)
+                .with_context(|| format!("adding node address {address} to NODE_IPS"))?;
+        }
+        let stale: Vec<u32> = self
+            .node_ips
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !addresses.contains(&ipv4_of_be(*key)))
+            .collect();
+        for key in stale {
+            ignore_missing(self.node_ips.remove(&key))
+                .with_context(|| format!("removing {} from NODE_IPS", ipv4_of_be(key)))?;
+        }
+        Ok(())
     }
 }
 
@@ -255,6 +493,7 @@ pub fn open_pinned_maps(layout: &PinLayout) -> Result<KernelMaps> {
         services: open_pinned(layout, map_names::SERVICES)?,
         backends: open_pinned(layout, map_names::BACKENDS)?,
         members: open_pinned(layout, map_names::MEMBERS)?,
+        source_ranges: open_pinned(layout, map_names::SOURCE_RANGES)?,
     })
 }
 

@@ -1,6 +1,8 @@
 //! Makes the kernel match the model: loads and attaches the programs, pins
 //! them, and writes the maps safely. The only module that touches BPF.
 pub mod capabilities;
+pub mod conntrack;
+pub mod interfaces;
 pub mod kernel;
 pub mod pins;
 pub mod state;

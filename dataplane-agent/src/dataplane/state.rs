@@ -10,10 +10,13 @@ use std::{
 };
 
 use dataplane_common::{
-    BackendKey, BackendValue, MemberKey, SCOPE_ANY, SERVICE_FLAG_AFFINITY, ServiceKey, ServiceValue,
+    BACKEND_FLAG_REMOTE, BackendKey, BackendValue, MemberKey, SERVICE_FLAG_AFFINITY,
+    SERVICE_FLAG_DROP_WITHOUT_BACKENDS, SERVICE_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
 };
 
-use crate::model::{Backend, DesiredDataplane, Frontend, FrontendEntry, Protocol};
+use crate::model::{
+    Backend, DesiredDataplane, Frontend, FrontendEntry, Protocol, Scope, SourceRange,
+};
 
 /// A mirror of SERVICES, BACKENDS and MEMBERS. The agent is their only
 /// writer, so after reading them once at start it keeps this copy exact by
@@ -24,6 +27,8 @@ pub struct PinnedState {
     pub backends: BTreeMap<BackendKey, BackendValue>,
     /// Member key -> slot index.
     pub members: BTreeMap<MemberKey, u32>,
+    /// (frontend id, allowed source prefix): SOURCE_RANGES.
+    pub source_ranges: BTreeSet<(u32, SourceRange)>,
 }
 
 /// Writes to the kernel maps (or to a fake in tests).
@@ -35,6 +40,13 @@ pub trait MapStore {
     fn delete_backend(&mut self, key: &BackendKey) -> Result<(), Self::Error>;
     fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), Self::Error>;
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), Self::Error>;
+    fn put_source_range(&mut self, service_id: u32, range: &SourceRange)
+    -> Result<(), Self::Error>;
+    fn delete_source_range(
+        &mut self,
+        service_id: u32,
+        range: &SourceRange,
+    ) -> Result<(), Self::Error>;
 }
 
 /// The MEMBERS key of a backend slot.
@@ -58,13 +70,18 @@ fn service_value(
         service_id,
         backend_count: count,
         generation,
-        flags: if entry.affinity_timeout_s.is_some() {
-            SERVICE_FLAG_AFFINITY
-        } else {
-            0
-        },
+        flags: flag_if(entry.affinity_timeout_s.is_some(), SERVICE_FLAG_AFFINITY)
+            | flag_if(!entry.source_ranges.is_empty(), SERVICE_FLAG_SOURCE_RANGES)
+            | flag_if(
+                entry.drop_without_backends,
+                SERVICE_FLAG_DROP_WITHOUT_BACKENDS,
+            ),
         affinity_timeout_s: entry.affinity_timeout_s.unwrap_or(0),
     }
+}
+
+fn flag_if(condition: bool, flag: u32) -> u32 {
+    if condition { flag } else { 0 }
 }
 
 pub fn service_key(frontend: &Frontend) -> ServiceKey {
@@ -72,7 +89,7 @@ pub fn service_key(frontend: &Frontend) -> ServiceKey {
         vip_be: ipv4_be(frontend.ip),
         port_be: frontend.port.to_be(),
         protocol: frontend.protocol.number(),
-        scope: SCOPE_ANY,
+        scope: frontend.scope.number(),
     }
 }
 
@@ -81,15 +98,20 @@ pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
         ip: ipv4_of_be(key.vip_be),
         port: u16::from_be(key.port_be),
         protocol: Protocol::from_number(key.protocol)?,
+        scope: Scope::from_number(key.scope)?,
     })
 }
 
 pub fn backend_value(backend: &Backend) -> BackendValue {
     BackendValue {
         ip_be: ipv4_be(backend.ip),
-        node_ip_be: 0,
+        node_ip_be: backend.remote_node.map_or(0, ipv4_be),
         port_be: backend.port.to_be(),
-        flags: 0,
+        flags: if backend.remote_node.is_some() {
+            BACKEND_FLAG_REMOTE
+        } else {
+            0
+        },
     }
 }
 
@@ -97,6 +119,7 @@ pub fn backend_of(value: &BackendValue) -> Backend {
     Backend {
         ip: ipv4_of_be(value.ip_be),
         port: u16::from_be(value.port_be),
+        remote_node: (value.flags & BACKEND_FLAG_REMOTE != 0).then(|| ipv4_of_be(value.node_ip_be)),
     }
 }
 
@@ -200,6 +223,7 @@ impl PinnedState {
             .map(|v| v.service_id)
             .chain(self.backends.keys().map(|k| k.service_id))
             .chain(self.members.keys().map(|k| k.service_id))
+            .chain(self.source_ranges.iter().map(|(id, _)| *id))
             .collect()
     }
 
@@ -263,7 +287,12 @@ impl PinnedState {
         for key in unwanted {
             match store.delete_service(&key) {
                 Ok(()) => {
-                    self.services.remove(&key);
+                    if let Some(removed) = self.services.remove(&key)
+                        && let Err(error) = self.set_source_ranges(store, removed.service_id, &[])
+                        && let Some(frontend) = frontend_of(&key)
+                    {
+                        report.failed.push((frontend, error));
+                    }
                     report.removed += 1;
                 }
                 Err(error) => {
@@ -307,11 +336,14 @@ impl PinnedState {
             // Same backends: at most the settings (affinity) change, in
             // place, with the same generation.
             let value = service_value(current.service_id, current.generation, count, entry);
-            if value == current {
+            let ranges_same = self.ranges_of(current.service_id) == entry.source_ranges;
+            if value == current && ranges_same {
                 return Ok(false);
             }
+            self.add_source_ranges(store, current.service_id, &entry.source_ranges)?;
             store.put_service(&key, &value).map_err(map_error)?;
             self.services.insert(key, value);
+            self.set_source_ranges(store, current.service_id, &entry.source_ranges)?;
             return Ok(true);
         }
         let previous_count = current.map_or(0, |c| usize::from(c.backend_count));
@@ -345,11 +377,63 @@ impl PinnedState {
                 .map_err(map_error)?;
             self.members.insert(member, u32::from(slot.index));
         }
+        self.add_source_ranges(store, service_id, &entry.source_ranges)?;
         let value = service_value(service_id, generation, count, entry);
         store.put_service(&key, &value).map_err(map_error)?;
         self.services.insert(key, value);
         *live_backends = others + wanted.len();
+        self.set_source_ranges(store, service_id, &entry.source_ranges)?;
         Ok(true)
+    }
+
+    /// The allowed source prefixes of a frontend id, in order.
+    fn ranges_of(&self, service_id: u32) -> Vec<SourceRange> {
+        self.source_ranges
+            .range((service_id, SourceRange::MIN)..=(service_id, SourceRange::MAX))
+            .map(|(_, range)| *range)
+            .collect()
+    }
+
+    /// Writes the prefixes of `wanted` that are missing. Done before the
+    /// SERVICES entry that enables the check is written, so a frontend
+    /// never checks against a half-written set.
+    fn add_source_ranges<S: MapStore>(
+        &mut self,
+        store: &mut S,
+        service_id: u32,
+        wanted: &[SourceRange],
+    ) -> Result<(), FrontendError> {
+        for range in wanted {
+            if self.source_ranges.insert((service_id, *range)) {
+                store
+                    .put_source_range(service_id, range)
+                    .inspect_err(|_| {
+                        self.source_ranges.remove(&(service_id, *range));
+                    })
+                    .map_err(|e| FrontendError::Map(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the prefixes of `service_id` exactly `wanted` by deleting the
+    /// others (after the SERVICES entry no longer needs them).
+    fn set_source_ranges<S: MapStore>(
+        &mut self,
+        store: &mut S,
+        service_id: u32,
+        wanted: &[SourceRange],
+    ) -> Result<(), FrontendError> {
+        self.add_source_ranges(store, service_id, wanted)?;
+        for range in self.ranges_of(service_id) {
+            if !wanted.contains(&range) {
+                store
+                    .delete_source_range(service_id, &range)
+                    .map_err(|e| FrontendError::Map(e.to_string()))?;
+                self.source_ranges.remove(&(service_id, range));
+            }
+        }
+        Ok(())
     }
 
     /// Deletes backend slots in `retired` that are still unreachable, each

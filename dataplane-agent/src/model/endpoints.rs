@@ -1,7 +1,10 @@
 //! Which endpoints may serve a Service port on this node, as kube-proxy's
 //! `CategorizeEndpoints` decides (pkg/proxy/topology.go).
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
@@ -17,40 +20,86 @@ struct Candidate<'a> {
     endpoint: &'a Endpoint,
 }
 
-/// The backends for one Service port: ready endpoints, or if there are none,
-/// serving-and-terminating ones (kube-proxy's terminating fallback, KEP-1669);
-/// never endpoints that are not serving. With `internalTrafficPolicy: Local`
-/// only endpoints on this node count, and none means none (no fallback to
-/// other nodes). Otherwise topology hints may narrow the ready endpoints to
-/// this node's zone (or this node), see [`topology_filter`].
-pub fn backends_for_port(
+/// This node, and the addresses of the cluster's nodes (to reach backends
+/// on other nodes).
+pub struct Nodes<'a> {
+    pub this: &'a NodeInfo,
+    pub addresses: BTreeMap<&'a str, Ipv4Addr>,
+}
+
+/// The backends of one Service port, for each kind of traffic.
+#[derive(Debug, Default)]
+pub struct Views {
+    /// ClusterIP traffic: by internalTrafficPolicy.
+    pub internal: Vec<Backend>,
+    /// All endpoints that may serve (topology applies): in-cluster traffic
+    /// to external addresses, and the "does the Service have endpoints at
+    /// all" question.
+    pub cluster: Vec<Backend>,
+    /// Traffic from outside: by externalTrafficPolicy.
+    pub external: Vec<Backend>,
+}
+
+pub fn views_for_port(
     port: &ServicePort,
     spec: &ServiceSpec,
     slices: &[&EndpointSlice],
-    node: &NodeInfo,
+    nodes: &Nodes,
+) -> Views {
+    let cluster = backends_for_port(port, slices, nodes, false);
+    let local = || backends_for_port(port, slices, nodes, true);
+    Views {
+        internal: if spec.internal_traffic_local {
+            local()
+        } else {
+            cluster.clone()
+        },
+        external: if spec.external_traffic_local {
+            local()
+        } else {
+            cluster.clone()
+        },
+        cluster,
+    }
+}
+
+/// The backends for one Service port: ready endpoints, or if there are none,
+/// serving-and-terminating ones (kube-proxy's terminating fallback, KEP-1669);
+/// never endpoints that are not serving. With `local_only` (a Local traffic
+/// policy) only endpoints on this node count, and none means none (no
+/// fallback to other nodes). Otherwise topology hints may narrow the ready
+/// endpoints to this node's zone (or this node), see [`topology_filter`].
+fn backends_for_port(
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    nodes: &Nodes,
+    local_only: bool,
 ) -> Vec<Backend> {
+    let node = nodes.this;
     let candidates: Vec<Candidate> = slices
         .iter()
         .filter_map(|slice| Some((slice, endpoint_port_for(slice, port)?)))
         .flat_map(|(slice, target_port)| {
             slice.endpoints.iter().filter_map(move |endpoint| {
                 let ip = endpoint.addresses.first()?.parse::<Ipv4Addr>().ok()?;
+                let endpoint_node = endpoint.node_name.as_deref();
+                let remote_node = endpoint_node
+                    .filter(|name| *name != node.name)
+                    .and_then(|name| nodes.addresses.get(name).copied());
                 Some(Candidate {
                     backend: Backend {
                         ip,
                         port: target_port,
+                        remote_node,
                     },
                     endpoint,
                 })
             })
         })
-        .filter(|c| {
-            !spec.internal_traffic_local
-                || c.endpoint.node_name.as_deref() == Some(node.name.as_str())
-        })
+        .filter(|c| !local_only || c.endpoint.node_name.as_deref() == Some(node.name.as_str()))
         .collect();
 
-    let topology = if spec.internal_traffic_local {
+    let topology = if local_only {
         TopologyFilter::None
     } else {
         topology_filter(&candidates, node)

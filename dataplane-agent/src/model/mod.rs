@@ -98,17 +98,75 @@ impl NodeInfo {
     }
 }
 
-/// One (virtual IP, port, protocol) a Service listens on.
+/// Which traffic a frontend entry serves (see `dataplane_common::SCOPE_*`):
+/// the same address can have different backends for traffic from inside
+/// the cluster and from outside (externalTrafficPolicy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Connections made on this node (socket LB): ClusterIPs, and the
+    /// in-cluster view of externalIPs and load-balancer IPs.
+    Cluster,
+    /// Packets from outside to an externalIP or load-balancer IP.
+    External,
+    /// Packets from outside to a nodePort on any node address (ip 0.0.0.0).
+    NodePort,
+    /// Connections made on this node to a nodePort on one of its own
+    /// addresses (ip 0.0.0.0).
+    NodePortLocal,
+}
+
+impl Scope {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Cluster => dataplane_common::SCOPE_ANY,
+            Self::External => dataplane_common::SCOPE_EXTERNAL,
+            Self::NodePort => dataplane_common::SCOPE_NODEPORT,
+            Self::NodePortLocal => dataplane_common::SCOPE_NODEPORT_LOCAL,
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        [
+            Self::Cluster,
+            Self::External,
+            Self::NodePort,
+            Self::NodePortLocal,
+        ]
+        .into_iter()
+        .find(|s| s.number() == number)
+    }
+}
+
+/// One (virtual IP, port, protocol) a Service listens on, for one scope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub ip: Ipv4Addr,
     pub port: u16,
     pub protocol: Protocol,
+    pub scope: Scope,
+}
+
+impl Frontend {
+    /// A frontend for traffic started on this node (a ClusterIP).
+    pub fn cluster(ip: Ipv4Addr, port: u16, protocol: Protocol) -> Self {
+        Self {
+            ip,
+            port,
+            protocol,
+            scope: Scope::Cluster,
+        }
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)?;
+        match self.scope {
+            Scope::Cluster => Ok(()),
+            Scope::External => f.write_str(" external"),
+            Scope::NodePort => f.write_str(" nodePort"),
+            Scope::NodePortLocal => f.write_str(" nodePort local"),
+        }
     }
 }
 
@@ -116,11 +174,55 @@ impl fmt::Display for Frontend {
 pub struct Backend {
     pub ip: Ipv4Addr,
     pub port: u16,
+    /// The backend's node address, when the backend runs on another node
+    /// with a known InternalIP: external traffic is tunnelled (or SNATed)
+    /// there. `None` for local backends and for endpoints of unknown nodes
+    /// (reached through this node's routing).
+    pub remote_node: Option<Ipv4Addr>,
+}
+
+impl Backend {
+    /// A backend reached by this node's routing.
+    pub fn routed(ip: Ipv4Addr, port: u16) -> Self {
+        Self {
+            ip,
+            port,
+            remote_node: None,
+        }
+    }
 }
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.ip, self.port)
+        write!(f, "{}:{}", self.ip, self.port)?;
+        match self.remote_node {
+            Some(node) => write!(f, " via {node}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An IPv4 prefix of loadBalancerSourceRanges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl SourceRange {
+    pub const MIN: Self = Self {
+        ip: Ipv4Addr::UNSPECIFIED,
+        prefix_len: 0,
+    };
+    pub const MAX: Self = Self {
+        ip: Ipv4Addr::BROADCAST,
+        prefix_len: u8::MAX,
+    };
+}
+
+impl fmt::Display for SourceRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ip, self.prefix_len)
     }
 }
 
@@ -130,10 +232,27 @@ pub struct FrontendEntry {
     pub service: ObjectName,
     /// The Service port's name ("" when unnamed), for operators.
     pub port_name: String,
-    /// Sorted and de-duplicated. Empty means connections are refused.
+    /// Sorted and de-duplicated. Empty means connections are refused (or
+    /// dropped, see `drop_without_backends`).
     pub backends: Vec<Backend>,
     /// `sessionAffinity: ClientIP` with this timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// loadBalancerSourceRanges (load-balancer IPs, external scope only);
+    /// empty means every source is allowed.
+    pub source_ranges: Vec<SourceRange>,
+    /// externalTrafficPolicy Local without a local endpoint while the
+    /// Service has endpoints elsewhere: drop, as kube-proxy does, rather
+    /// than reject.
+    pub drop_without_backends: bool,
+}
+
+/// A healthCheckNodePort this node serves: kube-proxy's answer for an
+/// externalTrafficPolicy Local load balancer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub service: ObjectName,
+    /// Endpoints of the Service on this node that serve external traffic.
+    pub local_endpoints: usize,
 }
 
 /// An object the model could not use, with the reason, for one log line and
@@ -154,6 +273,8 @@ impl fmt::Display for Skipped {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredDataplane {
     pub frontends: BTreeMap<Frontend, FrontendEntry>,
+    /// healthCheckNodePort -> what it reports.
+    pub health_checks: BTreeMap<u16, HealthCheck>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -164,6 +285,10 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
     let mut out = DesiredDataplane::default();
     let slices_by_service = group_slices(cluster, &mut out.skipped);
+    let nodes = endpoints::Nodes {
+        this: node,
+        addresses: node_addresses(cluster),
+    };
 
     for (name, service) in &cluster.services {
         let spec = match service::classify(name, service) {
@@ -182,6 +307,7 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
             .get(name)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
+        let mut local_endpoint_ips = BTreeSet::new();
         for port in &spec.ports {
             if port.protocol == Protocol::Sctp {
                 out.skipped.push(Skipped {
@@ -194,37 +320,144 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
                 });
                 continue;
             }
-            let backends = endpoints::backends_for_port(port, &spec, slices, node);
-            for ip in &spec.cluster_ips {
-                let frontend = Frontend {
-                    ip: *ip,
-                    port: port.port,
-                    protocol: port.protocol,
-                };
-                if let Some(existing) = out.frontends.get(&frontend) {
-                    out.skipped.push(Skipped {
-                        kind: "Service",
-                        object: name.clone(),
-                        reason: format!(
-                            "frontend {frontend} is already used by Service {}",
-                            existing.service
-                        ),
-                    });
-                    continue;
-                }
-                out.frontends.insert(
-                    frontend,
-                    FrontendEntry {
-                        service: name.clone(),
-                        port_name: port.name.clone(),
-                        backends: backends.clone(),
-                        affinity_timeout_s: spec.affinity_timeout_s,
+            let views = endpoints::views_for_port(port, &spec, slices, &nodes);
+            local_endpoint_ips.extend(views.external.iter().map(|b| b.ip));
+            for (frontend, backends, view_of) in frontends_of_port(&spec, port, &views) {
+                let entry = FrontendEntry {
+                    service: name.clone(),
+                    port_name: port.name.clone(),
+                    backends: backends.to_vec(),
+                    affinity_timeout_s: spec.affinity_timeout_s,
+                    source_ranges: if view_of == View::LoadBalancer {
+                        spec.source_ranges.clone()
+                    } else {
+                        Vec::new()
                     },
-                );
+                    drop_without_backends: frontend.scope != Scope::Cluster
+                        && frontend.scope != Scope::NodePortLocal
+                        && spec.external_traffic_local
+                        && views.external.is_empty()
+                        && !views.cluster.is_empty(),
+                };
+                insert_frontend(&mut out, name, frontend, entry);
             }
+        }
+        if spec.external_traffic_local
+            && let Some(port) = spec.health_check_node_port
+        {
+            out.health_checks.insert(
+                port,
+                HealthCheck {
+                    service: name.clone(),
+                    local_endpoints: local_endpoint_ips.len(),
+                },
+            );
         }
     }
     out
+}
+
+/// Which address family of a Service a frontend comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum View {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+    NodePort,
+}
+
+/// Every frontend of one Service port, with the backends it balances over:
+/// ClusterIPs by internalTrafficPolicy; externalIPs, load-balancer IPs and
+/// nodePorts by externalTrafficPolicy for traffic from outside and over
+/// all endpoints for traffic from this node (kube-proxy short-circuits
+/// in-cluster clients of external addresses to the cluster endpoints).
+fn frontends_of_port<'a>(
+    spec: &service::ServiceSpec,
+    port: &service::ServicePort,
+    views: &'a endpoints::Views,
+) -> Vec<(Frontend, &'a [Backend], View)> {
+    let at = |ip: Ipv4Addr, scope: Scope| Frontend {
+        ip,
+        port: port.port,
+        protocol: port.protocol,
+        scope,
+    };
+    let mut out = Vec::new();
+    for ip in &spec.cluster_ips {
+        out.push((
+            at(*ip, Scope::Cluster),
+            views.internal.as_slice(),
+            View::ClusterIp,
+        ));
+    }
+    for (ips, view) in [
+        (&spec.external_ips, View::ExternalIp),
+        (&spec.load_balancer_ips, View::LoadBalancer),
+    ] {
+        for ip in ips {
+            out.push((at(*ip, Scope::Cluster), views.cluster.as_slice(), view));
+            out.push((at(*ip, Scope::External), views.external.as_slice(), view));
+        }
+    }
+    if let Some(node_port) = port.node_port {
+        let at_node_port = |scope| Frontend {
+            ip: Ipv4Addr::UNSPECIFIED,
+            port: node_port,
+            protocol: port.protocol,
+            scope,
+        };
+        out.push((
+            at_node_port(Scope::NodePort),
+            views.external.as_slice(),
+            View::NodePort,
+        ));
+        out.push((
+            at_node_port(Scope::NodePortLocal),
+            views.cluster.as_slice(),
+            View::NodePort,
+        ));
+    }
+    out
+}
+
+/// Adds a frontend unless another Service already has it (the first one,
+/// in name order, keeps it; the conflict is reported).
+fn insert_frontend(
+    out: &mut DesiredDataplane,
+    name: &ObjectName,
+    frontend: Frontend,
+    entry: FrontendEntry,
+) {
+    if let Some(existing) = out.frontends.get(&frontend) {
+        if existing.service != *name {
+            out.skipped.push(Skipped {
+                kind: "Service",
+                object: name.clone(),
+                reason: format!(
+                    "frontend {frontend} is already used by Service {}",
+                    existing.service
+                ),
+            });
+        }
+        return;
+    }
+    out.frontends.insert(frontend, entry);
+}
+
+/// The InternalIP (IPv4) of every Node that has one.
+fn node_addresses(cluster: &ClusterState) -> BTreeMap<&str, Ipv4Addr> {
+    cluster
+        .nodes
+        .iter()
+        .filter_map(|(name, node)| {
+            let addresses = node.status.as_ref()?.addresses.as_ref()?;
+            let ip = addresses
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .find_map(|a| a.address.parse::<Ipv4Addr>().ok())?;
+            Some((name.as_str(), ip))
+        })
+        .collect()
 }
 
 /// EndpointSlices grouped by the Service they belong to. Slices that cannot

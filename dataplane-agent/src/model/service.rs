@@ -4,7 +4,7 @@ use std::{fmt, net::IpAddr, net::Ipv4Addr};
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::ObjectName;
+use super::{ObjectName, SourceRange};
 
 /// Services and EndpointSlices with this label belong to another proxy;
 /// kube-proxy without a proxy name of its own skips every one of them (its
@@ -63,6 +63,9 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// Set for NodePort and LoadBalancer Services (unless
+    /// allocateLoadBalancerNodePorts is false).
+    pub node_port: Option<u16>,
 }
 
 /// The parts of a proxied Service the model needs, validated.
@@ -73,6 +76,16 @@ pub struct ServiceSpec {
     pub internal_traffic_local: bool,
     /// `sessionAffinity: ClientIP`: its timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// spec.externalIPs (IPv4).
+    pub external_ips: Vec<Ipv4Addr>,
+    /// status.loadBalancer.ingress IPs (IPv4) of a LoadBalancer Service,
+    /// except those with ipMode Proxy (the load balancer proxies to the
+    /// nodes itself; kube-proxy leaves those alone too).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub external_traffic_local: bool,
+    pub health_check_node_port: Option<u16>,
+    /// spec.loadBalancerSourceRanges (IPv4).
+    pub source_ranges: Vec<SourceRange>,
 }
 
 /// The API server's default and maximum for
@@ -134,6 +147,8 @@ pub fn classify(name: &ObjectName, service: &Service) -> Result<Classified, Stri
     if ports.is_empty() {
         return Err("has no ports".into());
     }
+    let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
     let mut validated = Vec::with_capacity(ports.len());
     for port in ports {
         let port_name = port.name.clone().unwrap_or_default();
@@ -149,10 +164,18 @@ pub fn classify(name: &ObjectName, service: &Service) -> Result<Classified, Stri
         {
             return Err(format!("port {number}/{protocol} is declared twice"));
         }
+        let node_port = match port.node_port.filter(|_| has_node_ports) {
+            None | Some(0) => None,
+            Some(n) => Some(
+                u16::try_from(n)
+                    .map_err(|_| format!("port {port_name:?} has invalid nodePort {n}"))?,
+            ),
+        };
         validated.push(ServicePort {
             name: port_name,
             port: number,
             protocol,
+            node_port,
         });
     }
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
@@ -173,10 +196,90 @@ pub fn classify(name: &ObjectName, service: &Service) -> Result<Classified, Stri
         }
         Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),
     };
+    let external_ips = ipv4_addresses(spec.external_ips.as_deref().unwrap_or(&[]), "externalIP")?;
+    let load_balancer_ips = if service_type == "LoadBalancer" {
+        load_balancer_ips(service)?
+    } else {
+        Vec::new()
+    };
+    let external_traffic_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(port) if external_traffic_local && service_type == "LoadBalancer" => Some(
+            u16::try_from(port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("healthCheckNodePort {port} is not a port"))?,
+        ),
+        _ => None,
+    };
+    let source_ranges = spec
+        .load_balancer_source_ranges
+        .as_deref()
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|cidr| parse_source_range(cidr).transpose())
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Classified::Proxied(ServiceSpec {
         cluster_ips,
         ports: validated,
         internal_traffic_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         affinity_timeout_s,
+        external_ips,
+        load_balancer_ips,
+        external_traffic_local,
+        health_check_node_port,
+        source_ranges,
     }))
+}
+
+/// The IPv4 addresses of a list (IPv6 ones wait for the IPv6 datapath).
+fn ipv4_addresses(addresses: &[String], what: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let mut out = Vec::new();
+    for address in addresses {
+        match address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() => {
+                return Err(format!("{what} {address} is not a usable address"));
+            }
+            Ok(IpAddr::V4(v4)) => out.push(v4),
+            Ok(IpAddr::V6(_)) => {}
+            Err(_) => return Err(format!("{what} {address:?} is not an IP address")),
+        }
+    }
+    Ok(out)
+}
+
+fn load_balancer_ips(service: &Service) -> Result<Vec<Ipv4Addr>, String> {
+    let ingress = service
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or(&[]);
+    let addresses: Vec<String> = ingress
+        .iter()
+        .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+        .filter_map(|i| i.ip.clone())
+        .collect();
+    ipv4_addresses(&addresses, "load-balancer ingress IP")
+}
+
+/// An IPv4 CIDR of loadBalancerSourceRanges; `None` for IPv6 ones.
+fn parse_source_range(cidr: &str) -> Result<Option<SourceRange>, String> {
+    let bad = || format!("loadBalancerSourceRanges entry {cidr:?} is not a CIDR");
+    let (ip, prefix_len) = cidr.trim().split_once('/').ok_or_else(bad)?;
+    let prefix_len: u8 = prefix_len.parse().map_err(|_| bad())?;
+    match ip.parse::<IpAddr>().map_err(|_| bad())? {
+        IpAddr::V4(ip) if prefix_len <= 32 => {
+            // Host bits are ignored, as net.ParseCIDR does.
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix_len))
+                .unwrap_or(0);
+            Ok(Some(SourceRange {
+                ip: Ipv4Addr::from(u32::from(ip) & mask),
+                prefix_len,
+            }))
+        }
+        IpAddr::V4(_) => Err(bad()),
+        IpAddr::V6(_) => Ok(None),
+    }
 }

@@ -71,6 +71,16 @@ enum Command {
         #[arg(long)]
         path: String,
     },
+    /// Sends `bytes` in lines over one TCP connection while reading them
+    /// echoed back (large segments both ways); prints a JSON report.
+    Transfer {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
+    },
     Connect {
         #[arg(long)]
         to: SocketAddr,
@@ -346,6 +356,64 @@ fn bench(to: SocketAddr, seconds: f64, load: &str) -> Result<()> {
     Ok(())
 }
 
+/// Bytes per line of a transfer: more than one segment's worth, so every
+/// segment is full-sized.
+const TRANSFER_LINE: usize = 4000;
+
+fn transfer(to: SocketAddr, bytes: usize, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    let outcome = (|| -> std::io::Result<usize> {
+        let stream = TcpStream::connect_timeout(&to, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut greeting = String::new();
+        reader.read_line(&mut greeting)?;
+        let mut writer = stream.try_clone()?;
+        let lines = bytes.div_ceil(TRANSFER_LINE);
+        let sender = std::thread::spawn(move || -> std::io::Result<()> {
+            let line = format!("{}\n", "x".repeat(TRANSFER_LINE - 1));
+            for _ in 0..lines {
+                writer.write_all(line.as_bytes())?;
+            }
+            Ok(())
+        });
+        let mut received = 0;
+        let mut line = String::new();
+        for _ in 0..lines {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                break;
+            }
+            if line.len() != TRANSFER_LINE {
+                return Err(std::io::Error::other(format!(
+                    "echoed line of {} bytes, expected {TRANSFER_LINE}",
+                    line.len()
+                )));
+            }
+            received += line.len();
+        }
+        sender
+            .join()
+            .map_err(|_| std::io::Error::other("the sender panicked"))??;
+        let _ = stream.shutdown(Shutdown::Both);
+        Ok(received)
+    })();
+    let report = match outcome {
+        Ok(received) => serde_json::json!({
+            "ok": received >= bytes,
+            "bytes": received,
+            "micros": started.elapsed().as_micros() as u64,
+        }),
+        Err(error) => serde_json::json!({
+            "ok": false,
+            "error": error.to_string(),
+            "micros": started.elapsed().as_micros() as u64,
+        }),
+    };
+    println!("{report}");
+    Ok(())
+}
+
 fn http_get(to: SocketAddr, path: &str) -> Result<()> {
     use std::io::Read as _;
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
@@ -372,6 +440,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve { listen, name } => serve(listen, &name),
         Command::HttpGet { to, path } => http_get(to, &path),
+        Command::Transfer {
+            to,
+            bytes,
+            timeout_s,
+        } => transfer(to, bytes, Duration::from_secs(timeout_s)),
         Command::Bench { to, seconds, load } => bench(to, seconds, &load),
         Command::Hold {
             to,

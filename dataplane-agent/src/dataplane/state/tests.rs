@@ -47,6 +47,16 @@ impl FakeMaps {
                 );
             }
             visible.insert(*key, slots.iter().map(backend_of).collect());
+            if value.flags & dataplane_common::SERVICE_FLAG_SOURCE_RANGES != 0 {
+                assert!(
+                    self.state
+                        .source_ranges
+                        .iter()
+                        .any(|(id, _)| *id == value.service_id),
+                    "{key:?} checks source ranges but has none after {:?}",
+                    self.log
+                );
+            }
         }
         self.visible_history.push(visible);
     }
@@ -105,23 +115,33 @@ impl MapStore for FakeMaps {
         ));
         Ok(())
     }
+    fn put_source_range(&mut self, service_id: u32, range: &SourceRange) -> Result<(), Injected> {
+        self.state.source_ranges.insert((service_id, *range));
+        self.record(format!("put_source_range {service_id} {range}"));
+        Ok(())
+    }
+    fn delete_source_range(
+        &mut self,
+        service_id: u32,
+        range: &SourceRange,
+    ) -> Result<(), Injected> {
+        if self.fail_deletes {
+            return Err(Injected);
+        }
+        self.state.source_ranges.remove(&(service_id, *range));
+        self.record(format!("delete_source_range {service_id} {range}"));
+        Ok(())
+    }
 }
 
 fn frontend(last_octet: u8) -> Frontend {
-    Frontend {
-        ip: Ipv4Addr::new(10, 96, 0, last_octet),
-        port: 80,
-        protocol: Protocol::Tcp,
-    }
+    Frontend::cluster(Ipv4Addr::new(10, 96, 0, last_octet), 80, Protocol::Tcp)
 }
 
 fn backends(last_octets: &[u8]) -> Vec<Backend> {
     last_octets
         .iter()
-        .map(|o| Backend {
-            ip: Ipv4Addr::new(10, 0, 0, *o),
-            port: 8080,
-        })
+        .map(|o| Backend::routed(Ipv4Addr::new(10, 0, 0, *o), 8080))
         .collect()
 }
 
@@ -137,10 +157,13 @@ fn desired(frontends: &[(u8, &[u8])]) -> DesiredDataplane {
                         port_name: String::new(),
                         backends: backends(b),
                         affinity_timeout_s: None,
+                        source_ranges: Vec::new(),
+                        drop_without_backends: false,
                     },
                 )
             })
             .collect(),
+        health_checks: BTreeMap::new(),
         skipped: vec![],
     }
 }
@@ -448,10 +471,7 @@ fn the_backend_limit_never_exceeds_what_a_slot_index_can_hold() {
         ..Limits::default()
     };
     let many: Vec<Backend> = (0..=u32::from(u16::MAX))
-        .map(|i| Backend {
-            ip: Ipv4Addr::from(0x0a00_0000 + i),
-            port: 80,
-        })
+        .map(|i| Backend::routed(Ipv4Addr::from(0x0a00_0000 + i), 80))
         .collect();
     let mut want = desired(&[(10, &[])]);
     want.frontends

@@ -1,0 +1,225 @@
+//! Expiring idle flows from the CONNTRACK map. The programs only refresh
+//! timestamps (and the LRU evicts under pressure); the agent decides when a
+//! flow is over, per pair of entries, so one direction is never removed
+//! while the other is still in use.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{HashMap, MapData};
+use dataplane_common::{
+    CT_FLAG_FIN_SEEN, CT_FLAG_RST_SEEN, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CtKey, CtValue,
+    IPPROTO_TCP, map_names,
+};
+
+use super::{kernel, pins::PinLayout};
+
+/// How long a flow may stay idle.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub tcp_established: Duration,
+    /// After a FIN or RST in either direction.
+    pub tcp_closing: Duration,
+    pub udp: Duration,
+}
+
+impl Timeouts {
+    fn for_flow(&self, protocol: u8, flags: u8) -> Duration {
+        if protocol != IPPROTO_TCP {
+            self.udp
+        } else if flags & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN) != 0 {
+            self.tcp_closing
+        } else {
+            self.tcp_established
+        }
+    }
+}
+
+/// The reply-direction key that a forward entry created with it.
+pub fn reply_key_of(forward_key: &CtKey, forward: &CtValue) -> CtKey {
+    let (dst_be, dst_port_be) = if forward.flags & CT_FLAG_SNAT != 0 {
+        (forward.snat_ip_be, forward.snat_port_be)
+    } else {
+        (forward_key.src_be, forward_key.src_port_be)
+    };
+    CtKey {
+        src_be: forward.nat_ip_be,
+        dst_be,
+        src_port_be: forward.nat_port_be,
+        dst_port_be,
+        protocol: forward_key.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// The keys to delete: forward/reply pairs idle (in both directions) for
+/// longer than their timeout, and lone entries idle for longer than theirs.
+pub fn expired(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64, timeouts: &Timeouts) -> Vec<CtKey> {
+    let idle_longer_than = |last_seen_ns: u64, timeout: Duration| {
+        u128::from(now_ns.saturating_sub(last_seen_ns)) > timeout.as_nanos()
+    };
+    let mut out = Vec::new();
+    let mut paired = std::collections::BTreeSet::new();
+    for (key, value) in entries.iter().filter(|(_, v)| v.kind == CT_FORWARD) {
+        let reply_key = reply_key_of(key, value);
+        match entries.get(&reply_key).filter(|r| r.kind == CT_REPLY) {
+            Some(reply) => {
+                paired.insert(reply_key);
+                let last_seen = value.last_seen_ns.max(reply.last_seen_ns);
+                let timeout = timeouts.for_flow(key.protocol, value.flags | reply.flags);
+                if idle_longer_than(last_seen, timeout) {
+                    out.push(*key);
+                    out.push(reply_key);
+                }
+            }
+            None => {
+                if idle_longer_than(
+                    value.last_seen_ns,
+                    timeouts.for_flow(key.protocol, value.flags),
+                ) {
+                    out.push(*key);
+                }
+            }
+        }
+    }
+    for (key, value) in entries
+        .iter()
+        .filter(|(k, v)| v.kind != CT_FORWARD && !paired.contains(k))
+    {
+        if idle_longer_than(
+            value.last_seen_ns,
+            timeouts.for_flow(key.protocol, value.flags),
+        ) {
+            out.push(*key);
+        }
+    }
+    out
+}
+
+/// What one sweep saw and did.
+#[derive(Debug, Default)]
+pub struct SweepReport {
+    pub entries: usize,
+    pub expired: usize,
+}
+
+/// Reads the whole CONNTRACK map and deletes expired flows. Blocking (one
+/// syscall per entry): run it off the async workers.
+pub fn sweep(layout: &PinLayout, timeouts: &Timeouts, now_ns: u64) -> Result<SweepReport> {
+    let mut map: HashMap<MapData, CtKey, CtValue> =
+        kernel::open_pinned(layout, map_names::CONNTRACK)?;
+    let mut entries = BTreeMap::new();
+    // Entries can vanish (LRU eviction) during the walk; skip those.
+    for entry in map.iter().filter_map(Result::ok) {
+        entries.insert(entry.0, entry.1);
+    }
+    let expired = expired(&entries, now_ns, timeouts);
+    for key in &expired {
+        match map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(error) => return Err(error).context("deleting an expired CONNTRACK entry"),
+        }
+    }
+    Ok(SweepReport {
+        entries: entries.len() - expired.len(),
+        expired: expired.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::{CT_TUNNEL_RETURN, IPPROTO_UDP};
+
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+    const TIMEOUTS: Timeouts = Timeouts {
+        tcp_established: Duration::from_secs(3600),
+        tcp_closing: Duration::from_secs(10),
+        udp: Duration::from_secs(60),
+    };
+
+    fn key(src: u32, src_port: u16, dst: u32, dst_port: u16, protocol: u8) -> CtKey {
+        CtKey {
+            src_be: src,
+            dst_be: dst,
+            src_port_be: src_port,
+            dst_port_be: dst_port,
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+
+    fn value(kind: u8, nat: (u32, u16), last_seen_s: u64, flags: u8) -> CtValue {
+        CtValue {
+            nat_ip_be: nat.0,
+            snat_ip_be: 0,
+            tunnel_ip_be: 0,
+            nat_port_be: nat.1,
+            snat_port_be: 0,
+            kind,
+            flags,
+            _pad: [0; 2],
+            service_id: 1,
+            last_seen_ns: last_seen_s * SECOND,
+        }
+    }
+
+    /// Client 1:1000 -> frontend 9:80, backend 5:8080, with the given last
+    /// use of each direction.
+    fn pair(protocol: u8, forward_s: u64, reply_s: u64, flags: u8) -> BTreeMap<CtKey, CtValue> {
+        BTreeMap::from([
+            (
+                key(1, 1000, 9, 80, protocol),
+                value(CT_FORWARD, (5, 8080), forward_s, flags),
+            ),
+            (
+                key(5, 8080, 1, 1000, protocol),
+                value(CT_REPLY, (9, 80), reply_s, 0),
+            ),
+        ])
+    }
+
+    #[test]
+    fn a_pair_lives_while_either_direction_is_used() {
+        // The client went quiet an hour ago, the backend still sends.
+        let entries = pair(IPPROTO_TCP, 0, 3000, 0);
+        assert!(expired(&entries, 3601 * SECOND, &TIMEOUTS).is_empty());
+        assert_eq!(expired(&entries, 6601 * SECOND, &TIMEOUTS).len(), 2);
+    }
+
+    #[test]
+    fn closed_tcp_and_udp_expire_sooner() {
+        let closed = pair(IPPROTO_TCP, 100, 100, CT_FLAG_FIN_SEEN);
+        assert!(expired(&closed, 105 * SECOND, &TIMEOUTS).is_empty());
+        assert_eq!(expired(&closed, 111 * SECOND, &TIMEOUTS).len(), 2);
+        let udp = pair(IPPROTO_UDP, 100, 100, 0);
+        assert!(expired(&udp, 150 * SECOND, &TIMEOUTS).is_empty());
+        assert_eq!(expired(&udp, 161 * SECOND, &TIMEOUTS).len(), 2);
+    }
+
+    #[test]
+    fn lone_entries_expire_on_their_own_clock() {
+        let mut entries = pair(IPPROTO_UDP, 0, 0, 0);
+        // The LRU evicted the forward entry; the reply entry is alone.
+        entries.remove(&key(1, 1000, 9, 80, IPPROTO_UDP));
+        entries.insert(
+            key(7, 53, 2, 4000, IPPROTO_UDP),
+            value(CT_TUNNEL_RETURN, (0, 0), 100, 0),
+        );
+        let due = expired(&entries, 61 * SECOND, &TIMEOUTS);
+        assert_eq!(due, vec![key(5, 8080, 1, 1000, IPPROTO_UDP)]);
+    }
+
+    #[test]
+    fn snat_replies_are_found_by_the_translated_port() {
+        let forward_key = key(1, 1000, 9, 80, IPPROTO_TCP);
+        let mut forward = value(CT_FORWARD, (5, 8080), 0, CT_FLAG_SNAT);
+        forward.snat_ip_be = 3;
+        forward.snat_port_be = 61000;
+        assert_eq!(
+            reply_key_of(&forward_key, &forward),
+            key(5, 8080, 3, 61000, IPPROTO_TCP)
+        );
+    }
+}

@@ -1,0 +1,117 @@
+//! Our own connection tracking for flows translated on the node
+//! interfaces: one LRU entry per direction, both created together, so every
+//! packet of a flow is translated the same way without consulting the
+//! Service maps again (a backend that leaves the Service keeps its
+//! established flows, as with kube-proxy's conntrack).
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use dataplane_common::{CT_FLAG_FIN_SEEN, CT_FLAG_RST_SEEN, CtKey, CtValue, Stat};
+
+use crate::{
+    maps::{CONNTRACK, count},
+    packet::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+/// The key of the direction `flow` travels in.
+#[inline(always)]
+pub fn key_of(flow: &Flow) -> CtKey {
+    CtKey {
+        src_be: flow.src_be,
+        dst_be: flow.dst_be,
+        src_port_be: flow.src_port_be,
+        dst_port_be: flow.dst_port_be,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// A key from its parts.
+#[inline(always)]
+pub fn key(src_be: u32, src_port_be: u16, dst_be: u32, dst_port_be: u16, protocol: u8) -> CtKey {
+    CtKey {
+        src_be,
+        dst_be,
+        src_port_be,
+        dst_port_be,
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// The entry of `key`, for in-place refreshes.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
+/// Whether a TCP packet starts a new connection on a tuple whose previous
+/// connection was closed: the old entry must not decide where it goes.
+#[inline(always)]
+pub fn reopens(entry: *const CtValue, flow: &Flow) -> bool {
+    // SAFETY: `entry` points into the map; a racing update of the flags
+    // only makes this decision one packet late.
+    let flags = unsafe { (*entry).flags };
+    flow.is_tcp()
+        && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && flags & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN) != 0
+}
+
+/// Marks the entry used now, and remembers a TCP close so the agent's
+/// sweep expires it soon.
+#[inline(always)]
+pub fn refresh(entry: *mut CtValue, flow: &Flow) {
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut closing = 0;
+    if flow.tcp_flags & TCP_FIN != 0 {
+        closing |= CT_FLAG_FIN_SEEN;
+    }
+    if flow.tcp_flags & TCP_RST != 0 {
+        closing |= CT_FLAG_RST_SEEN;
+    }
+    // SAFETY: `entry` points into the LRU map's value, valid for this
+    // program run; concurrent writers only race on a timestamp and on
+    // flags that are only ever added.
+    unsafe {
+        (*entry).last_seen_ns = now;
+        if closing != 0 {
+            (*entry).flags |= closing;
+        }
+    }
+}
+
+/// Stores both directions of a new flow. If the map refuses either, the
+/// flow is not translated at all (never one direction only).
+#[inline(always)]
+pub fn create(
+    forward_key: &CtKey,
+    forward: &CtValue,
+    reply_key: &CtKey,
+    reply: &CtValue,
+) -> Result<(), ()> {
+    if CONNTRACK.insert(reply_key, reply, 0).is_err() {
+        count(Stat::ExtConntrackFull);
+        return Err(());
+    }
+    if CONNTRACK.insert(forward_key, forward, 0).is_err() {
+        let _ = CONNTRACK.remove(reply_key);
+        count(Stat::ExtConntrackFull);
+        return Err(());
+    }
+    Ok(())
+}
+
+/// Stores one entry (the tunnel's return path on a backend's node).
+#[inline(always)]
+pub fn put(key: &CtKey, value: &CtValue) -> Result<(), ()> {
+    CONNTRACK.insert(key, value, 0).map_err(|_| {
+        count(Stat::ExtConntrackFull);
+    })
+}
+
+/// Now, on the clock the entries and the agent's sweep use.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
