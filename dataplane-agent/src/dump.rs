@@ -8,11 +8,13 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
 use dataplane_common::{
-    AFFINITY_CLIENT_IPV4, AffinityKey, AffinityValue, SERVICE_FLAG_AFFINITY, map_names,
+    AFFINITY_CLIENT_IPV4, AffinityKey, AffinityValue, CT_FLAG_FIN_SEEN, CT_FLAG_REMOTE,
+    CT_FLAG_RST_SEEN, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_TUNNEL_RETURN, CtKey, CtValue,
+    SERVICE_FLAG_AFFINITY, map_names,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::model::DesiredDataplane;
+use crate::model::{DesiredDataplane, Protocol};
 
 use crate::dataplane::{
     kernel,
@@ -214,6 +216,90 @@ pub fn affinity_table(rows: &[AffinityRow]) -> String {
         out += &format!(
             "{:>6} {:>20}  {:<22} {:>9.1}s\n",
             row.service_id, row.client, row.backend, row.idle_s
+        );
+    }
+    out
+}
+
+#[derive(Serialize)]
+pub struct ConntrackRow {
+    pub protocol: String,
+    /// The packet's addresses in this direction, as it arrives.
+    pub flow: String,
+    pub kind: &'static str,
+    /// What the packet is rewritten to, or where it is tunnelled.
+    pub translation: String,
+    pub flags: Vec<&'static str>,
+    pub idle_s: f64,
+}
+
+/// The CONNTRACK entries, newest first.
+pub fn conntrack_rows(layout: &PinLayout) -> Result<Vec<ConntrackRow>> {
+    let map: HashMap<MapData, CtKey, CtValue> = kernel::open_pinned(layout, map_names::CONNTRACK)?;
+    let now_ns = monotonic_now_ns();
+    let endpoint = |ip_be: u32, port_be: u16| {
+        format!("{}:{}", state::ipv4_of_be(ip_be), u16::from_be(port_be))
+    };
+    let mut rows = Vec::new();
+    for entry in map.iter().filter_map(Result::ok) {
+        let (key, value) = entry;
+        let nat = endpoint(value.nat_ip_be, value.nat_port_be);
+        let snat = endpoint(value.snat_ip_be, value.snat_port_be);
+        let tunnel = state::ipv4_of_be(value.tunnel_ip_be);
+        let snat_on = value.flags & CT_FLAG_SNAT != 0;
+        let (kind, translation) = match value.kind {
+            CT_FORWARD if snat_on => ("forward", format!("{snat} -> {nat}")),
+            CT_FORWARD if value.flags & CT_FLAG_REMOTE != 0 => {
+                ("forward", format!("to {nat} via tunnel to {tunnel}"))
+            }
+            CT_FORWARD => ("forward", format!("to {nat}")),
+            CT_REPLY if snat_on => ("reply", format!("{nat} -> {snat}")),
+            CT_REPLY => ("reply", format!("from {nat}")),
+            CT_TUNNEL_RETURN => ("tunnel-return", format!("via tunnel to {tunnel}")),
+            _ => ("unknown", String::new()),
+        };
+        let flags = [
+            (CT_FLAG_FIN_SEEN, "fin"),
+            (CT_FLAG_RST_SEEN, "rst"),
+            (CT_FLAG_REMOTE, "remote"),
+            (CT_FLAG_SNAT, "snat"),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| value.flags & flag != 0)
+        .map(|(_, name)| name)
+        .collect();
+        rows.push(ConntrackRow {
+            protocol: Protocol::from_number(key.protocol)
+                .map_or_else(|| key.protocol.to_string(), |p| p.to_string()),
+            flow: format!(
+                "{} -> {}",
+                endpoint(key.src_be, key.src_port_be),
+                endpoint(key.dst_be, key.dst_port_be)
+            ),
+            kind,
+            translation,
+            flags,
+            idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
+        });
+    }
+    rows.sort_by(|a, b| a.idle_s.total_cmp(&b.idle_s));
+    Ok(rows)
+}
+
+pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
+    let mut out = format!(
+        "{:<5} {:<44} {:<13} {:<48} {:<12} {:>9}\n",
+        "PROTO", "FLOW", "KIND", "TRANSLATION", "FLAGS", "IDLE"
+    );
+    for row in rows {
+        out += &format!(
+            "{:<5} {:<44} {:<13} {:<48} {:<12} {:>8.1}s\n",
+            row.protocol,
+            row.flow,
+            row.kind,
+            row.translation,
+            row.flags.join(","),
+            row.idle_s
         );
     }
     out

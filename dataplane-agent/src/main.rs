@@ -40,6 +40,8 @@ enum DumpWhat {
     Services,
     Backends,
     Affinity,
+    /// Flows translated on the node interfaces.
+    Conntrack,
     Stats,
 }
 
@@ -301,6 +303,13 @@ fn print_dump(what: DumpWhat, output: Output, bpffs_dir: PathBuf) -> Result<()> 
                         println!("{:<28} {value}", stat.name());
                     }
                 }
+            }
+        }
+        DumpWhat::Conntrack => {
+            let rows = dump::conntrack_rows(&layout)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                Output::Table => print!("{}", dump::conntrack_table(&rows)),
             }
         }
         DumpWhat::Affinity => {

@@ -1,7 +1,7 @@
 //! The agent's main loop: source -> model -> dataplane, coalesced.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -146,7 +146,12 @@ struct Agent {
     started_at: SystemTime,
     health_check_servers: ServiceHealthServers,
     interface_maps: Option<InterfaceMaps>,
+    /// The backends each frontend id uses after the last sync, for the
+    /// conntrack sweep's stale-UDP check; None until the first sync.
+    live_backends: LiveBackends,
 }
+
+type LiveBackends = Arc<std::sync::Mutex<Option<BTreeSet<conntrack::LiveBackend>>>>;
 
 /// The annotation the EndpointSlice controller sets to when the change that
 /// produced a slice happened; kube-proxy measures programming latency from it.
@@ -182,6 +187,7 @@ impl Agent {
             error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
         }
         self.retire_unreachable();
+        self.publish_live_backends();
         self.serve_health_checks(&desired);
         self.health.updated(SystemTime::now());
         self.record_metrics(&desired, &report, loaded.problems.len(), started.elapsed());
@@ -205,6 +211,24 @@ impl Agent {
             "synced"
         );
         Ok(())
+    }
+
+    fn publish_live_backends(&self) {
+        let live = self
+            .mirror
+            .services
+            .values()
+            .flat_map(|value| {
+                self.mirror
+                    .current_backends(value)
+                    .into_iter()
+                    .map(move |b| (value.service_id, b.ip_be, b.port_be))
+            })
+            .collect();
+        *self
+            .live_backends
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(live);
     }
 
     /// kube-proxy's per-Service health checks for externalTrafficPolicy
@@ -469,6 +493,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             Arc::new(move || health.check(SystemTime::now()).0)
         }),
         interface_maps,
+        live_backends: Arc::default(),
     };
     // Slots a previous agent retired but did not sweep get a fresh grace.
     agent.retire_unreachable();
@@ -483,6 +508,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             PinLayout::new(&agent.config.bpffs_dir),
             external.clone(),
             agent.metrics.clone(),
+            agent.live_backends.clone(),
         );
     }
     info!(cgroup = %agent.config.cgroup.display(), "socket load balancing attached; ready");
@@ -577,7 +603,12 @@ fn first_address_of_first_interface(external: &ExternalConfig) -> Result<Ipv4Add
 }
 
 /// Expires idle flows from CONNTRACK periodically, off the async workers.
-fn spawn_conntrack_sweep(layout: PinLayout, external: ExternalConfig, metrics: Metrics) {
+fn spawn_conntrack_sweep(
+    layout: PinLayout,
+    external: ExternalConfig,
+    metrics: Metrics,
+    live_backends: LiveBackends,
+) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(external.conntrack_sweep_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -585,8 +616,12 @@ fn spawn_conntrack_sweep(layout: PinLayout, external: ExternalConfig, metrics: M
             tick.tick().await;
             let layout = layout.clone();
             let timeouts = external.conntrack;
+            let live = live_backends
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
             let swept = tokio::task::spawn_blocking(move || {
-                conntrack::sweep(&layout, &timeouts, dump::monotonic_now_ns())
+                conntrack::sweep(&layout, &timeouts, dump::monotonic_now_ns(), live.as_ref())
             })
             .await;
             match swept {

@@ -197,7 +197,12 @@ fn new_flow(
         return no_backend(ctx, ip, flow, service);
     };
     let remote = backend.flags & BACKEND_FLAG_REMOTE != 0 && backend.node_ip_be != 0;
-    if remote && config.external_mode == EXTERNAL_MODE_SNAT {
+    // Hairpin: a pod reaching its own Service through another node must
+    // see the answer come from that node, so the node stands in as the
+    // source (kube-proxy masquerades hairpin traffic too); tunnelled, the
+    // pod would get a packet from itself.
+    let hairpin = backend.ip_be == flow.src_be;
+    if (remote && config.external_mode == EXTERNAL_MODE_SNAT) || hairpin {
         return new_snat_flow(ctx, config, ip, flow, service, &backend);
     }
     let now = conntrack::now_ns();
@@ -386,8 +391,9 @@ fn from_tunnel(ctx: &TcContext, config: &ConfigValue, node_be: u32) -> i32 {
     PASS
 }
 
-/// SNAT mode, backend on another node: the source becomes this node and a
-/// free port, so the replies return here without a tunnel.
+/// SNAT mode with a backend on another node, or hairpin: the source
+/// becomes this node and a free port, so the replies return here without a
+/// tunnel.
 #[inline(always)]
 fn new_snat_flow(
     ctx: &TcContext,

@@ -280,6 +280,30 @@ impl Cluster {
         })
     }
 
+    /// Starts `connections` long-lived TCP connections from `client` (see
+    /// [`Testbed::hold`]); read the result with `HoldSummary::of`.
+    pub fn hold(
+        &self,
+        client: &Host,
+        to: &str,
+        connections: usize,
+        seconds: u64,
+    ) -> Result<std::process::Child> {
+        self.nodes[0]
+            .command_in(&client.netns, false, sibling_binary("dataplane-probe")?)?
+            .args([
+                "hold",
+                "--to",
+                to,
+                "--connections",
+                &connections.to_string(),
+            ])
+            .args(["--seconds", &seconds.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the probe's hold")
+    }
+
     /// Runs `program args` in `netns` and returns its stdout.
     pub fn run_in(&self, netns: &str, program: &str, args: &[&str]) -> Result<String> {
         let output = self.nodes[0]

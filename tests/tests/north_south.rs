@@ -4,13 +4,14 @@
 //! Every test asserts which pod answered, the source address the pod saw,
 //! and that the answer came from the address the client dialled.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use dataplane_testbed::{
     Host,
     cluster::Cluster,
     manifests::{Ep, Svc, join, node_with_ip, slice},
     probe::{Attempt, tally},
+    testbed::HoldSummary,
 };
 
 const NODE_PORT: u16 = 30080;
@@ -363,4 +364,144 @@ fn large_transfers_work_through_a_smaller_mtu_hop_to_local_and_tunnelled_pods() 
     assert!(stat(c, 0, "ext_too_big_for_tunnel") > 0, "client -> tunnel");
     assert!(stat(c, 1, "ext_too_big_for_tunnel") > 0, "pod2 -> tunnel");
     assert!(stat(c, 0, "ext_icmp_translated") > 0, "router -> pods");
+}
+
+#[test]
+fn agent_restarts_keep_established_external_connections() {
+    let setup = two_nodes();
+    let c = &setup.cluster;
+    c.write_manifest(
+        "web.yaml",
+        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
+    )
+    .unwrap();
+    c.start_agents(&[]).unwrap();
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    // Connections to both pods (local and tunnelled) stay open and keep
+    // exchanging while both agents crash and come back.
+    let hold = c.hold(&setup.client, &dialled, 20, 6).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    for node in &c.nodes {
+        node.stop_agent(libc::SIGKILL).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_agents(&[]).unwrap();
+    let summary = HoldSummary::of(hold).unwrap();
+    assert_eq!(summary.open, 20, "{summary:?}");
+    assert!(summary.failures.is_empty(), "{summary:?}");
+    assert_eq!(
+        summary.backends.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["pod1".to_string(), "pod2".to_string()]),
+        "{summary:?}"
+    );
+    // New connections work after the restart too.
+    assert_all_ok(&c.exchange(&setup.client, &dialled, 10, "tcp").unwrap());
+}
+
+#[test]
+fn session_affinity_pins_an_external_client_to_one_pod() {
+    let mut setup = two_nodes();
+    let other_client = setup.cluster.client("other").expect("other client");
+    let c = &setup.cluster;
+    let service = web("NodePort").spec("sessionAffinity: ClientIP");
+    c.write_manifest("web.yaml", &manifests(&setup, service, &both_pods(&setup)))
+        .unwrap();
+    c.start_agents(&[]).unwrap();
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    for client in [&setup.client, &other_client] {
+        let attempts = c.exchange(client, &dialled, 20, "tcp").unwrap();
+        assert_all_ok(&attempts);
+        assert_eq!(
+            tally(&attempts).len(),
+            1,
+            "{} must stick to one pod: {:?}",
+            client.name,
+            tally(&attempts)
+        );
+    }
+}
+
+#[test]
+fn pods_reach_node_ports_on_their_own_node_and_on_others() {
+    let setup = two_nodes();
+    let c = &setup.cluster;
+    c.write_manifest(
+        "web.yaml",
+        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
+    )
+    .unwrap();
+    c.start_agents(&[]).unwrap();
+    for node in 0..2 {
+        let dialled = format!("{}:{NODE_PORT}", c.node_ip(node));
+        let attempts = c.nodes[0]
+            .exchange(&setup.pod1, &dialled, 30, "tcp")
+            .unwrap();
+        assert_all_ok(&attempts);
+        assert_eq!(
+            tally(&attempts).keys().cloned().collect::<BTreeSet<_>>(),
+            BTreeSet::from(["pod1".to_string(), "pod2".to_string()]),
+            "pod1 via {dialled} (its own node's address included: hairpin)"
+        );
+    }
+}
+
+#[test]
+fn idle_and_stale_udp_flows_leave_the_conntrack_table() {
+    let setup = two_nodes();
+    let c = &setup.cluster;
+    c.write_manifest(
+        "web.yaml",
+        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
+    )
+    .unwrap();
+    let short = [
+        "--conntrack-udp-timeout",
+        "2s",
+        "--conntrack-sweep-period",
+        "500ms",
+    ];
+    c.start_agents(&short).unwrap();
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    let flows = |node: usize| {
+        let output = c.nodes[node]
+            .agent_cli(&["dump", "conntrack", "-o", "json"])
+            .unwrap();
+        serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).unwrap()
+    };
+    assert_all_ok(&c.exchange(&setup.client, &dialled, 10, "udp").unwrap());
+    assert!(
+        flows(0).len() >= 20,
+        "10 flows, both directions: {:?}",
+        flows(0)
+    );
+    c.nodes[0]
+        .wait_until("idle UDP flows expire", Duration::from_secs(10), || {
+            Ok(flows(0).is_empty())
+        })
+        .unwrap();
+
+    // A UDP flow to a pod that leaves the Service is cut at once (within a
+    // sweep), even while the client keeps sending.
+    let only_pod1 = [Ep::ready(&setup.pod1).on_node("node-1")];
+    assert_all_ok(&c.exchange(&setup.client, &dialled, 10, "udp").unwrap());
+    let to_pod2 = |rows: &[serde_json::Value]| {
+        rows.iter()
+            .filter(|r| {
+                r["translation"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&setup.pod2.ip.to_string())
+            })
+            .count()
+    };
+    assert!(to_pod2(&flows(0)) > 0, "{:?}", flows(0));
+    c.write_manifest("web.yaml", &manifests(&setup, web("NodePort"), &only_pod1))
+        .unwrap();
+    c.nodes[0]
+        .wait_until(
+            "flows to the removed pod go",
+            Duration::from_secs(5),
+            || Ok(to_pod2(&flows(0)) == 0),
+        )
+        .unwrap();
 }

@@ -3,7 +3,10 @@
 //! flow is over, per pair of entries, so one direction is never removed
 //! while the other is still in use.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
@@ -52,16 +55,44 @@ pub fn reply_key_of(forward_key: &CtKey, forward: &CtValue) -> CtKey {
     }
 }
 
+/// A backend as a frontend id uses it: (service id, address, port), both
+/// in network order as in the maps.
+pub type LiveBackend = (u32, u32, u16);
+
 /// The keys to delete: forward/reply pairs idle (in both directions) for
 /// longer than their timeout, and lone entries idle for longer than theirs.
-pub fn expired(entries: &BTreeMap<CtKey, CtValue>, now_ns: u64, timeouts: &Timeouts) -> Vec<CtKey> {
+/// With `live`, UDP flows to a backend their frontend no longer uses go at
+/// once: UDP has no connection to end, so without this a client that keeps
+/// sending would talk to a removed backend forever (kube-proxy clears such
+/// conntrack entries for the same reason). TCP flows keep their backend
+/// until they end, as with kube-proxy.
+pub fn expired(
+    entries: &BTreeMap<CtKey, CtValue>,
+    now_ns: u64,
+    timeouts: &Timeouts,
+    live: Option<&BTreeSet<LiveBackend>>,
+) -> Vec<CtKey> {
     let idle_longer_than = |last_seen_ns: u64, timeout: Duration| {
         u128::from(now_ns.saturating_sub(last_seen_ns)) > timeout.as_nanos()
     };
+    let stale = |key: &CtKey, value: &CtValue| {
+        key.protocol != IPPROTO_TCP
+            && live.is_some_and(|live| {
+                !live.contains(&(value.service_id, value.nat_ip_be, value.nat_port_be))
+            })
+    };
     let mut out = Vec::new();
-    let mut paired = std::collections::BTreeSet::new();
+    let mut paired = BTreeSet::new();
     for (key, value) in entries.iter().filter(|(_, v)| v.kind == CT_FORWARD) {
         let reply_key = reply_key_of(key, value);
+        if stale(key, value) {
+            out.push(*key);
+            if entries.contains_key(&reply_key) {
+                paired.insert(reply_key);
+                out.push(reply_key);
+            }
+            continue;
+        }
         match entries.get(&reply_key).filter(|r| r.kind == CT_REPLY) {
             Some(reply) => {
                 paired.insert(reply_key);
@@ -105,7 +136,12 @@ pub struct SweepReport {
 
 /// Reads the whole CONNTRACK map and deletes expired flows. Blocking (one
 /// syscall per entry): run it off the async workers.
-pub fn sweep(layout: &PinLayout, timeouts: &Timeouts, now_ns: u64) -> Result<SweepReport> {
+pub fn sweep(
+    layout: &PinLayout,
+    timeouts: &Timeouts,
+    now_ns: u64,
+    live: Option<&BTreeSet<LiveBackend>>,
+) -> Result<SweepReport> {
     let mut map: HashMap<MapData, CtKey, CtValue> =
         kernel::open_pinned(layout, map_names::CONNTRACK)?;
     let mut entries = BTreeMap::new();
@@ -113,7 +149,7 @@ pub fn sweep(layout: &PinLayout, timeouts: &Timeouts, now_ns: u64) -> Result<Swe
     for entry in map.iter().filter_map(Result::ok) {
         entries.insert(entry.0, entry.1);
     }
-    let expired = expired(&entries, now_ns, timeouts);
+    let expired = expired(&entries, now_ns, timeouts, live);
     for key in &expired {
         match map.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
@@ -184,18 +220,18 @@ mod tests {
     fn a_pair_lives_while_either_direction_is_used() {
         // The client went quiet an hour ago, the backend still sends.
         let entries = pair(IPPROTO_TCP, 0, 3000, 0);
-        assert!(expired(&entries, 3601 * SECOND, &TIMEOUTS).is_empty());
-        assert_eq!(expired(&entries, 6601 * SECOND, &TIMEOUTS).len(), 2);
+        assert!(expired(&entries, 3601 * SECOND, &TIMEOUTS, None).is_empty());
+        assert_eq!(expired(&entries, 6601 * SECOND, &TIMEOUTS, None).len(), 2);
     }
 
     #[test]
     fn closed_tcp_and_udp_expire_sooner() {
         let closed = pair(IPPROTO_TCP, 100, 100, CT_FLAG_FIN_SEEN);
-        assert!(expired(&closed, 105 * SECOND, &TIMEOUTS).is_empty());
-        assert_eq!(expired(&closed, 111 * SECOND, &TIMEOUTS).len(), 2);
+        assert!(expired(&closed, 105 * SECOND, &TIMEOUTS, None).is_empty());
+        assert_eq!(expired(&closed, 111 * SECOND, &TIMEOUTS, None).len(), 2);
         let udp = pair(IPPROTO_UDP, 100, 100, 0);
-        assert!(expired(&udp, 150 * SECOND, &TIMEOUTS).is_empty());
-        assert_eq!(expired(&udp, 161 * SECOND, &TIMEOUTS).len(), 2);
+        assert!(expired(&udp, 150 * SECOND, &TIMEOUTS, None).is_empty());
+        assert_eq!(expired(&udp, 161 * SECOND, &TIMEOUTS, None).len(), 2);
     }
 
     #[test]
@@ -207,8 +243,19 @@ mod tests {
             key(7, 53, 2, 4000, IPPROTO_UDP),
             value(CT_TUNNEL_RETURN, (0, 0), 100, 0),
         );
-        let due = expired(&entries, 61 * SECOND, &TIMEOUTS);
+        let due = expired(&entries, 61 * SECOND, &TIMEOUTS, None);
         assert_eq!(due, vec![key(5, 8080, 1, 1000, IPPROTO_UDP)]);
+    }
+
+    #[test]
+    fn udp_flows_to_a_removed_backend_go_at_once_tcp_flows_stay() {
+        let live = BTreeSet::from([(1, 6, 8080)]);
+        let udp = pair(IPPROTO_UDP, 100, 100, 0);
+        assert_eq!(expired(&udp, 101 * SECOND, &TIMEOUTS, Some(&live)).len(), 2);
+        let still_used = BTreeSet::from([(1, 5, 8080)]);
+        assert!(expired(&udp, 101 * SECOND, &TIMEOUTS, Some(&still_used)).is_empty());
+        let tcp = pair(IPPROTO_TCP, 100, 100, 0);
+        assert!(expired(&tcp, 101 * SECOND, &TIMEOUTS, Some(&live)).is_empty());
     }
 
     #[test]

@@ -328,7 +328,12 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
                     port_name: port.name.clone(),
                     backends: backends.to_vec(),
                     affinity_timeout_s: spec.affinity_timeout_s,
-                    source_ranges: if view_of == View::LoadBalancer {
+                    // Socket LB does not check them: in-cluster clients of
+                    // a load-balancer IP are not filtered, as the ranges are
+                    // about the load balancer's clients.
+                    source_ranges: if view_of == View::LoadBalancer
+                        && frontend.scope == Scope::External
+                    {
                         spec.source_ranges.clone()
                     } else {
                         Vec::new()
@@ -529,3 +534,6 @@ pub(crate) mod fixtures;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod external_tests;

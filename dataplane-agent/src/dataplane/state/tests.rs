@@ -604,3 +604,53 @@ fn the_frontend_limit_is_reported_per_frontend() {
     assert_eq!(report.failed[0].1.reason(), "service_limit");
     assert_eq!(maps.state.services.len(), 2);
 }
+
+#[test]
+fn source_ranges_are_written_before_the_check_and_removed_after_it() {
+    let range = |octet: u8, prefix_len: u8| SourceRange {
+        ip: Ipv4Addr::new(198, 51, 100, octet),
+        prefix_len,
+    };
+    let mut mirror = PinnedState::default();
+    let mut maps = FakeMaps::default();
+    let mut want = desired(&[(10, &[1])]);
+    let with_ranges = |want: &mut DesiredDataplane, ranges: Vec<SourceRange>| {
+        want.frontends
+            .values_mut()
+            .for_each(|e| e.source_ranges = ranges.clone());
+    };
+    with_ranges(&mut want, vec![range(0, 24), range(7, 32)]);
+    let report = mirror.apply(&want, &mut maps, &Limits::default());
+    assert!(report.failed.is_empty());
+    assert_eq!(mirror, maps.state);
+    let first_range = maps
+        .log
+        .iter()
+        .position(|op| op.starts_with("put_source_range"))
+        .unwrap();
+    let flip = maps
+        .log
+        .iter()
+        .position(|op| op.starts_with("put_service"))
+        .unwrap();
+    assert!(first_range < flip, "{:?}", maps.log);
+
+    // Narrowing the ranges: the new set is complete before the old prefix
+    // goes; dropping them all clears the flag before the last prefix goes
+    // (FakeMaps checks both after every write).
+    with_ranges(&mut want, vec![range(7, 32)]);
+    mirror.apply(&want, &mut maps, &Limits::default());
+    assert_eq!(maps.state.source_ranges.len(), 1);
+    with_ranges(&mut want, vec![]);
+    mirror.apply(&want, &mut maps, &Limits::default());
+    assert!(maps.state.source_ranges.is_empty());
+    assert_eq!(mirror, maps.state);
+
+    // A removed frontend takes its ranges along, so a new frontend that
+    // gets its id later starts clean.
+    with_ranges(&mut want, vec![range(0, 24)]);
+    mirror.apply(&want, &mut maps, &Limits::default());
+    mirror.apply(&desired(&[]), &mut maps, &Limits::default());
+    assert!(maps.state.source_ranges.is_empty(), "{:?}", maps.log);
+    assert_eq!(mirror, maps.state);
+}
