@@ -46,7 +46,7 @@ pub fn forward(ctx: &TcContext, src_be: u32, dst_be: u32) -> i32 {
         macs[12..].copy_from_slice(&ETH_P_IP_BE.to_ne_bytes());
         if ctx.store(0, &macs, 0).is_err() {
             count(Stat::ExtDropDatapathError);
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         // SAFETY: helper without preconditions.
         return unsafe { bpf_redirect(params.ifindex, 0) } as i32;
@@ -69,5 +69,5 @@ pub fn forward(ctx: &TcContext, src_be: u32, dst_be: u32) -> i32 {
         } as i32;
     }
     count(Stat::ExtDropDatapathError);
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }

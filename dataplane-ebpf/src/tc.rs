@@ -39,7 +39,7 @@ use crate::{
 /// Not ours, or translated in place: let the next program or the stack
 /// have it (TCX_NEXT; "pass" at the end of the chain).
 const PASS: i32 = TC_ACT_UNSPEC;
-const DROP: i32 = TC_ACT_SHOT as i32;
+const DROP: i32 = TC_ACT_SHOT;
 /// SNAT source ports: a few random tries before giving up on the packet
 /// (the client retransmits and tries again).
 const SNAT_PORT_TRIES: u32 = 4;
