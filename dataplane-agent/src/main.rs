@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
-    dataplane::{conntrack, kernel, pins, state::Limits},
+    dataplane::{conntrack, interfaces, kernel, pins, state::Limits},
     dump,
     run::{self, ExternalConfig, ExternalMode, RunConfig, SourceConfig},
 };
@@ -87,8 +87,15 @@ struct RunArgs {
     kubeconfig: Option<PathBuf>,
     /// Node interfaces that external traffic (NodePort, load-balancer IPs,
     /// externalIPs) arrives on; the north-south datapath attaches to their
-    /// TC ingress and egress. Socket load balancing needs none.
-    #[arg(long, value_delimiter = ',')]
+    /// TC ingress and egress. `auto`: the interfaces of the default routes
+    /// (none: no north-south datapath, with a warning). Empty: no
+    /// north-south datapath (socket load balancing needs none).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "DATAPLANE_INTERFACES",
+        default_value = "auto"
+    )]
     interfaces: Vec<String>,
     /// How external traffic reaches a backend on another node: `tunnel`
     /// keeps the client's address (VXLAN to the backend's node, which must
@@ -211,6 +218,28 @@ fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
     Ok((min, max))
 }
 
+/// The --interfaces list with `auto` replaced by the default routes'
+/// interfaces.
+fn resolve_interfaces(flag: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for interface in flag.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        if interface == "auto" {
+            let found = interfaces::default_route_interfaces()?;
+            if found.is_empty() {
+                tracing::warn!(
+                    "--interfaces auto: no IPv4 default route in this network namespace, so no interface for NodePort and load-balancer traffic; name the interfaces to serve them"
+                );
+            }
+            out.extend(found);
+        } else {
+            out.push(interface.to_owned());
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|i| seen.insert(i.clone()));
+    Ok(out)
+}
+
 fn check_interfaces(interfaces: &[String]) -> Result<()> {
     for interface in interfaces {
         // if_nametoindex asks the kernel about this network namespace;
@@ -232,12 +261,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             kubeconfig: args.kubeconfig,
         },
     };
-    let interfaces: Vec<String> = args
-        .interfaces
-        .iter()
-        .filter(|i| !i.is_empty())
-        .cloned()
-        .collect();
+    let interfaces = resolve_interfaces(&args.interfaces)?;
     check_interfaces(&interfaces)?;
     if args.sync_period.is_zero() {
         bail!("--sync-period must be longer than zero");

@@ -188,6 +188,11 @@ impl Agent {
         }
         self.retire_unreachable();
         self.publish_live_backends();
+        if let Some(maps) = &mut self.interface_maps
+            && let Err(error) = maps.set_tunnel_peers(&desired.node_addresses)
+        {
+            error!(error = format!("{error:#}"), "tunnel peers not updated");
+        }
         self.serve_health_checks(&desired);
         self.health.updated(SystemTime::now());
         self.record_metrics(&desired, &report, loaded.problems.len(), started.elapsed());

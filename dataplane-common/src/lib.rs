@@ -21,7 +21,8 @@ pub mod map_names {
     pub const NODE_IPS: &str = "NODE_IPS";
     pub const CONFIG: &str = "CONFIG";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
-    pub const ALL: [&str; 10] = [
+    pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
         SOCK_REV,
@@ -32,6 +33,7 @@ pub mod map_names {
         NODE_IPS,
         CONFIG,
         SOURCE_RANGES,
+        TUNNEL_PEERS,
     ];
 }
 
@@ -53,6 +55,7 @@ pub const SOCK_REV_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
 pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
+pub const TUNNEL_PEERS_MAX_ENTRIES: u32 = 16_384;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 
 /// `ServiceValue::flags`: sessionAffinity ClientIP, for

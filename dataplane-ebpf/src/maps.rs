@@ -10,6 +10,7 @@ use dataplane_common::{
     BackendValue, CONNTRACK_MAX_ENTRIES, ConfigValue, CtKey, CtValue, MemberKey,
     NODE_IPS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
     ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, Stat,
+    TUNNEL_PEERS_MAX_ENTRIES,
 };
 
 /// `BPF_F_NO_PREALLOC`: a preallocated hash map recycles the element an
@@ -55,6 +56,11 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_
 /// nodePorts are served and tunnels end.
 #[map]
 pub static NODE_IPS: HashMap<u32, u32> = HashMap::pinned(NODE_IPS_MAX_ENTRIES, NO_PREALLOC);
+
+/// The cluster's node addresses (network order): tunnel packets are
+/// accepted only from them.
+#[map]
+pub static TUNNEL_PEERS: HashMap<u32, u32> = HashMap::pinned(TUNNEL_PEERS_MAX_ENTRIES, NO_PREALLOC);
 
 #[map]
 pub static CONFIG: Array<ConfigValue> = Array::pinned(1, 0);

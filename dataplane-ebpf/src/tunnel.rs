@@ -16,7 +16,7 @@ use dataplane_common::{ConfigValue, IPPROTO_UDP};
 
 use crate::{
     csum,
-    maps::NODE_IPS,
+    maps::{NODE_IPS, TUNNEL_PEERS},
     packet::{ETH_HLEN, ETH_P_IP_BE, Flow, IP_OFF, IPV4_MIN_HLEN, UDP_HLEN},
 };
 
@@ -47,14 +47,18 @@ pub enum TunnelError {
 }
 
 /// Whether `flow` is a VXLAN packet of ours: UDP to the tunnel port on one
-/// of this node's addresses, with our VNI.
+/// of this node's addresses, from another node of the cluster, with our
+/// VNI. Anything else (another overlay's VXLAN on the same port, or a
+/// stranger's packet) is left to the stack.
 #[inline(always)]
 pub fn is_ours(ctx: &TcContext, flow: &Flow, config: &ConfigValue) -> bool {
     if flow.protocol != IPPROTO_UDP || flow.dst_port_be != config.tunnel_port_be {
         return false;
     }
-    // SAFETY: presence check only.
-    if unsafe { NODE_IPS.get(flow.dst_be) }.is_none() {
+    // SAFETY: presence checks only.
+    if unsafe { NODE_IPS.get(flow.dst_be) }.is_none()
+        || unsafe { TUNNEL_PEERS.get(flow.src_be) }.is_none()
+    {
         return false;
     }
     let vxlan_off = flow.l4_off + UDP_HLEN;

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeSet, ffi::CStr, net::Ipv4Addr};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 
 /// The IPv4 addresses of `interfaces`, per `getifaddrs(3)`.
 pub fn ipv4_addresses(interfaces: &[String]) -> Result<BTreeSet<Ipv4Addr>> {
@@ -38,4 +38,41 @@ pub fn ipv4_addresses(interfaces: &[String]) -> Result<BTreeSet<Ipv4Addr>> {
     // SAFETY: `list` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(list) };
     Ok(out)
+}
+
+/// The interfaces of this network namespace's IPv4 default routes, from
+/// /proc/self/net/route (which, unlike /sys/class/net, always shows the
+/// namespace of the reading process).
+pub fn default_route_interfaces() -> Result<Vec<String>> {
+    let table =
+        std::fs::read_to_string("/proc/self/net/route").context("reading /proc/self/net/route")?;
+    Ok(default_routes_in(&table))
+}
+
+fn default_routes_in(table: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+        let is_default = fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000";
+        if is_default && !out.iter().any(|i| i == fields[0]) {
+            out.push(fields[0].to_owned());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_are_read_from_the_route_table() {
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t0102000A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            eth0\t0002000A\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n\
+            eth1\t00000000\t0103000A\t0003\t0\t0\t200\t00000000\t0\t0\t0\n";
+        assert_eq!(default_routes_in(table), vec!["eth0", "eth1"]);
+        assert!(default_routes_in("Iface\tDestination\n").is_empty());
+    }
 }

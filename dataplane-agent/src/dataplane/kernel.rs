@@ -212,6 +212,10 @@ impl Loaded {
         Ok(InterfaceMaps {
             config: typed_map(self.ebpf.take_map(map_names::CONFIG), map_names::CONFIG)?,
             node_ips: typed_map(self.ebpf.take_map(map_names::NODE_IPS), map_names::NODE_IPS)?,
+            tunnel_peers: typed_map(
+                self.ebpf.take_map(map_names::TUNNEL_PEERS),
+                map_names::TUNNEL_PEERS,
+            )?,
         })
     }
 
@@ -425,6 +429,7 @@ fn interface_pin_name(program: &str, interface: &str) -> String {
 pub struct InterfaceMaps {
     config: Array<MapData, ConfigValue>,
     node_ips: HashMap<MapData, u32, u32>,
+    tunnel_peers: HashMap<MapData, u32, u32>,
 }
 
 impl InterfaceMaps {
@@ -432,26 +437,38 @@ impl InterfaceMaps {
         self.config.set(0, config, 0).context("writing CONFIG")
     }
 
-    /// Makes NODE_IPS hold exactly `addresses` (new ones first, then the
-    /// stale ones removed).
+    /// Makes NODE_IPS hold exactly this node's `addresses`.
     pub fn set_node_ips(&mut self, addresses: &BTreeSet<Ipv4Addr>) -> Result<()> {
-        for address in addresses {
-            self.node_ips
-                .insert(ipv4_be(*address), 1, 0)
-                .with_context(|| format!("adding node address {address} to NODE_IPS"))?;
-        }
-        let stale: Vec<u32> = self
-            .node_ips
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|key| !addresses.contains(&ipv4_of_be(*key)))
-            .collect();
-        for key in stale {
-            ignore_missing(self.node_ips.remove(&key))
-                .with_context(|| format!("removing {} from NODE_IPS", ipv4_of_be(key)))?;
-        }
-        Ok(())
+        set_addresses(&mut self.node_ips, addresses, map_names::NODE_IPS)
     }
+
+    /// Makes TUNNEL_PEERS hold exactly the cluster's node `addresses`.
+    pub fn set_tunnel_peers(&mut self, addresses: &BTreeSet<Ipv4Addr>) -> Result<()> {
+        set_addresses(&mut self.tunnel_peers, addresses, map_names::TUNNEL_PEERS)
+    }
+}
+
+/// Makes an address set map hold exactly `addresses` (new ones first, then
+/// the stale ones removed).
+fn set_addresses(
+    map: &mut HashMap<MapData, u32, u32>,
+    addresses: &BTreeSet<Ipv4Addr>,
+    name: &str,
+) -> Result<()> {
+    for address in addresses {
+        map.insert(ipv4_be(*address), 1, 0)
+            .with_context(|| format!("adding {address} to {name}"))?;
+    }
+    let stale: Vec<u32> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|key| !addresses.contains(&ipv4_of_be(*key)))
+        .collect();
+    for key in stale {
+        ignore_missing(map.remove(&key))
+            .with_context(|| format!("removing {} from {name}", ipv4_of_be(key)))?;
+    }
+    Ok(())
 }
 
 /// Where a new link waits until it replaces `pin`. bpffs refuses names with

@@ -275,6 +275,8 @@ pub struct DesiredDataplane {
     pub frontends: BTreeMap<Frontend, FrontendEntry>,
     /// healthCheckNodePort -> what it reports.
     pub health_checks: BTreeMap<u16, HealthCheck>,
+    /// The InternalIPs of the cluster's nodes: the tunnel's peers.
+    pub node_addresses: BTreeSet<Ipv4Addr>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -289,6 +291,7 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
         this: node,
         addresses: node_addresses(cluster),
     };
+    out.node_addresses = nodes.addresses.values().copied().collect();
 
     for (name, service) in &cluster.services {
         let spec = match service::classify(name, service) {

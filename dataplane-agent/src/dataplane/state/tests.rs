@@ -164,6 +164,7 @@ fn desired(frontends: &[(u8, &[u8])]) -> DesiredDataplane {
             })
             .collect(),
         health_checks: BTreeMap::new(),
+        node_addresses: BTreeSet::new(),
         skipped: vec![],
     }
 }
