@@ -1,12 +1,19 @@
 //! `cargo xtask demo`: the product's main job on an embedded default. A
 //! node namespace with a client and three pods, the real agent serving
-//! `deploy/examples/`, and TCP connections through the ClusterIP; prints who
-//! answered and which source address each backend saw.
+//! `deploy/examples/`, and TCP connections through the ClusterIP; then two
+//! nodes with a pod each and a client outside the cluster, connecting
+//! through a NodePort. Prints who answered and which source address each
+//! backend saw.
 
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
-use dataplane_testbed::{Testbed, probe::tally};
+use dataplane_testbed::{
+    Testbed,
+    cluster::Cluster,
+    manifests::{Ep, Svc, join, node_with_ip, slice},
+    probe::tally,
+};
 
 use crate::interrupt::Interrupt;
 
@@ -125,6 +132,93 @@ fn run_demo(connections: usize, interrupt: &Interrupt) -> Result<()> {
     {
         bail!("a backend saw a source other than the client's {client_ip}");
     }
+    drop(tb);
+    check()?;
+    north_south(connections, interrupt)?;
     println!("\ndemo: ok; removing the demo cluster");
+    Ok(())
+}
+
+const NODE_PORT: u16 = 30080;
+
+/// Two nodes, one pod on each, a client outside the cluster: connections to
+/// node-1's nodePort reach both pods, the one on node-2 through the tunnel,
+/// and both see the client's own address.
+fn north_south(connections: usize, interrupt: &Interrupt) -> Result<()> {
+    println!(
+        "\ndemo: north-south: two nodes (192.0.2.11, 192.0.2.12) with a pod each, a client outside"
+    );
+    let mut cluster = Cluster::new(2)?;
+    let client = cluster.client("client")?;
+    let pod1 = cluster.nodes[0].host("pod1")?;
+    let pod2 = cluster.nodes[1].host("pod2")?;
+    cluster.nodes[0].serve(&pod1, 8080)?;
+    cluster.nodes[1].serve(&pod2, 8080)?;
+    let service = Svc::new("web", "10.96.0.20")
+        .node_port("http", 80, "TCP", 8080, NODE_PORT)
+        .spec("type: NodePort");
+    let manifests = join(&[
+        node_with_ip("node-1", cluster.node_ip(0)),
+        node_with_ip("node-2", cluster.node_ip(1)),
+        service.yaml(),
+        slice(
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[
+                Ep::ready(&pod1).on_node("node-1"),
+                Ep::ready(&pod2).on_node("node-2"),
+            ],
+        ),
+    ]);
+    cluster.write_manifest("web.yaml", &manifests)?;
+    println!("demo: starting dataplane-agent on both nodes (--interfaces ext0, tunnel mode)");
+    cluster.start_agents(&[])?;
+    interrupt.check()?;
+    let dialled = format!("{}:{NODE_PORT}", cluster.node_ip(0));
+    println!(
+        "demo: {connections} TCP connections from the client ({}) to node-1's NodePort {dialled}",
+        client.ip
+    );
+    let attempts = cluster.exchange(&client, &dialled, connections, "tcp")?;
+    interrupt.check()?;
+    println!(
+        "\n{:<8} {:<8} {:<12} {:>12}   SOURCE IP SEEN BY BACKEND",
+        "BACKEND", "NODE", "POD IP", "CONNECTIONS"
+    );
+    for (backend, seen) in tally(&attempts) {
+        let (node, ip) = if backend == pod1.name {
+            ("node-1", pod1.ip)
+        } else {
+            ("node-2", pod2.ip)
+        };
+        let sources: Vec<String> = seen.sources.keys().cloned().collect();
+        println!(
+            "{backend:<8} {node:<8} {ip:<12} {:>12}   {}",
+            seen.served,
+            sources.join(", ")
+        );
+    }
+    let peer = attempts
+        .iter()
+        .find_map(|a| a.peer.clone())
+        .unwrap_or_default();
+    println!(
+        "\nclient's getpeername(): {peer} (node-1's NodePort: node-2's pod answered through the tunnel)"
+    );
+    let failed = attempts.iter().filter(|a| !a.ok).count();
+    if failed > 0 {
+        bail!("{failed} of {connections} NodePort connections failed");
+    }
+    let client_ip = client.ip.to_string();
+    if tally(&attempts)
+        .values()
+        .any(|t| t.sources.keys().any(|s| *s != client_ip))
+    {
+        bail!("a backend behind the NodePort saw a source other than the client's {client_ip}");
+    }
+    if tally(&attempts).len() != 2 {
+        bail!("not both pods answered through the NodePort");
+    }
     Ok(())
 }
