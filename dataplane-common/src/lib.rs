@@ -45,6 +45,9 @@ pub mod program_names {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     pub const TC_INGRESS: &str = "tc_ingress";
     pub const TC_EGRESS: &str = "tc_egress";
+    /// A TC program that does nothing: never attached; the floor that
+    /// program benchmarks measure `tc_ingress`/`tc_egress` against.
+    pub const TC_NOOP: &str = "tc_noop";
 }
 
 /// Map capacities compiled into the object. The agent enforces its own,

@@ -62,6 +62,13 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     tc::egress(&ctx)
 }
 
+/// Does nothing: never attached, the floor of the program benchmarks
+/// (BPF_PROG_TEST_RUN cost of a TC program that only returns).
+#[classifier]
+pub fn tc_noop(_ctx: TcContext) -> i32 {
+    aya_ebpf::bindings::TC_ACT_UNSPEC
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

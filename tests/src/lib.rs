@@ -3,7 +3,9 @@
 pub mod apiserver;
 pub mod cluster;
 pub mod manifests;
+pub mod packets;
 pub mod probe;
+pub mod tc_harness;
 pub mod testbed;
 
 pub use testbed::{Host, Testbed};

@@ -139,6 +139,17 @@ fn check_fresh(binary: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A name no other test object has, from which a later run can tell a
+/// leftover of this (then dead) process; removes earlier runs' leftovers.
+pub fn unique_id() -> String {
+    remove_leftovers();
+    format!(
+        "{PREFIX}{}x{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 pub fn cgroup2_root() -> Result<PathBuf> {
     dataplane_agent::dataplane::pins::default_cgroup2_root()
 }
@@ -204,12 +215,7 @@ impl Testbed {
 
     /// A node named `node_name` whose hosts get addresses 10.`subnet`.n.2.
     pub fn node(node_name: &str, subnet: u8) -> Result<Self> {
-        remove_leftovers();
-        let id = format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            NEXT_ID.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = unique_id();
         let work_dir = std::env::temp_dir().join(&id);
         let testbed = Self {
             node_netns: format!("{id}-node"),

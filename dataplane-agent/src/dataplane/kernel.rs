@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, TestRun, TestRunOptions, TestRunResult,
     maps::{
         Array, HashMap, Map, MapData, MapError, PerCpuArray,
         lpm_trie::{Key as LpmKey, LpmTrie},
@@ -247,15 +247,7 @@ impl Loaded {
     /// are removed.
     pub fn attach_interfaces(&mut self, interfaces: &[String]) -> Result<()> {
         for (name, _) in INTERFACE_PROGRAMS {
-            let program: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a TC program"))?;
-            program
-                .load()
-                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+            self.load_tc_program(name)?;
         }
         let mut targets = Vec::new();
         let mut wanted_pins = BTreeSet::new();
@@ -271,6 +263,47 @@ impl Loaded {
         }
         self.attach_staged(targets)?;
         self.remove_interface_pins_except(&wanted_pins)
+    }
+
+    /// Loads a TC program (through the verifier) if it is not loaded yet.
+    pub fn load_tc_program(&mut self, name: &str) -> Result<()> {
+        let program = self.tc_program(name)?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        }
+        Ok(())
+    }
+
+    fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a TC program"))
+    }
+
+    /// Runs a loaded TC program on `packet` (Ethernet frame) `repeat` times
+    /// with BPF_PROG_TEST_RUN, without attaching it: for program tests,
+    /// packet fuzzing and per-packet cost. The program's maps are the real
+    /// pinned ones. `out` receives the packet as the program left it.
+    pub fn test_run_tc(
+        &mut self,
+        name: &str,
+        packet: &[u8],
+        out: &mut [u8],
+        repeat: u32,
+    ) -> Result<TestRunResult> {
+        let program = self.tc_program(name)?;
+        program
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))
     }
 
     /// Detaches node-interface programs of interfaces no longer configured.
@@ -369,12 +402,7 @@ impl Loaded {
         interface: &str,
         hook: TcAttachType,
     ) -> Result<FdLink> {
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()
-            .with_context(|| format!("{name} is not a TC program"))?;
+        let program = self.tc_program(name)?;
         // Appended after any program already there (a previous agent's, or
         // another vendor's): ours pass what is not theirs to the next.
         let link_id = program
