@@ -69,7 +69,7 @@ pub fn ipv4_header(
     payload_len: usize,
     options: &[u8],
 ) -> Vec<u8> {
-    assert!(options.len() % 4 == 0 && options.len() <= 40);
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
     let header_len = 20 + options.len();
     let mut header = vec![0u8; header_len];
     header[0] = 0x40 | (header_len / 4) as u8;
