@@ -115,6 +115,7 @@ fn main() -> Result<()> {
         Task::Bench(args) => {
             require_root("cargo xtask bench")?;
             setup::setup()?;
+            setup::ensure_chart_font()?;
             build()?;
             bench::bench(&args)
         }

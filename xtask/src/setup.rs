@@ -22,6 +22,27 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
+/// The TrueType font the benchmark charts are labelled with.
+pub const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// The chart font, for `cargo xtask bench` only (the tests need none).
+pub fn ensure_chart_font() -> Result<()> {
+    if PathBuf::from(CHART_FONT).exists() {
+        return Ok(());
+    }
+    println!("setup: installing the DejaVu fonts for the benchmark charts (Debian package)");
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "fonts-dejavu-core",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get install fonts-dejavu-core failed; it needs root and the Debian package registry")
+}
+
 /// iptables and nft: the tests build kube-proxy's leftovers with them (and
 /// the benchmarks kube-proxy's rule sets), from Debian's packages.
 fn ensure_packet_filters() -> Result<()> {

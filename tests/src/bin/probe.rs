@@ -59,7 +59,8 @@ enum Command {
         to: SocketAddr,
         #[arg(long)]
         seconds: f64,
-        /// `short` (a connection per request) or `keepalive`.
+        /// `short` (a connection per request), `keepalive` or `bulk` (one
+        /// connection streaming; the rate is bytes per second).
         #[arg(long)]
         load: String,
     },
@@ -130,14 +131,27 @@ fn answer_then_echo(mut stream: TcpStream, name: &str) {
     // One write per line, without Nagle: a line split in two segments
     // would wait for the peer's delayed ACK.
     let _ = stream.set_nodelay(true);
-    for line in BufReader::new(reader).lines() {
-        let Ok(line) = line else { break };
-        if stream.write_all(format!("{line}\n").as_bytes()).is_err() {
+    let mut reader = BufReader::new(reader);
+    let mut line = String::new();
+    while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+        if line == SINK_REQUEST {
+            // Bulk throughput: count and discard until the client is done.
+            let received = std::io::copy(&mut reader, &mut std::io::sink()).unwrap_or(0);
+            let _ = writeln!(stream, "{received}");
             break;
         }
+        if stream.write_all(line.as_bytes()).is_err() {
+            break;
+        }
+        line.clear();
     }
     let _ = stream.shutdown(Shutdown::Both);
 }
+
+/// The line that turns an echo connection into a sink (bulk throughput).
+const SINK_REQUEST: &str = "sink\n";
+/// The bulk load's write size.
+const BULK_CHUNK: usize = 256 * 1024;
 
 /// What one exchange returned: the answer line, the client's address, and
 /// the peer address its socket reported.
@@ -331,7 +345,44 @@ fn bench(to: SocketAddr, seconds: f64, load: &str) -> Result<()> {
                 }
             }
         }
-        other => anyhow::bail!("unknown load {other:?}: short or keepalive"),
+        "bulk" => {
+            // One connection streaming for the whole run; the "latency" of
+            // a bulk run is the time per chunk, the rate bytes per second.
+            let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut reader = BufReader::new(stream.try_clone()?);
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            stream.write_all(SINK_REQUEST.as_bytes())?;
+            let chunk = vec![0x5au8; BULK_CHUNK];
+            let mut sent = 0u64;
+            while Instant::now() < deadline {
+                let begun = Instant::now();
+                stream.write_all(&chunk)?;
+                sent += chunk.len() as u64;
+                latencies_us.push(begun.elapsed().as_micros() as u64);
+            }
+            stream.shutdown(Shutdown::Write)?;
+            line.clear();
+            reader.read_line(&mut line)?;
+            let received: u64 = line.trim().parse().unwrap_or(0);
+            if received != sent {
+                failures += 1;
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            latencies_us.sort_unstable();
+            let summary = serde_json::json!({
+                "count": latencies_us.len(),
+                "failures": failures,
+                "seconds": elapsed,
+                "rate": received as f64 / elapsed,
+                "p50_us": latencies_us.get(latencies_us.len() / 2).copied().unwrap_or(0),
+                "p99_us": latencies_us.get(latencies_us.len() * 99 / 100).copied().unwrap_or(0),
+            });
+            println!("{summary}");
+            return Ok(());
+        }
+        other => anyhow::bail!("unknown load {other:?}: short, keepalive or bulk"),
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies_us.sort_unstable();

@@ -1,7 +1,11 @@
 //! `cargo xtask bench`: the same topology and the same traffic through four
 //! dataplanes in one run (direct pod-to-pod as the floor, ours, kube-proxy's
-//! iptables and nftables rule sets), at several Service counts; a JSON file
-//! and a Markdown table of ratios.
+//! iptables and nftables rule sets), at several Service counts: short
+//! connections, keep-alive requests and bulk throughput through a ClusterIP
+//! from a pod, short connections and keep-alive requests through a NodePort
+//! from a client outside the cluster; the in-kernel cost of the interface
+//! programs per packet (BPF_PROG_TEST_RUN) beside a no-op program; a JSON
+//! file, a Markdown table of ratios and PNG charts.
 //!
 //! The Service under test is one of N (placed last in kube-proxy's
 //! KUBE-SERVICES chain, its worst case; no effect on the map-based
@@ -9,7 +13,9 @@
 //! addresses nobody dials, there to make the rule sets as large as a real
 //! cluster's.
 
+mod charts;
 mod peers;
+mod program_cost;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Instant};
 
@@ -38,16 +44,29 @@ pub struct BenchArgs {
     /// Services).
     #[arg(long)]
     load_timeout_seconds: Option<u64>,
+    /// Where results.json, results.md and the charts go (default
+    /// target/bench; the committed full-mode results live in docs/bench).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
 const HOT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The hot Service's nodePort, dialled on the node's address on the
+/// client's link (the interface the agent's TC programs serve).
+const HOT_NODE_PORT: u16 = 30080;
+/// The node's address on the client's link, and that link's name there.
+const NODE_ADDRESS: &str = "10.200.1.1";
+const CLIENT_LINK: &str = "h1";
 
 #[derive(Clone, Debug)]
 pub struct BenchService {
     pub name: String,
     pub cluster_ip: Ipv4Addr,
     pub port: u16,
+    /// Only the hot Service has one (kube-proxy's NodePort rules are
+    /// reached after the whole KUBE-SERVICES scan, its worst case anyway).
+    pub node_port: Option<u16>,
     pub endpoints: Vec<Ipv4Addr>,
 }
 
@@ -65,6 +84,7 @@ impl ServiceSet {
                 // 10.100.0.0/16 onwards: never dialled.
                 cluster_ip: Ipv4Addr::from(0x0a64_0000 + i as u32),
                 port: 80,
+                node_port: None,
                 endpoints: (0..ENDPOINTS_PER_SERVICE)
                     .map(|e| {
                         Ipv4Addr::from(
@@ -78,6 +98,7 @@ impl ServiceSet {
             name: "bench/hot".into(),
             cluster_ip: HOT_VIP,
             port: 80,
+            node_port: Some(HOT_NODE_PORT),
             endpoints: pods.iter().map(|p| p.ip).collect(),
         });
         Self { services }
@@ -95,10 +116,15 @@ impl ServiceSet {
                     .iter()
                     .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
                     .collect();
+                let service = manifests::Svc::new(&name, &s.cluster_ip.to_string());
+                let service = match s.node_port {
+                    Some(node_port) => service
+                        .node_port("http", s.port, "TCP", 8080, node_port)
+                        .spec("type: NodePort"),
+                    None => service.port("http", s.port, "TCP", 8080),
+                };
                 manifests::join(&[
-                    manifests::Svc::new(&name, &s.cluster_ip.to_string())
-                        .port("http", s.port, "TCP", 8080)
-                        .yaml(),
+                    service.yaml(),
                     format!(
                         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{}",
                         endpoints.concat()
@@ -125,7 +151,7 @@ impl Dataplane {
     fn label(self) -> &'static str {
         match self {
             Self::Direct => "direct (floor)",
-            Self::Ours => "ours (socket LB)",
+            Self::Ours => "ours (eBPF)",
             Self::Iptables => "kube-proxy iptables",
             Self::Nftables => "kube-proxy nftables",
         }
@@ -153,16 +179,31 @@ struct Figure {
     rate_max: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 struct Row {
     services: usize,
-    dataplane: Dataplane,
-    /// None when the dataplane did not load within the timeout.
+    dataplane: Option<Dataplane>,
+    /// The figures are None when the dataplane did not load within the
+    /// timeout. ClusterIP, from a pod:
     short_connections: Option<Figure>,
     keepalive: Option<Figure>,
+    /// Bytes per second on one connection.
+    bulk: Option<Figure>,
+    /// NodePort, from a client outside the cluster (the floor: the same
+    /// client to a pod's own address).
+    node_port_short: Option<Figure>,
+    node_port_keepalive: Option<Figure>,
     /// Time to program all Services: the agent from start to ready, the
     /// peers their rule load (the timeout, if it did not load).
     program_seconds: f64,
+    /// The agent's resident memory once all Services are programmed.
+    agent_rss_mib: Option<f64>,
+}
+
+impl Row {
+    fn dataplane(&self) -> Dataplane {
+        self.dataplane.unwrap_or(Dataplane::Direct)
+    }
 }
 
 #[derive(Serialize)]
@@ -173,6 +214,7 @@ struct Results {
     seconds_per_run: f64,
     repeats: usize,
     rows: Vec<Row>,
+    program_costs: Vec<program_cost::Cost>,
 }
 
 fn busy_jiffies() -> Result<u64> {
@@ -246,7 +288,14 @@ fn load(tb: &Testbed, dataplane: Dataplane, set: &ServiceSet, timeout: u64) -> R
         Dataplane::Direct => return Ok(Some(0.0)),
         Dataplane::Ours => {
             tb.write_manifest("bench.yaml", &set.manifests())?;
-            tb.start_agent(&["--metrics-bind-address", "", "--healthz-bind-address", ""])?;
+            tb.start_agent(&[
+                "--metrics-bind-address",
+                "",
+                "--healthz-bind-address",
+                "",
+                "--interfaces",
+                CLIENT_LINK,
+            ])?;
             return Ok(Some(started.elapsed().as_secs_f64()));
         }
         Dataplane::Iptables => (
@@ -313,11 +362,13 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     } else {
         vec![100, 1_000, 10_000]
     };
-    let seconds = args.seconds.unwrap_or(if args.full { 5.0 } else { 2.0 });
+    // Five figures per dataplane and scale, three runs each: quick mode fits
+    // in five minutes, full mode in thirty.
+    let seconds = args.seconds.unwrap_or(if args.full { 3.0 } else { 1.0 });
     let repeats = args.repeats.unwrap_or(3).max(1);
     let load_timeout = args
         .load_timeout_seconds
-        .unwrap_or(if args.full { 900 } else { 60 });
+        .unwrap_or(if args.full { 240 } else { 30 });
 
     let mut tb = Testbed::new()?;
     let client = tb.host("client")?;
@@ -339,51 +390,65 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
                 unload(&tb, dataplane)?;
                 rows.push(Row {
                     services,
-                    dataplane,
-                    short_connections: None,
-                    keepalive: None,
+                    dataplane: Some(dataplane),
                     program_seconds: load_timeout as f64,
+                    ..Row::default()
                 });
                 continue;
             };
-            let target = match dataplane {
-                Dataplane::Direct => format!("{}:8080", pods[0].ip),
-                _ => format!("{HOT_VIP}:80"),
+            let agent_rss_mib = tb.agent_pid().and_then(rss_mib);
+            let (cluster_target, node_port_target) = match dataplane {
+                Dataplane::Direct => (
+                    format!("{}:8080", pods[0].ip),
+                    format!("{}:8080", pods[0].ip),
+                ),
+                _ => (
+                    format!("{HOT_VIP}:80"),
+                    format!("{NODE_ADDRESS}:{HOT_NODE_PORT}"),
+                ),
             };
             let in_cgroup = dataplane == Dataplane::Ours;
-            let mut short = Vec::new();
-            let mut keepalive = Vec::new();
+            let mut runs: [Vec<Run>; 5] = Default::default();
             for _ in 0..repeats {
                 interrupt.check()?;
-                short.push(measure(&tb, &client, in_cgroup, &target, "short", seconds)?);
-                keepalive.push(measure(
-                    &tb,
-                    &client,
-                    in_cgroup,
-                    &target,
-                    "keepalive",
-                    seconds,
-                )?);
+                let m = |target: &str, in_cgroup: bool, load: &str| {
+                    measure(&tb, &client, in_cgroup, target, load, seconds)
+                };
+                runs[0].push(m(&cluster_target, in_cgroup, "short")?);
+                runs[1].push(m(&cluster_target, in_cgroup, "keepalive")?);
+                runs[2].push(m(&cluster_target, in_cgroup, "bulk")?);
+                runs[3].push(m(&node_port_target, false, "short")?);
+                runs[4].push(m(&node_port_target, false, "keepalive")?);
             }
             unload(&tb, dataplane)?;
-            let (short, keepalive) = (figure(short), figure(keepalive));
+            let [short, keepalive, bulk, np_short, np_keepalive] = runs.map(figure);
             println!(
-                "bench: {services:>6} Services  {:<20} {:>8.0} conn/s  p99 {:>5} µs  {:>8.0} req/s  load {:.3} s",
+                "bench: {services:>6} Services  {:<20} {:>7.0} conn/s  p99 {:>5} µs  {:>7.0} req/s  {:>5.1} Gbit/s  NodePort {:>7.0} conn/s  load {:.3} s",
                 dataplane.label(),
                 short.median.rate,
                 short.median.p99_us,
                 keepalive.median.rate,
+                bulk.median.rate * 8.0 / 1e9,
+                np_short.median.rate,
                 program_seconds
             );
             rows.push(Row {
                 services,
-                dataplane,
+                dataplane: Some(dataplane),
                 short_connections: Some(short),
                 keepalive: Some(keepalive),
+                bulk: Some(bulk),
+                node_port_short: Some(np_short),
+                node_port_keepalive: Some(np_keepalive),
                 program_seconds,
+                agent_rss_mib,
             });
         }
     }
+    drop(tb);
+    interrupt.check()?;
+    println!("bench: in-kernel cost per packet of the interface programs (BPF_PROG_TEST_RUN)");
+    let program_costs = program_cost::measure(if args.full { 2_000_000 } else { 500_000 })?;
     let results = Results {
         commit: crate::util::stdout_of(std::process::Command::new("git").args([
             "rev-parse",
@@ -400,18 +465,36 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
         seconds_per_run: seconds,
         repeats,
         rows,
+        program_costs,
     };
-    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&out_dir)?;
+    let out_dir = args.out.clone().unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench")
+    });
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("creating {}", out_dir.display()))?;
     std::fs::write(
         out_dir.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
     let table = markdown(&results);
     std::fs::write(out_dir.join("results.md"), &table)?;
+    charts::draw(&results, &out_dir)?;
     println!("\n{table}\nbench: wrote {}", out_dir.display());
-    drop(tb);
     Ok(())
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 /// The Markdown report: every figure, and ratios to the floor and to each
@@ -421,39 +504,28 @@ fn markdown(results: &Results) -> String {
         "Machine: {} cores, kernel {}; commit {}; {} s per run, median of {} runs (rate min..max in brackets).\n\n",
         results.cores, results.kernel, results.commit, results.seconds_per_run, results.repeats
     );
-    out += "| Services | dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | program s | conn/s vs floor | vs iptables | vs nftables |\n";
-    out += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += "### ClusterIP, from a pod\n\n";
+    out += "| Services | dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | bulk Gbit/s | program s | agent RSS MiB | conn/s vs floor | vs iptables | vs nftables |\n";
+    out += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for row in &results.rows {
-        let rate_of = |dataplane| {
-            results
-                .rows
-                .iter()
-                .find(|r| r.services == row.services && r.dataplane == dataplane)
-                .and_then(|r| r.short_connections.as_ref())
-                .map(|f| f.median.rate)
-        };
-        let (Some(s), Some(k)) = (&row.short_connections, &row.keepalive) else {
+        let (Some(s), Some(k), Some(b)) = (&row.short_connections, &row.keepalive, &row.bulk)
+        else {
             let _ = writeln!(
                 out,
-                "| {} | {} | did not load within {:.0} s | | | | | | {:.0}+ | | | |",
+                "| {} | {} | did not load within {:.0} s | | | | | | | {:.0}+ | | | | |",
                 row.services,
-                row.dataplane.label(),
+                row.dataplane().label(),
                 row.program_seconds,
                 row.program_seconds
             );
             continue;
         };
-        let ratio = |dataplane| {
-            rate_of(dataplane).map_or_else(
-                || "n/a".to_owned(),
-                |theirs| format!("{:.2}", s.median.rate / theirs),
-            )
-        };
+        let ratio = |dataplane| ratio(results, row, dataplane, |r| r.short_connections.as_ref());
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} [{:.0}..{:.0}] | {} | {} | {:.1} | {:.0} | {} | {:.3} | {} | {} | {} |",
+            "| {} | {} | {:.0} [{:.0}..{:.0}] | {} | {} | {:.1} | {:.0} | {} | {:.2} [{:.2}..{:.2}] | {:.3} | {} | {} | {} | {} |",
             row.services,
-            row.dataplane.label(),
+            row.dataplane().label(),
             s.median.rate,
             s.rate_min,
             s.rate_max,
@@ -462,11 +534,82 @@ fn markdown(results: &Results) -> String {
             s.median.cpu_ms_per_1000,
             k.median.rate,
             k.median.p99_us,
+            b.median.rate * 8.0 / 1e9,
+            b.rate_min * 8.0 / 1e9,
+            b.rate_max * 8.0 / 1e9,
             row.program_seconds,
+            row.agent_rss_mib.map_or_else(|| "".to_owned(), |m| format!("{m:.0}")),
             ratio(Dataplane::Direct),
             ratio(Dataplane::Iptables),
             ratio(Dataplane::Nftables),
         );
     }
+    out += "\n### NodePort, from a client outside the cluster (floor: the same client to a pod's address)\n\n";
+    out += "| Services | dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | conn/s vs floor | vs iptables | vs nftables |\n";
+    out += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for row in &results.rows {
+        let (Some(s), Some(k)) = (&row.node_port_short, &row.node_port_keepalive) else {
+            let _ = writeln!(
+                out,
+                "| {} | {} | did not load | | | | | | | | |",
+                row.services,
+                row.dataplane().label()
+            );
+            continue;
+        };
+        let ratio = |dataplane| ratio(results, row, dataplane, |r| r.node_port_short.as_ref());
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} [{:.0}..{:.0}] | {} | {} | {:.1} | {:.0} | {} | {} | {} | {} |",
+            row.services,
+            row.dataplane().label(),
+            s.median.rate,
+            s.rate_min,
+            s.rate_max,
+            s.median.p50_us,
+            s.median.p99_us,
+            s.median.cpu_ms_per_1000,
+            k.median.rate,
+            k.median.p99_us,
+            ratio(Dataplane::Direct),
+            ratio(Dataplane::Iptables),
+            ratio(Dataplane::Nftables),
+        );
+    }
+    out += "\n### In-kernel cost of the interface programs (BPF_PROG_TEST_RUN, ns per packet)\n\n";
+    out += "| packet | program | ns/packet | no-op TC program ns/packet | above the floor |\n";
+    out += "|---|---|---:|---:|---:|\n";
+    for cost in &results.program_costs {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {:.1} | {:+.1} |",
+            cost.packet,
+            cost.program,
+            cost.ns_per_packet,
+            cost.floor_ns_per_packet,
+            cost.ns_per_packet - cost.floor_ns_per_packet
+        );
+    }
     out
 }
+
+/// This row's rate over `dataplane`'s at the same scale, for one figure.
+fn ratio(
+    results: &Results,
+    row: &Row,
+    dataplane: Dataplane,
+    figure: impl Fn(&Row) -> Option<&Figure>,
+) -> String {
+    let ours = figure(row).map(|f| f.median.rate);
+    let theirs = results
+        .rows
+        .iter()
+        .find(|r| r.services == row.services && r.dataplane() == dataplane)
+        .and_then(&figure)
+        .map(|f| f.median.rate);
+    match (ours, theirs) {
+        (Some(ours), Some(theirs)) if theirs > 0.0 => format!("{:.2}", ours / theirs),
+        _ => "n/a".to_owned(),
+    }
+}
+

@@ -28,7 +28,9 @@ fn chain_suffix(kind: u8, index: usize) -> String {
 /// writes it (pkg/proxy/iptables/proxier.go, syncProxyRules): KUBE-SERVICES
 /// with one rule per Service port (a linear scan: the first-packet cost),
 /// KUBE-SVC-* with `statistic --mode random` probabilities 1/n, 1/(n-1), ..,
-/// KUBE-SEP-* with KUBE-MARK-MASQ and the DNAT, and the masquerade path.
+/// KUBE-SEP-* with KUBE-MARK-MASQ and the DNAT, KUBE-NODEPORTS ->
+/// KUBE-EXT-* (masquerade, then the Service) reached after the whole
+/// KUBE-SERVICES scan, and the masquerade path.
 pub fn iptables_rules(set: &ServiceSet) -> String {
     let mut out = String::from(
         "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
@@ -48,6 +50,23 @@ pub fn iptables_rules(set: &ServiceSet) -> String {
             "-A {svc_chain} ! -s {CLUSTER_CIDR} -d {}/32 -p tcp -m comment --comment {comment} -m tcp --dport {} -j KUBE-MARK-MASQ",
             service.cluster_ip, service.port
         );
+        if let Some(node_port) = service.node_port {
+            // kube-proxy's external chain: masquerade (externalTrafficPolicy
+            // Cluster), then the Service's chain.
+            let ext_chain = format!("KUBE-EXT-{}", chain_suffix(1, s));
+            let _ = writeln!(out, ":{ext_chain} - [0:0]");
+            let _ = writeln!(
+                rules,
+                "-A KUBE-NODEPORTS -p tcp -m comment --comment \"{}:http\" -m tcp --dport {node_port} -j {ext_chain}",
+                service.name
+            );
+            let _ = writeln!(
+                rules,
+                "-A {ext_chain} -m comment --comment \"masquerade traffic for {}:http external destinations\" -j KUBE-MARK-MASQ",
+                service.name
+            );
+            let _ = writeln!(rules, "-A {ext_chain} -j {svc_chain}");
+        }
         let count = service.endpoints.len();
         for (e, endpoint) in service.endpoints.iter().enumerate() {
             let sep_chain = format!("KUBE-SEP-{}", chain_suffix(2, s * 1000 + e));
@@ -95,13 +114,15 @@ pub fn iptables_rules(set: &ServiceSet) -> String {
 /// `nft -f` input as kube-proxy's nftables mode writes it
 /// (pkg/proxy/nftables/proxier.go): a `service-ips` verdict map keyed by
 /// address . protocol . port (one lookup, whatever the number of Services),
-/// per-Service chains choosing an endpoint with `numgen random mod n`, and
-/// per-endpoint chains with the masquerade mark and the DNAT.
+/// per-Service chains choosing an endpoint with `numgen random mod n`,
+/// per-endpoint chains with the masquerade mark and the DNAT, and nodePorts
+/// through a `service-nodeports` verdict map for local destinations.
 pub fn nftables_rules(set: &ServiceSet) -> String {
     let mut out = String::from("table ip kube-proxy {\n");
     out += "  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n";
     out += "  chain masquerading {\n    meta mark & 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n";
     let mut elements = Vec::new();
+    let mut node_ports = Vec::new();
     let mut chains = String::new();
     for (s, service) in set.services.iter().enumerate() {
         let svc_chain = format!(
@@ -128,6 +149,18 @@ pub fn nftables_rules(set: &ServiceSet) -> String {
                 "  chain {ep_chain} {{\n    ip saddr {endpoint} jump mark-for-masquerade\n    meta l4proto tcp dnat to {endpoint}:8080\n  }}"
             );
         }
+        if let Some(node_port) = service.node_port {
+            let ext_chain = format!(
+                "external-{}-{}-http",
+                chain_suffix(1, s),
+                service.name.replace('/', "-")
+            );
+            node_ports.push(format!("tcp . {node_port} : goto {ext_chain}"));
+            let _ = writeln!(
+                chains,
+                "  chain {ext_chain} {{\n    jump mark-for-masquerade\n    goto {svc_chain}\n  }}"
+            );
+        }
         let _ = writeln!(
             chains,
             "  chain {svc_chain} {{\n    ip daddr {} tcp dport {} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade\n    numgen random mod {} vmap {{ {} }}\n  }}",
@@ -141,7 +174,11 @@ pub fn nftables_rules(set: &ServiceSet) -> String {
     out += "  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n    elements = { ";
     out += &elements.join(", ");
     out += " }\n  }\n";
-    out += "  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n";
+    out += "  map service-nodeports {\n    type inet_proto . inet_service : verdict\n    elements = { ";
+    out += &node_ports.join(", ");
+    out += " }\n  }\n";
+    out += "  chain nodeports {\n    meta l4proto . th dport vmap @service-nodeports\n  }\n";
+    out += "  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n    ip daddr != 127.0.0.0/8 fib daddr type local jump nodeports\n  }\n";
     // Base chains last: nft resolves jump targets as it reads.
     for (name, hook, priority, target) in [
         ("nat-prerouting", "prerouting", "dstnat", "services"),

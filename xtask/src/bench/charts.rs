@@ -1,0 +1,130 @@
+//! PNG charts of the results: rate and latency against the number of
+//! Services, one line per dataplane.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, anyhow};
+use plotters::{prelude::*, style::FontStyle};
+
+use super::{Dataplane, Figure, Results, Row};
+use crate::setup::CHART_FONT;
+
+const SIZE: (u32, u32) = (900, 560);
+
+/// One chart: a figure of each row, as a y value.
+struct Chart {
+    file: &'static str,
+    title: &'static str,
+    y_label: &'static str,
+    value: fn(&Row) -> Option<f64>,
+}
+
+fn rate(figure: Option<&Figure>) -> Option<f64> {
+    figure.map(|f| f.median.rate)
+}
+
+const CHARTS: [Chart; 4] = [
+    Chart {
+        file: "clusterip-connections.png",
+        title: "New connections per second through a ClusterIP (higher is better)",
+        y_label: "connections / s",
+        value: |row| rate(row.short_connections.as_ref()),
+    },
+    Chart {
+        file: "clusterip-p99-latency.png",
+        title: "p99 connect + first response through a ClusterIP (lower is better)",
+        y_label: "µs",
+        value: |row| row.short_connections.as_ref().map(|f| f.median.p99_us as f64),
+    },
+    Chart {
+        file: "nodeport-connections.png",
+        title: "New connections per second through a NodePort from outside (higher is better)",
+        y_label: "connections / s",
+        value: |row| rate(row.node_port_short.as_ref()),
+    },
+    Chart {
+        file: "program-seconds.png",
+        title: "Time to program all Services (lower is better; peers cut off at the timeout)",
+        y_label: "seconds",
+        value: |row| (row.dataplane() != Dataplane::Direct).then_some(row.program_seconds),
+    },
+];
+
+fn color(dataplane: Dataplane) -> RGBColor {
+    match dataplane {
+        Dataplane::Direct => RGBColor(120, 120, 120),
+        Dataplane::Ours => RGBColor(0, 130, 70),
+        Dataplane::Iptables => RGBColor(200, 60, 40),
+        Dataplane::Nftables => RGBColor(40, 90, 200),
+    }
+}
+
+pub fn draw(results: &Results, dir: &Path) -> Result<()> {
+    let font = std::fs::read(CHART_FONT)
+        .with_context(|| format!("reading the chart font {CHART_FONT}"))?;
+    // plotters keeps registered fonts for the whole process.
+    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
+        .map_err(|_| anyhow!("{CHART_FONT} is not a usable font"))?;
+    for chart in &CHARTS {
+        let path = dir.join(chart.file);
+        draw_one(results, chart, &path)
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn draw_one(
+    results: &Results,
+    chart: &Chart,
+    path: &Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let points: Vec<(Dataplane, usize, f64)> = results
+        .rows
+        .iter()
+        .filter_map(|row| Some((row.dataplane(), row.services, (chart.value)(row)?)))
+        .collect();
+    let max_y = points.iter().map(|p| p.2).fold(1.0, f64::max) * 1.15;
+    let min_x = results.rows.iter().map(|r| r.services).min().unwrap_or(100) as f64;
+    let max_x = results.rows.iter().map(|r| r.services).max().unwrap_or(1000) as f64;
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut plot = ChartBuilder::on(&root)
+        .caption(chart.title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d((min_x * 0.8..max_x * 1.25).log_scale(), 0.0..max_y)?;
+    plot.configure_mesh()
+        .x_desc("Services (10 endpoints each)")
+        .y_desc(chart.y_label)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    for dataplane in Dataplane::ALL {
+        let series: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.0 == dataplane)
+            .map(|p| (p.1 as f64, p.2))
+            .collect();
+        if series.is_empty() {
+            continue;
+        }
+        let style = ShapeStyle::from(color(dataplane)).stroke_width(3);
+        plot.draw_series(LineSeries::new(series.clone(), style))?
+            .label(dataplane.label())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        plot.draw_series(
+            series
+                .into_iter()
+                .map(|point| Circle::new(point, 4, color(dataplane).filled())),
+        )?;
+    }
+    plot.configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::LowerLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
