@@ -21,6 +21,7 @@ use crate::{
         conntrack, interfaces,
         kernel::{InterfaceMaps, KernelMaps, Loaded},
         pins::{self, PinLayout},
+        ports::{self, PortFilter},
         state::{ApplyReport, Limits, PinnedState, ipv4_be},
     },
     dump,
@@ -149,7 +150,11 @@ struct Agent {
     /// The backends each frontend id uses after the last sync, for the
     /// conntrack sweep's stale-UDP check; None until the first sync.
     live_backends: LiveBackends,
+    /// PORTS, when the interface programs run.
+    port_filter: Option<SharedPortFilter>,
 }
+
+type SharedPortFilter = Arc<std::sync::Mutex<PortFilter>>;
 
 type LiveBackends = Arc<std::sync::Mutex<Option<BTreeSet<conntrack::LiveBackend>>>>;
 
@@ -175,6 +180,16 @@ impl Agent {
         }
 
         let apply_started = std::time::Instant::now();
+        if let Some(filter) = &self.port_filter {
+            // Ports first, so the first packet of a new frontend is looked at.
+            let wanted = ports::of_desired(&desired);
+            if let Err(error) = lock(filter).want(wanted) {
+                error!(
+                    error = format!("{error:#}"),
+                    "PORTS not updated: new frontends may not see external traffic yet"
+                );
+            }
+        }
         let report = self
             .mirror
             .apply(&desired, &mut self.maps, &self.config.limits);
@@ -230,10 +245,7 @@ impl Agent {
                     .map(move |b| (value.service_id, b.ip_be, b.port_be))
             })
             .collect();
-        *self
-            .live_backends
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(live);
+        *lock(&self.live_backends) = Some(live);
     }
 
     /// kube-proxy's per-Service health checks for externalTrafficPolicy
@@ -454,13 +466,17 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let mut loaded = Loaded::load(layout)?;
     loaded.forward_program_logs();
     let maps = loaded.take_maps()?;
-    let interface_maps = match &config.external {
+    let (interface_maps, port_filter) = match &config.external {
         Some(external) => {
             let mut interface_maps = loaded.take_interface_maps()?;
             configure_interfaces(&mut interface_maps, external)?;
-            Some(interface_maps)
+            let filter = PortFilter::open(&loaded.layout)?;
+            (
+                Some(interface_maps),
+                Some(Arc::new(std::sync::Mutex::new(filter))),
+            )
         }
-        None => None,
+        None => (None, None),
     };
     let mirror = maps
         .read()
@@ -499,6 +515,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }),
         interface_maps,
         live_backends: Arc::default(),
+        port_filter,
     };
     // Slots a previous agent retired but did not sweep get a fresh grace.
     agent.retire_unreachable();
@@ -514,6 +531,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             external.clone(),
             agent.metrics.clone(),
             agent.live_backends.clone(),
+            agent.port_filter.clone(),
         );
     }
     info!(cgroup = %agent.config.cgroup.display(), "socket load balancing attached; ready");
@@ -613,6 +631,7 @@ fn spawn_conntrack_sweep(
     external: ExternalConfig,
     metrics: Metrics,
     live_backends: LiveBackends,
+    port_filter: Option<SharedPortFilter>,
 ) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(external.conntrack_sweep_period);
@@ -621,10 +640,7 @@ fn spawn_conntrack_sweep(
             tick.tick().await;
             let layout = layout.clone();
             let timeouts = external.conntrack;
-            let live = live_backends
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone();
+            let live = lock(&live_backends).clone();
             let swept = tokio::task::spawn_blocking(move || {
                 conntrack::sweep(&layout, &timeouts, dump::monotonic_now_ns(), live.as_ref())
             })
@@ -645,12 +661,23 @@ fn spawn_conntrack_sweep(
                     metrics
                         .conntrack_expired_total
                         .inc_by(report.expired as u64);
+                    if let Some(filter) = &port_filter
+                        && let Err(error) = lock(filter).retain(&report.ports_in_use)
+                    {
+                        warn!(error = format!("{error:#}"), "PORTS not trimmed");
+                    }
                 }
                 Ok(Err(error)) => warn!(error = format!("{error:#}"), "conntrack sweep failed"),
                 Err(error) => warn!(%error, "conntrack sweep task failed"),
             }
         }
     });
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A count as a gauge value (saturating; counts never approach i64::MAX).

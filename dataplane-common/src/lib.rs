@@ -22,7 +22,8 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
-    pub const ALL: [&str; 11] = [
+    pub const PORTS: &str = "PORTS";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         SOCK_REV,
@@ -34,6 +35,7 @@ pub mod map_names {
         CONFIG,
         SOURCE_RANGES,
         TUNNEL_PEERS,
+        PORTS,
     ];
 }
 
@@ -213,6 +215,30 @@ pub struct SockRevValue {
     pub _pad: u16,
 }
 const _: () = assert!(size_of::<SockRevValue>() == 8);
+
+/// PORTS: a bitmap that lets the interface programs skip every packet that
+/// cannot concern a Service after one array lookup (most of a node's
+/// traffic), one bit per (kind, protocol, port): kind
+/// [`PORT_KIND_FRONTEND`] is a frontend's port (destination of inbound
+/// packets), [`PORT_KIND_BACKEND`] a backend's port (source of the replies
+/// the egress program translates).
+pub const PORT_KIND_FRONTEND: u8 = 0;
+pub const PORT_KIND_BACKEND: u8 = 1;
+/// 2 kinds x 2 protocols (TCP, UDP) x 65,536 ports, 64 per word.
+pub const PORTS_WORDS: u32 = 2 * 2 * 65_536 / 64;
+
+/// The PORTS word and bit of a (kind, protocol, port); `None` for
+/// protocols other than TCP and UDP.
+#[inline(always)]
+pub fn port_bit(kind: u8, protocol: u8, port: u16) -> Option<(u32, u64)> {
+    let protocol_index = match protocol {
+        IPPROTO_TCP => 0,
+        IPPROTO_UDP => 1,
+        _ => return None,
+    };
+    let bit = ((u32::from(kind & 1) * 2 + protocol_index) << 16) | u32::from(port);
+    Some((bit / 64, 1u64 << (bit % 64)))
+}
 
 /// `CtKey`/`CtValue` kinds of flow on the node interfaces.
 /// Client -> frontend, as it arrives: translate to the backend.

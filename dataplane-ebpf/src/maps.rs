@@ -8,9 +8,9 @@ use aya_ebpf::{
 use dataplane_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendKey,
     BackendValue, CONNTRACK_MAX_ENTRIES, ConfigValue, CtKey, CtValue, MemberKey,
-    NODE_IPS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES,
-    ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, Stat,
-    TUNNEL_PEERS_MAX_ENTRIES,
+    NODE_IPS_MAX_ENTRIES, PORTS_WORDS, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES,
+    SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey,
+    Stat, TUNNEL_PEERS_MAX_ENTRIES,
 };
 
 /// `BPF_F_NO_PREALLOC`: a preallocated hash map recycles the element an
@@ -64,6 +64,20 @@ pub static TUNNEL_PEERS: HashMap<u32, u32> = HashMap::pinned(TUNNEL_PEERS_MAX_EN
 
 #[map]
 pub static CONFIG: Array<ConfigValue> = Array::pinned(1, 0);
+
+/// Which ports can concern a Service (`dataplane_common::port_bit`).
+#[map]
+pub static PORTS: Array<u64> = Array::pinned(PORTS_WORDS, 0);
+
+/// Whether the (kind, protocol, port) bit is set in PORTS.
+#[inline(always)]
+pub fn port_in_use(kind: u8, protocol: u8, port_be: u16) -> bool {
+    let Some((word, mask)) = dataplane_common::port_bit(kind, protocol, u16::from_be(port_be))
+    else {
+        return false;
+    };
+    PORTS.get(word).is_some_and(|bits| bits & mask != 0)
+}
 
 /// loadBalancerSourceRanges: (frontend id, source prefix) -> 1. (aya adds
 /// the BPF_F_NO_PREALLOC an LPM trie requires.)

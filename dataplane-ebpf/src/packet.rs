@@ -98,17 +98,23 @@ pub enum Packet {
     OtherIpv4,
 }
 
+/// Ethernet + the fixed IPv4 header: read in one helper call.
+const FIXED_HEADERS: usize = ETH_HLEN + IPV4_MIN_HLEN;
+/// The part of a TCP header the programs read (ports to flags).
+const TCP_READ: usize = TCP_FLAGS + 1;
+
 /// Parses the Ethernet + IPv4 (+ TCP/UDP) headers at the start of the
-/// packet.
+/// packet, in as few helper calls as possible (one for the fixed headers,
+/// one for the ports): this runs for every packet on the interface.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Packet {
-    let Ok(ether_type) = ctx.load::<u16>(12) else {
+    let Ok(headers) = ctx.load::<[u8; FIXED_HEADERS]>(0) else {
         return Packet::Other;
     };
-    if ether_type != ETH_P_IP_BE {
+    if u16::from_ne_bytes([headers[12], headers[13]]) != ETH_P_IP_BE {
         return Packet::Other;
     }
-    let Some(ip) = parse_ipv4(ctx, IP_OFF) else {
+    let Some(ip) = ipv4_of(&headers[IP_OFF..]) else {
         return Packet::Other;
     };
     match ip.protocol {
@@ -116,10 +122,8 @@ pub fn parse(ctx: &TcContext) -> Packet {
         IPPROTO_ICMP => return Packet::Icmp(ip),
         _ => return Packet::OtherIpv4,
     }
-    let Ok(frag) = ctx.load::<u16>(IP_OFF + IP_FRAG) else {
-        return Packet::Unusable;
-    };
-    if u16::from_be(frag) & IP_MF_AND_OFFSET_MASK != 0 {
+    let frag = u16::from_be_bytes([headers[IP_OFF + IP_FRAG], headers[IP_OFF + IP_FRAG + 1]]);
+    if frag & IP_MF_AND_OFFSET_MASK != 0 {
         return Packet::Unusable;
     }
     match parse_ports(ctx, &ip, IP_OFF) {
@@ -128,29 +132,38 @@ pub fn parse(ctx: &TcContext) -> Packet {
     }
 }
 
-/// The IPv4 header at `off`, if it is a plausible one: version 4, header
-/// length 20..=60 within the total length.
+/// The IPv4 header facts from its first 20 bytes, if plausible: version 4,
+/// header length 20..=60 within the total length.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext, off: usize) -> Option<Ipv4> {
-    let version_ihl = ctx.load::<u8>(off).ok()?;
-    if version_ihl >> 4 != 4 {
+fn ipv4_of(header: &[u8]) -> Option<Ipv4> {
+    if header.len() < IPV4_MIN_HLEN || header[0] >> 4 != 4 {
         return None;
     }
-    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    let header_len = usize::from(header[0] & 0x0f) * 4;
     if !(IPV4_MIN_HLEN..=IPV4_MAX_HLEN).contains(&header_len) {
         return None;
     }
-    let total_len = u16::from_be(ctx.load::<u16>(off + IP_TOT_LEN).ok()?);
+    let total_len = u16::from_be_bytes([header[IP_TOT_LEN], header[IP_TOT_LEN + 1]]);
     if usize::from(total_len) < header_len {
         return None;
     }
+    let word = |at: usize| {
+        u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
     Some(Ipv4 {
-        src_be: ctx.load::<u32>(off + IP_SRC).ok()?,
-        dst_be: ctx.load::<u32>(off + IP_DST).ok()?,
-        protocol: ctx.load::<u8>(off + IP_PROTO).ok()?,
+        src_be: word(IP_SRC),
+        dst_be: word(IP_DST),
+        protocol: header[IP_PROTO],
         header_len,
         total_len,
     })
+}
+
+/// The IPv4 header at `off`, if it is a plausible one (see [`ipv4_of`]).
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext, off: usize) -> Option<Ipv4> {
+    let header = ctx.load::<[u8; IPV4_MIN_HLEN]>(off).ok()?;
+    ipv4_of(&header)
 }
 
 /// The ports (and TCP flags) after the IPv4 header at `ip_off`. The whole
@@ -158,26 +171,24 @@ pub fn parse_ipv4(ctx: &TcContext, off: usize) -> Option<Ipv4> {
 #[inline(always)]
 pub fn parse_ports(ctx: &TcContext, ip: &Ipv4, ip_off: usize) -> Option<Flow> {
     let l4_off = ip_off + ip.header_len;
-    let min_len = if ip.protocol == IPPROTO_TCP {
-        TCP_MIN_HLEN
-    } else {
-        UDP_HLEN
-    };
+    let is_tcp = ip.protocol == IPPROTO_TCP;
+    let min_len = if is_tcp { TCP_MIN_HLEN } else { UDP_HLEN };
     if usize::from(ip.total_len) < ip.header_len + min_len {
         return None;
     }
     // Loading the header's last byte proves the packet really holds it.
     ctx.load::<u8>(l4_off + min_len - 1).ok()?;
-    let tcp_flags = if ip.protocol == IPPROTO_TCP {
-        ctx.load::<u8>(l4_off + TCP_FLAGS).ok()?
+    let (ports, tcp_flags) = if is_tcp {
+        let head = ctx.load::<[u8; TCP_READ]>(l4_off).ok()?;
+        ([head[0], head[1], head[2], head[3]], head[TCP_FLAGS])
     } else {
-        0
+        (ctx.load::<[u8; 4]>(l4_off).ok()?, 0)
     };
     Some(Flow {
         src_be: ip.src_be,
         dst_be: ip.dst_be,
-        src_port_be: ctx.load::<u16>(l4_off + L4_SRC_PORT).ok()?,
-        dst_port_be: ctx.load::<u16>(l4_off + L4_DST_PORT).ok()?,
+        src_port_be: u16::from_ne_bytes([ports[0], ports[1]]),
+        dst_port_be: u16::from_ne_bytes([ports[2], ports[3]]),
         protocol: ip.protocol,
         tcp_flags,
         l4_off,

@@ -21,6 +21,7 @@ use dataplane_agent::{
     dataplane::{
         kernel::{self, KernelMaps, Loaded},
         pins::{PinLayout, ensure_bpffs_dir},
+        ports,
         state::{Limits, PinnedState},
     },
     model::{
@@ -164,6 +165,7 @@ impl TcHarness {
         if !report.failed.is_empty() {
             bail!("programming the harness' frontends: {:?}", report.failed);
         }
+        ports::PortFilter::open(&place.layout)?.want(ports::of_desired(&desired))?;
         let mut interface = loaded.take_interface_maps()?;
         interface.set_config(&config)?;
         interface.set_node_ips(node_ips)?;

@@ -40,7 +40,9 @@ pub fn ensure_chart_font() -> Result<()> {
             "fonts-dejavu-core",
         ])
         .env("DEBIAN_FRONTEND", "noninteractive"))
-    .context("apt-get install fonts-dejavu-core failed; it needs root and the Debian package registry")
+    .context(
+        "apt-get install fonts-dejavu-core failed; it needs root and the Debian package registry",
+    )
 }
 
 /// iptables and nft: the tests build kube-proxy's leftovers with them (and

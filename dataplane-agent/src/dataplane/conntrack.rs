@@ -15,7 +15,7 @@ use dataplane_common::{
     IPPROTO_TCP, map_names,
 };
 
-use super::{kernel, pins::PinLayout};
+use super::{kernel, pins::PinLayout, ports};
 
 /// How long a flow may stay idle.
 #[derive(Clone, Copy, Debug)]
@@ -132,6 +132,8 @@ pub fn expired(
 pub struct SweepReport {
     pub entries: usize,
     pub expired: usize,
+    /// The ports the remaining flows need in PORTS.
+    pub ports_in_use: ports::Bitmap,
 }
 
 /// Reads the whole CONNTRACK map and deletes expired flows. Blocking (one
@@ -155,10 +157,12 @@ pub fn sweep(
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(error) => return Err(error).context("deleting an expired CONNTRACK entry"),
         }
+        entries.remove(key);
     }
     Ok(SweepReport {
-        entries: entries.len() - expired.len(),
+        entries: entries.len(),
         expired: expired.len(),
+        ports_in_use: ports::of_flows(&entries),
     })
 }
 

@@ -5,4 +5,5 @@ pub mod conntrack;
 pub mod interfaces;
 pub mod kernel;
 pub mod pins;
+pub mod ports;
 pub mod state;

@@ -34,7 +34,11 @@ const CHARTS: [Chart; 4] = [
         file: "clusterip-p99-latency.png",
         title: "p99 connect + first response through a ClusterIP (lower is better)",
         y_label: "µs",
-        value: |row| row.short_connections.as_ref().map(|f| f.median.p99_us as f64),
+        value: |row| {
+            row.short_connections
+                .as_ref()
+                .map(|f| f.median.p99_us as f64)
+        },
     },
     Chart {
         file: "nodeport-connections.png",
@@ -63,12 +67,15 @@ pub fn draw(results: &Results, dir: &Path) -> Result<()> {
     let font = std::fs::read(CHART_FONT)
         .with_context(|| format!("reading the chart font {CHART_FONT}"))?;
     // plotters keeps registered fonts for the whole process.
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
-        .map_err(|_| anyhow!("{CHART_FONT} is not a usable font"))?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| anyhow!("{CHART_FONT} is not a usable font"))?;
     for chart in &CHARTS {
         let path = dir.join(chart.file);
-        draw_one(results, chart, &path)
-            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+        draw_one(results, chart, &path).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
     }
     Ok(())
 }
@@ -85,7 +92,12 @@ fn draw_one(
         .collect();
     let max_y = points.iter().map(|p| p.2).fold(1.0, f64::max) * 1.15;
     let min_x = results.rows.iter().map(|r| r.services).min().unwrap_or(100) as f64;
-    let max_x = results.rows.iter().map(|r| r.services).max().unwrap_or(1000) as f64;
+    let max_x = results
+        .rows
+        .iter()
+        .map(|r| r.services)
+        .max()
+        .unwrap_or(1000) as f64;
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
     let mut plot = ChartBuilder::on(&root)

@@ -1,0 +1,200 @@
+//! PORTS, the bitmap that lets the interface programs pass every packet
+//! that cannot concern a Service after one array lookup. A bit is set
+//! before a frontend that needs it is written, and cleared only when no
+//! frontend and no tracked flow uses it any more, so a packet that needs
+//! translating is never skipped.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, MapData};
+use dataplane_common::{
+    CT_FORWARD, CT_REPLY, CT_TUNNEL_RETURN, CtKey, CtValue, PORT_KIND_BACKEND, PORT_KIND_FRONTEND,
+    PORTS_WORDS, map_names, port_bit,
+};
+
+use super::{kernel, pins::PinLayout};
+use crate::model::DesiredDataplane;
+
+/// A PORTS bitmap in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bitmap(pub Vec<u64>);
+
+impl Default for Bitmap {
+    fn default() -> Self {
+        Self(vec![0; PORTS_WORDS as usize])
+    }
+}
+
+impl Bitmap {
+    pub fn set(&mut self, kind: u8, protocol: u8, port: u16) {
+        if let Some((word, mask)) = port_bit(kind, protocol, port) {
+            self.0[word as usize] |= mask;
+        }
+    }
+
+    pub fn contains(&self, kind: u8, protocol: u8, port: u16) -> bool {
+        port_bit(kind, protocol, port).is_some_and(|(word, mask)| self.0[word as usize] & mask != 0)
+    }
+
+    fn union(&self, other: &Bitmap) -> Bitmap {
+        Bitmap(self.0.iter().zip(&other.0).map(|(a, b)| a | b).collect())
+    }
+}
+
+/// The ports the desired frontends need: every frontend's port (any
+/// scope: a ClusterIP can be reached from outside too) and every backend's
+/// port.
+pub fn of_desired(desired: &DesiredDataplane) -> Bitmap {
+    let mut bitmap = Bitmap::default();
+    for (frontend, entry) in &desired.frontends {
+        let protocol = frontend.protocol.number();
+        bitmap.set(PORT_KIND_FRONTEND, protocol, frontend.port);
+        for backend in &entry.backends {
+            bitmap.set(PORT_KIND_BACKEND, protocol, backend.port);
+        }
+    }
+    bitmap
+}
+
+/// The ports tracked flows still need: forward entries their frontend's
+/// port, reply and tunnel-return entries their backend's port.
+pub fn of_flows(entries: &BTreeMap<CtKey, CtValue>) -> Bitmap {
+    let mut bitmap = Bitmap::default();
+    for (key, value) in entries {
+        let (kind, port_be) = match value.kind {
+            CT_FORWARD => (PORT_KIND_FRONTEND, key.dst_port_be),
+            CT_REPLY | CT_TUNNEL_RETURN => (PORT_KIND_BACKEND, key.src_port_be),
+            _ => continue,
+        };
+        bitmap.set(kind, key.protocol, u16::from_be(port_be));
+    }
+    bitmap
+}
+
+/// The pinned PORTS map and what the agent last wanted in it. Shared by
+/// the sync loop (which only adds) and the conntrack sweep (which clears
+/// what neither frontends nor flows use): one writer at a time.
+pub struct PortFilter {
+    map: Array<MapData, u64>,
+    current: Bitmap,
+    wanted: Option<Bitmap>,
+}
+
+impl PortFilter {
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        let map: Array<MapData, u64> = kernel::open_pinned(layout, map_names::PORTS)?;
+        let mut current = Bitmap::default();
+        for (index, word) in current.0.iter_mut().enumerate() {
+            *word = map
+                .get(&(index as u32), 0)
+                .with_context(|| format!("reading PORTS word {index}"))?;
+        }
+        Ok(Self {
+            map,
+            current,
+            wanted: None,
+        })
+    }
+
+    /// Sets the bits `wanted` needs (before the frontends that need them
+    /// are written); clears nothing.
+    pub fn want(&mut self, wanted: Bitmap) -> Result<()> {
+        let target = self.current.union(&wanted);
+        self.write(&target)?;
+        self.wanted = Some(wanted);
+        Ok(())
+    }
+
+    /// Clears the bits that neither the last wanted set nor `flows` need.
+    /// Does nothing before the first [`PortFilter::want`]. Returns how many
+    /// words changed.
+    pub fn retain(&mut self, flows: &Bitmap) -> Result<usize> {
+        let Some(wanted) = &self.wanted else {
+            return Ok(0);
+        };
+        let target = wanted.union(flows);
+        self.write(&target)
+    }
+
+    fn write(&mut self, target: &Bitmap) -> Result<usize> {
+        let mut changed = 0;
+        for (index, (current, wanted)) in self.current.0.iter_mut().zip(&target.0).enumerate() {
+            if current != wanted {
+                self.map
+                    .set(index as u32, wanted, 0)
+                    .with_context(|| format!("writing PORTS word {index}"))?;
+                *current = *wanted;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+    use super::*;
+    use crate::model::{Backend, Frontend, FrontendEntry, ObjectName, Protocol};
+
+    #[test]
+    fn frontends_mark_their_ports_and_their_backends_ports() {
+        let mut desired = DesiredDataplane::default();
+        desired.frontends.insert(
+            Frontend::cluster(Ipv4Addr::new(10, 96, 0, 10), 53, Protocol::Udp),
+            FrontendEntry {
+                service: ObjectName::new("kube-system", "dns"),
+                port_name: String::new(),
+                backends: vec![Backend::routed(Ipv4Addr::new(10, 0, 0, 1), 5353)],
+                affinity_timeout_s: None,
+                source_ranges: vec![],
+                drop_without_backends: false,
+            },
+        );
+        let bitmap = of_desired(&desired);
+        assert!(bitmap.contains(PORT_KIND_FRONTEND, IPPROTO_UDP, 53));
+        assert!(bitmap.contains(PORT_KIND_BACKEND, IPPROTO_UDP, 5353));
+        assert!(!bitmap.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 53));
+        assert!(!bitmap.contains(PORT_KIND_BACKEND, IPPROTO_UDP, 53));
+        assert!(!bitmap.contains(PORT_KIND_FRONTEND, IPPROTO_UDP, 5353));
+        assert_eq!(bitmap.0.iter().map(|w| w.count_ones()).sum::<u32>(), 2);
+    }
+
+    #[test]
+    fn flows_keep_their_ports() {
+        let key = |src_port: u16, dst_port: u16| CtKey {
+            src_be: 1,
+            dst_be: 2,
+            src_port_be: src_port.to_be(),
+            dst_port_be: dst_port.to_be(),
+            protocol: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let value = |kind| CtValue {
+            nat_ip_be: 0,
+            snat_ip_be: 0,
+            tunnel_ip_be: 0,
+            nat_port_be: 0,
+            snat_port_be: 0,
+            kind,
+            flags: 0,
+            _pad: [0; 2],
+            service_id: 0,
+            last_seen_ns: 0,
+        };
+        let flows = BTreeMap::from([
+            (key(40000, 30080), value(CT_FORWARD)),
+            (key(8080, 40000), value(CT_REPLY)),
+            (key(9090, 40001), value(CT_TUNNEL_RETURN)),
+        ]);
+        let bitmap = of_flows(&flows);
+        assert!(bitmap.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 30080));
+        assert!(bitmap.contains(PORT_KIND_BACKEND, IPPROTO_TCP, 8080));
+        assert!(bitmap.contains(PORT_KIND_BACKEND, IPPROTO_TCP, 9090));
+        assert!(!bitmap.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 40000));
+    }
+}
