@@ -127,6 +127,11 @@ struct RunArgs {
     /// Idle time of a UDP flow.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     conntrack_udp_timeout: Duration,
+    /// Size of the conntrack map (flows x 2), applied when the maps are
+    /// created (after `cleanup`); a full map evicts the least recently used
+    /// flows.
+    #[arg(long, default_value_t = dataplane_common::CONNTRACK_MAX_ENTRIES)]
+    conntrack_max_entries: u32,
     /// How often idle flows are swept from the conntrack map.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     conntrack_sweep_period: Duration,
@@ -303,6 +308,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
                 udp: args.conntrack_udp_timeout,
             },
             conntrack_sweep_period: args.conntrack_sweep_period,
+            conntrack_max_entries: args.conntrack_max_entries,
         }),
         health_check_bind_ip: args.health_check_bind_ip,
     };

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabels, Gauge>,
     /// Flows the conntrack sweep expired.
     pub conntrack_expired_total: Counter,
+    /// Entries the conntrack LRU evicted under pressure since the maps
+    /// were created.
+    pub conntrack_evicted: Gauge,
 }
 
 impl Metrics {
@@ -75,6 +78,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             conntrack_expired_total: Counter::default(),
+            conntrack_evicted: Gauge::default(),
         };
         let mut registry = Registry::default();
         registry.register(
@@ -131,6 +135,11 @@ impl Metrics {
             "dataplane_conntrack_expired",
             "Conntrack entries of idle or closed flows removed by the agent's sweep",
             metrics.conntrack_expired_total.clone(),
+        );
+        registry.register(
+            "dataplane_conntrack_evicted",
+            "Conntrack entries evicted by the LRU under pressure since the maps were created (written - expired - present)",
+            metrics.conntrack_evicted.clone(),
         );
         registry.register_collector(Box::new(DatapathStats { layout }));
         (metrics, registry)

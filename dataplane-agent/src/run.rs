@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use dataplane_common::{
     BACKENDS_MAX_ENTRIES, BackendKey, CONNTRACK_MAX_ENTRIES, ConfigValue, EXTERNAL_MODE_SNAT,
-    EXTERNAL_MODE_TUNNEL, SERVICES_MAX_ENTRIES, map_names,
+    EXTERNAL_MODE_TUNNEL, SERVICES_MAX_ENTRIES, Stat, map_names,
 };
 use tokio::{sync::mpsc, time::Instant};
 use tracing::{error, info, info_span, warn};
@@ -19,7 +19,7 @@ use tracing::{error, info, info_span, warn};
 use crate::{
     dataplane::{
         conntrack, interfaces,
-        kernel::{InterfaceMaps, KernelMaps, Loaded},
+        kernel::{self, InterfaceMaps, KernelMaps, Loaded},
         pins::{self, PinLayout},
         ports::{self, PortFilter},
         state::{ApplyReport, Limits, PinnedState, ipv4_be},
@@ -95,6 +95,7 @@ pub struct ExternalConfig {
     pub snat_ports: (u16, u16),
     pub conntrack: conntrack::Timeouts,
     pub conntrack_sweep_period: Duration,
+    pub conntrack_max_entries: u32,
 }
 
 /// A started source.
@@ -463,7 +464,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     pins::ensure_bpffs_dir(&layout.dir)?;
     pins::ensure_cgroup2(&config.cgroup)?;
 
-    let mut loaded = Loaded::load(layout)?;
+    let conntrack_entries = config
+        .external
+        .as_ref()
+        .map_or(CONNTRACK_MAX_ENTRIES, |e| e.conntrack_max_entries);
+    let mut loaded = Loaded::load_with(layout, conntrack_entries)?;
     loaded.forward_program_logs();
     let maps = loaded.take_maps()?;
     let (interface_maps, port_filter) = match &config.external {
@@ -636,6 +641,7 @@ fn spawn_conntrack_sweep(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(external.conntrack_sweep_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let layout_for_stats = layout.clone();
         loop {
             tick.tick().await;
             let layout = layout.clone();
@@ -657,7 +663,16 @@ fn spawn_conntrack_sweep(
                     metrics
                         .map_capacity
                         .get_or_create(&labels)
-                        .set(i64::from(CONNTRACK_MAX_ENTRIES));
+                        .set(i64::from(external.conntrack_max_entries));
+                    match record_evictions(&layout_for_stats, &report) {
+                        Ok(evicted) => {
+                            metrics.conntrack_evicted.set(gauge(evicted as usize));
+                        }
+                        Err(error) => warn!(
+                            error = format!("{error:#}"),
+                            "conntrack eviction count not updated"
+                        ),
+                    }
                     metrics
                         .conntrack_expired_total
                         .inc_by(report.expired as u64);
@@ -672,6 +687,23 @@ fn spawn_conntrack_sweep(
             }
         }
     });
+}
+
+/// Adds the sweep's expirations to the pinned counter and returns how many
+/// entries the LRU evicted since the maps were created: every entry written
+/// is still there, was expired by a sweep, or was evicted.
+fn record_evictions(layout: &PinLayout, report: &conntrack::SweepReport) -> Result<u64> {
+    kernel::add_conntrack_expired(layout, report.expired as u64)?;
+    let stats = kernel::read_stats(layout)?;
+    let stat = |wanted| {
+        stats
+            .iter()
+            .find(|(s, _)| *s == wanted)
+            .map_or(0, |(_, v)| *v)
+    };
+    Ok(stat(Stat::ExtConntrackCreated)
+        .saturating_sub(stat(Stat::ConntrackExpired))
+        .saturating_sub(report.entries as u64))
 }
 
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -378,10 +378,16 @@ pub enum Stat {
     ExtSnatPortsExhausted = 17,
     /// A packet too big for the tunnel got ICMP "fragmentation needed".
     ExtTooBigForTunnel = 18,
+    /// CONNTRACK entries written (two per new flow, one per tunnel-return).
+    ExtConntrackCreated = 19,
+    /// CONNTRACK entries the agent's sweep removed. Written by the agent,
+    /// never by the programs: created - expired - present = evicted by the
+    /// LRU under pressure.
+    ConntrackExpired = 20,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SockTranslated,
         Stat::SockRefusedNoEndpoints,
@@ -402,6 +408,8 @@ impl Stat {
         Stat::ExtIcmpTranslated,
         Stat::ExtSnatPortsExhausted,
         Stat::ExtTooBigForTunnel,
+        Stat::ExtConntrackCreated,
+        Stat::ConntrackExpired,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -425,6 +433,8 @@ impl Stat {
             Stat::ExtIcmpTranslated => "ext_icmp_translated",
             Stat::ExtSnatPortsExhausted => "ext_snat_ports_exhausted",
             Stat::ExtTooBigForTunnel => "ext_too_big_for_tunnel",
+            Stat::ExtConntrackCreated => "ext_conntrack_created",
+            Stat::ConntrackExpired => "conntrack_expired",
         }
     }
 }

@@ -98,15 +98,24 @@ pub fn create(
         count(Stat::ExtConntrackFull);
         return Err(());
     }
+    count(Stat::ExtConntrackCreated);
+    count(Stat::ExtConntrackCreated);
     Ok(())
 }
 
 /// Stores one entry (the tunnel's return path on a backend's node).
 #[inline(always)]
 pub fn put(key: &CtKey, value: &CtValue) -> Result<(), ()> {
-    CONNTRACK.insert(key, value, 0).map_err(|_| {
-        count(Stat::ExtConntrackFull);
-    })
+    match CONNTRACK.insert(key, value, 0) {
+        Ok(()) => {
+            count(Stat::ExtConntrackCreated);
+            Ok(())
+        }
+        Err(_) => {
+            count(Stat::ExtConntrackFull);
+            Err(())
+        }
+    }
 }
 
 /// Now, on the clock the entries and the agent's sweep use.

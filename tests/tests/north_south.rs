@@ -505,3 +505,88 @@ fn idle_and_stale_udp_flows_leave_the_conntrack_table() {
         )
         .unwrap();
 }
+
+#[test]
+fn a_syn_flood_through_a_node_port_evicts_the_flood_and_keeps_active_flows() {
+    const TABLE: u32 = 4096;
+    const SYNS: u32 = 12_000;
+    let mut setup = two_nodes();
+    let flooder = setup.cluster.client("flooder").expect("flooder");
+    let c = &setup.cluster;
+    c.write_manifest(
+        "web.yaml",
+        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
+    )
+    .unwrap();
+    let table = TABLE.to_string();
+    c.start_agents(&[
+        "--conntrack-max-entries",
+        &table,
+        "--conntrack-sweep-period",
+        "500ms",
+    ])
+    .unwrap();
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    // 20 connections to both pods keep talking every 200 ms while 12,000
+    // SYNs from 12,000 spoofed sources (three times the table) arrive at
+    // 3,000 per second.
+    let hold = c.hold(&setup.client, &dialled, 20, 7).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let flood = c
+        .run_in(
+            &flooder.netns,
+            dataplane_testbed::testbed::sibling_binary("dataplane-probe")
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            &[
+                "flood",
+                "--to",
+                &dialled,
+                "--sources",
+                "10.99.0.1",
+                "--count",
+                &SYNS.to_string(),
+                "--rate",
+                "3000",
+            ],
+        )
+        .unwrap();
+    let flood: serde_json::Value = serde_json::from_str(flood.trim()).unwrap();
+    assert_eq!(flood["sent"], SYNS, "{flood}");
+    let summary = HoldSummary::of(hold).unwrap();
+    assert_eq!(summary.open, 20, "{summary:?}");
+    assert!(
+        summary.failures.is_empty(),
+        "active flows survive the flood: {summary:?}"
+    );
+    assert!(
+        stat(c, 0, "ext_conntrack_created") >= 2 * u64::from(SYNS),
+        "every SYN was a new flow"
+    );
+    // The agent reports the evictions and a table at its size.
+    let metric = |name: &str| -> f64 {
+        let metrics = c.nodes[0].metrics().unwrap();
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    c.nodes[0]
+        .wait_until(
+            "the sweep reports evictions",
+            Duration::from_secs(5),
+            || Ok(metric("dataplane_conntrack_evicted ") > 0.0),
+        )
+        .unwrap();
+    let entries = metric("dataplane_map_entries{map=\"CONNTRACK\"}");
+    assert!(entries <= f64::from(TABLE), "{entries} entries");
+    assert_eq!(
+        metric("dataplane_map_capacity{map=\"CONNTRACK\"}"),
+        f64::from(TABLE)
+    );
+    // And new connections still work.
+    assert_all_ok(&c.exchange(&setup.client, &dialled, 10, "tcp").unwrap());
+}

