@@ -280,3 +280,34 @@ pub fn vxlan_inner(frame: &[u8]) -> Option<&[u8]> {
     let offset = ETH_HLEN + 20 + 8 + 8;
     (frame.len() > offset + ETH_HLEN).then(|| &frame[offset..])
 }
+
+/// Recomputes the IPv4 header checksum of an Ethernet/IPv4 frame after a
+/// field was changed on purpose (the header length is taken from the frame,
+/// clamped to 20..=60 bytes and to the frame).
+pub fn refresh_ipv4_checksum(frame: &mut [u8]) {
+    let header_len = (usize::from(frame[ETH_HLEN] & 0x0f) * 4).clamp(20, 60);
+    let end = (ETH_HLEN + header_len).min(frame.len());
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
+    let checksum = fold(sum(&frame[ETH_HLEN..end], 0));
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&checksum.to_be_bytes());
+}
+
+/// `frame` (Ethernet/IPv4 with a 20-byte header) with `options` (a multiple
+/// of 4 bytes, at most 40) inserted after its IPv4 header: header length,
+/// total length and header checksum follow; the L4 checksum does not
+/// depend on them.
+pub fn with_ipv4_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
+    assert_eq!(frame[ETH_HLEN] & 0x0f, 5, "a frame without options");
+    let header_end = ETH_HLEN + 20;
+    let mut out = Vec::with_capacity(frame.len() + options.len());
+    out.extend_from_slice(&frame[..header_end]);
+    out.extend_from_slice(options);
+    out.extend_from_slice(&frame[header_end..]);
+    out[ETH_HLEN] = 0x40 | ((20 + options.len()) / 4) as u8;
+    let total_len = u16::from_be_bytes([frame[ETH_HLEN + 2], frame[ETH_HLEN + 3]]);
+    let total_len = total_len.wrapping_add(options.len() as u16);
+    out[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&total_len.to_be_bytes());
+    refresh_ipv4_checksum(&mut out);
+    out
+}

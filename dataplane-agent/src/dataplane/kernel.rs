@@ -162,7 +162,7 @@ impl Loaded {
     pub fn load_with(layout: PinLayout, conntrack_entries: u32) -> Result<Self> {
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&layout.dir)
-            .set_max_entries(map_names::CONNTRACK, conntrack_entries)
+            .map_max_entries(map_names::CONNTRACK, conntrack_entries)
             .load(PROGRAM_OBJECT)
             .with_context(|| {
                 format!(
