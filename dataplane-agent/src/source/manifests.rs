@@ -37,7 +37,7 @@ impl std::fmt::Display for ParseProblem {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Loaded {
     pub cluster: ClusterState,
     pub problems: Vec<ParseProblem>,
@@ -53,6 +53,31 @@ pub struct Loaded {
 pub struct ManifestDir {
     dir: PathBuf,
     last_good: BTreeMap<PathBuf, ClusterState>,
+    /// Each file's last parse and the file's identity then: an unchanged
+    /// file is not parsed again (parsing is most of a sync's time with
+    /// thousands of Services, and one file changes at a time).
+    parsed: BTreeMap<PathBuf, (FileStamp, Loaded)>,
+}
+
+/// What tells two versions of a file apart: writers replace files by
+/// rename (a new inode) or rewrite them (a new mtime and usually length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Self {
+            inode: metadata.ino(),
+            len: metadata.len(),
+            modified: metadata.modified().ok(),
+        })
+    }
 }
 
 impl ManifestDir {
@@ -60,7 +85,40 @@ impl ManifestDir {
         Self {
             dir: dir.into(),
             last_good: BTreeMap::new(),
+            parsed: BTreeMap::new(),
         }
+    }
+
+    /// The file's objects, parsed again only if it changed.
+    fn parse_cached(&mut self, file: &Path) -> Loaded {
+        let stamp = FileStamp::of(file);
+        if let (Some(stamp), Some((cached_stamp, cached))) = (stamp, self.parsed.get(file))
+            && stamp == *cached_stamp
+        {
+            return cached.clone();
+        }
+        let parsed = match std::fs::read_to_string(file) {
+            Ok(text) => parse_file(file, &text),
+            Err(error) => Loaded {
+                problems: vec![ParseProblem {
+                    file: file.to_path_buf(),
+                    document: 0,
+                    reason: format!("cannot read: {error}"),
+                }],
+                fatal: true,
+                ..Loaded::default()
+            },
+        };
+        match stamp {
+            Some(stamp) => {
+                self.parsed
+                    .insert(file.to_path_buf(), (stamp, parsed.clone()));
+            }
+            None => {
+                self.parsed.remove(file);
+            }
+        }
+        parsed
     }
 
     /// Reads every `*.yaml`, `*.yml` and `*.json` file of the directory (not
@@ -80,21 +138,11 @@ impl ManifestDir {
         }
         files.sort();
         self.last_good.retain(|file, _| files.contains(file));
+        self.parsed.retain(|file, _| files.contains(file));
 
         let mut loaded = Loaded::default();
         for file in files {
-            let mut parsed = match std::fs::read_to_string(&file) {
-                Ok(text) => parse_file(&file, &text),
-                Err(error) => Loaded {
-                    problems: vec![ParseProblem {
-                        file: file.clone(),
-                        document: 0,
-                        reason: format!("cannot read: {error}"),
-                    }],
-                    fatal: true,
-                    ..Loaded::default()
-                },
-            };
+            let mut parsed = self.parse_cached(&file);
             loaded.problems.append(&mut parsed.problems);
             let objects = match (parsed.fatal, self.last_good.get(&file)) {
                 (true, Some(previous)) => {

@@ -104,36 +104,101 @@ impl ServiceSet {
         Self { services }
     }
 
-    /// The same Services as manifests for the agent.
-    fn manifests(&self) -> String {
-        let documents: Vec<String> = self
-            .services
+    /// The Services but the hot one, as manifests for the agent.
+    fn filler_manifests(&self) -> String {
+        let documents: Vec<String> = self.services[..self.services.len() - 1]
             .iter()
-            .map(|s| {
-                let name = s.name.replace("bench/", "");
-                let endpoints: Vec<String> = s
-                    .endpoints
-                    .iter()
-                    .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-                    .collect();
-                let service = manifests::Svc::new(&name, &s.cluster_ip.to_string());
-                let service = match s.node_port {
-                    Some(node_port) => service
-                        .node_port("http", s.port, "TCP", 8080, node_port)
-                        .spec("type: NodePort"),
-                    None => service.port("http", s.port, "TCP", 8080),
-                };
-                manifests::join(&[
-                    service.yaml(),
-                    format!(
-                        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{}",
-                        endpoints.concat()
-                    ),
-                ])
-            })
+            .map(|s| service_yaml(s, &s.endpoints))
             .collect();
         documents.join("---\n")
     }
+
+    /// The hot Service with `endpoints`, in a file of its own, so an
+    /// endpoint change rewrites only that file (as an EndpointSlice update
+    /// touches one object).
+    fn hot_manifests(&self, endpoints: &[Ipv4Addr]) -> String {
+        let hot = self
+            .services
+            .last()
+            .expect("the hot Service is always there");
+        service_yaml(hot, endpoints)
+    }
+}
+
+fn service_yaml(s: &BenchService, endpoints: &[Ipv4Addr]) -> String {
+    let name = s.name.replace("bench/", "");
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    let service = manifests::Svc::new(&name, &s.cluster_ip.to_string());
+    let service = match s.node_port {
+        Some(node_port) => service
+            .node_port("http", s.port, "TCP", 8080, node_port)
+            .spec("type: NodePort"),
+        None => service.port("http", s.port, "TCP", 8080),
+    };
+    manifests::join(&[
+        service.yaml(),
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n{}",
+            endpoints.concat()
+        ),
+    ])
+}
+
+/// Endpoint changes of the hot Service, each timed from the manifest write
+/// to the SERVICES entry flipping to the new generation (read from the
+/// pinned map); p50 and p99 in milliseconds. Includes the agent's
+/// --min-sync-period (100 ms by default; kube-proxy's iptables mode: 1 s).
+fn endpoint_change_latency(tb: &Testbed, set: &ServiceSet, changes: usize) -> Result<(f64, f64)> {
+    use aya::maps::{HashMap, MapData};
+    use dataplane_common::{ServiceKey, ServiceValue, map_names};
+    let layout = dataplane_agent::dataplane::pins::PinLayout::new(&tb.pin_dir);
+    let services: HashMap<MapData, ServiceKey, ServiceValue> =
+        dataplane_agent::dataplane::kernel::open_pinned(&layout, map_names::SERVICES)?;
+    let key = ServiceKey {
+        vip_be: u32::from_ne_bytes(HOT_VIP.octets()),
+        port_be: 80u16.to_be(),
+        protocol: dataplane_common::IPPROTO_TCP,
+        scope: dataplane_common::SCOPE_ANY,
+    };
+    let hot = set.services.last().context("no hot Service")?;
+    let mut latencies = Vec::with_capacity(changes);
+    for change in 0..changes {
+        let before = services
+            .get(&key, 0)
+            .context("the hot Service is not programmed")?;
+        // Every change drops a different pod (and restores the previous).
+        let endpoints: Vec<Ipv4Addr> = hot
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != change % hot.endpoints.len())
+            .map(|(_, ip)| *ip)
+            .collect();
+        let written = Instant::now();
+        tb.write_manifest("hot.yaml", &set.hot_manifests(&endpoints))?;
+        loop {
+            let now = services.get(&key, 0).context("the hot Service vanished")?;
+            if now.generation != before.generation {
+                break;
+            }
+            if written.elapsed() > std::time::Duration::from_secs(10) {
+                bail!("an endpoint change was not programmed within 10 s");
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        latencies.push(written.elapsed().as_secs_f64() * 1e3);
+    }
+    // Back to every pod for the measurements that follow.
+    tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints))?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    latencies.sort_by(f64::total_cmp);
+    Ok((
+        latencies[latencies.len() / 2],
+        latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)],
+    ))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -198,6 +263,9 @@ struct Row {
     program_seconds: f64,
     /// The agent's resident memory once all Services are programmed.
     agent_rss_mib: Option<f64>,
+    /// From an endpoint change written to the map updated (ours only), ms.
+    endpoint_change_p50_ms: Option<f64>,
+    endpoint_change_p99_ms: Option<f64>,
 }
 
 impl Row {
@@ -287,7 +355,9 @@ fn load(tb: &Testbed, dataplane: Dataplane, set: &ServiceSet, timeout: u64) -> R
     let (tool, flag, file, rules) = match dataplane {
         Dataplane::Direct => return Ok(Some(0.0)),
         Dataplane::Ours => {
-            tb.write_manifest("bench.yaml", &set.manifests())?;
+            tb.write_manifest("bench.yaml", &set.filler_manifests())?;
+            let hot = set.services.last().context("no hot Service")?;
+            tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints))?;
             tb.start_agent(&[
                 "--metrics-bind-address",
                 "",
@@ -397,6 +467,11 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
                 continue;
             };
             let agent_rss_mib = tb.agent_pid().and_then(rss_mib);
+            let change_latency = if dataplane == Dataplane::Ours {
+                Some(endpoint_change_latency(&tb, &set, 20)?)
+            } else {
+                None
+            };
             let (cluster_target, node_port_target) = match dataplane {
                 Dataplane::Direct => (
                     format!("{}:8080", pods[0].ip),
@@ -442,6 +517,8 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
                 node_port_keepalive: Some(np_keepalive),
                 program_seconds,
                 agent_rss_mib,
+                endpoint_change_p50_ms: change_latency.map(|l| l.0),
+                endpoint_change_p99_ms: change_latency.map(|l| l.1),
             });
         }
     }
@@ -577,6 +654,26 @@ fn markdown(results: &Results) -> String {
             ratio(Dataplane::Nftables),
         );
     }
+    out += "\n### Control plane (ours)\n\n";
+    out += "| Services | all programmed from start, s | endpoint change to map, p50 ms | p99 ms | agent RSS MiB |\n";
+    out += "|---:|---:|---:|---:|---:|\n";
+    for row in results
+        .rows
+        .iter()
+        .filter(|r| r.dataplane() == Dataplane::Ours)
+    {
+        let ms = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.0}"));
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {} | {} | {} |",
+            row.services,
+            row.program_seconds,
+            ms(row.endpoint_change_p50_ms),
+            ms(row.endpoint_change_p99_ms),
+            ms(row.agent_rss_mib),
+        );
+    }
+    out += "\n(Endpoint changes include the agent's 100 ms --min-sync-period; kube-proxy's iptables mode defaults to 1 s.)\n";
     out += "\n### In-kernel cost of the interface programs (BPF_PROG_TEST_RUN, ns per packet)\n\n";
     out += "| packet | program | timed as | ns/packet | no-op TC program ns/packet | above the floor |\n";
     out += "|---|---|---|---:|---:|---:|\n";
