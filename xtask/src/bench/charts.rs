@@ -110,6 +110,8 @@ fn draw_one(
         .x_desc("Services (10 endpoints each)")
         .y_desc(chart.y_label)
         .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .x_labels(8)
         .label_style(("sans-serif", 14))
         .draw()?;
     for dataplane in Dataplane::ALL {
