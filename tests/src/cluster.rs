@@ -289,19 +289,7 @@ impl Cluster {
         connections: usize,
         seconds: u64,
     ) -> Result<std::process::Child> {
-        self.nodes[0]
-            .command_in(&client.netns, false, sibling_binary("dataplane-probe")?)?
-            .args([
-                "hold",
-                "--to",
-                to,
-                "--connections",
-                &connections.to_string(),
-            ])
-            .args(["--seconds", &seconds.to_string()])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .context("starting the probe's hold")
+        self.nodes[0].hold_in(&client.netns, false, to, connections, seconds)
     }
 
     /// Runs `program args` in `netns` and returns its stdout.

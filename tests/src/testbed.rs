@@ -478,7 +478,20 @@ impl Testbed {
     /// exchanging a line on each every 200 ms for `seconds`; the child
     /// prints a JSON summary (see [`HoldSummary`]) when it ends.
     pub fn hold(&self, host: &Host, to: &str, connections: usize, seconds: u64) -> Result<Child> {
-        self.command_in(&host.netns, true, sibling_binary("dataplane-probe")?)?
+        self.hold_in(&host.netns, true, to, connections, seconds)
+    }
+
+    /// [`Testbed::hold`] from any namespace, inside the testbed's cgroup or
+    /// not.
+    pub fn hold_in(
+        &self,
+        netns: &str,
+        in_cgroup: bool,
+        to: &str,
+        connections: usize,
+        seconds: u64,
+    ) -> Result<Child> {
+        self.command_in(netns, in_cgroup, sibling_binary("dataplane-probe")?)?
             .args([
                 "hold",
                 "--to",

@@ -65,6 +65,16 @@ fn web(service_type: &str) -> Svc {
         .spec(&format!("type: {service_type}"))
 }
 
+/// [`two_nodes`] with `web` (NodePort) on both pods and the agents started
+/// with `agent_args`.
+fn serving_both_pods(agent_args: &[&str]) -> Setup {
+    let setup = two_nodes();
+    let yaml = manifests(&setup, web("NodePort"), &both_pods(&setup));
+    setup.cluster.write_manifest("web.yaml", &yaml).unwrap();
+    setup.cluster.start_agents(agent_args).unwrap();
+    setup
+}
+
 fn both_pods(setup: &Setup) -> Vec<Ep> {
     vec![
         Ep::ready(&setup.pod1).on_node("node-1"),
@@ -100,14 +110,8 @@ fn assert_answers(attempts: &[Attempt], dialled: &str, sources: &[(&Host, String
 
 #[test]
 fn node_port_reaches_local_and_remote_pods_with_the_client_address() {
-    let setup = two_nodes();
+    let setup = serving_both_pods(&[]);
     let c = &setup.cluster;
-    c.write_manifest(
-        "web.yaml",
-        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
-    )
-    .unwrap();
-    c.start_agents(&[]).unwrap();
     let client_ip = setup.client.ip.to_string();
     let expected = [
         (&setup.pod1, client_ip.clone()),
@@ -165,14 +169,8 @@ fn load_balancer_ip_and_external_ip_reach_pods_on_both_nodes_with_the_client_add
 
 #[test]
 fn snat_mode_shows_the_node_address_to_remote_pods_only() {
-    let setup = two_nodes();
+    let setup = serving_both_pods(&["--external-mode", "snat"]);
     let c = &setup.cluster;
-    c.write_manifest(
-        "web.yaml",
-        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
-    )
-    .unwrap();
-    c.start_agents(&["--external-mode", "snat"]).unwrap();
     let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
     let expected = [
         (&setup.pod1, setup.client.ip.to_string()),
@@ -368,14 +366,8 @@ fn large_transfers_work_through_a_smaller_mtu_hop_to_local_and_tunnelled_pods() 
 
 #[test]
 fn agent_restarts_keep_established_external_connections() {
-    let setup = two_nodes();
+    let setup = serving_both_pods(&[]);
     let c = &setup.cluster;
-    c.write_manifest(
-        "web.yaml",
-        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
-    )
-    .unwrap();
-    c.start_agents(&[]).unwrap();
     let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
     // Connections to both pods (local and tunnelled) stay open and keep
     // exchanging while both agents crash and come back.
@@ -423,14 +415,8 @@ fn session_affinity_pins_an_external_client_to_one_pod() {
 
 #[test]
 fn pods_reach_node_ports_on_their_own_node_and_on_others() {
-    let setup = two_nodes();
+    let setup = serving_both_pods(&[]);
     let c = &setup.cluster;
-    c.write_manifest(
-        "web.yaml",
-        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
-    )
-    .unwrap();
-    c.start_agents(&[]).unwrap();
     for node in 0..2 {
         let dialled = format!("{}:{NODE_PORT}", c.node_ip(node));
         let attempts = c.nodes[0]
@@ -447,20 +433,13 @@ fn pods_reach_node_ports_on_their_own_node_and_on_others() {
 
 #[test]
 fn idle_and_stale_udp_flows_leave_the_conntrack_table() {
-    let setup = two_nodes();
-    let c = &setup.cluster;
-    c.write_manifest(
-        "web.yaml",
-        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
-    )
-    .unwrap();
-    let short = [
+    let setup = serving_both_pods(&[
         "--conntrack-udp-timeout",
         "2s",
         "--conntrack-sweep-period",
         "500ms",
-    ];
-    c.start_agents(&short).unwrap();
+    ]);
+    let c = &setup.cluster;
     let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
     let flows = |node: usize| {
         let output = c.nodes[node]

@@ -53,19 +53,20 @@ fn ensure_packet_filters() -> Result<()> {
         return Ok(());
     }
     println!("setup: installing iptables and nftables (Debian packages)");
+    apt_install(&["iptables", "nftables"])
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
     run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "iptables",
-            "nftables",
-        ])
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(packages)
         .env("DEBIAN_FRONTEND", "noninteractive"))
-    .context(
-        "apt-get install iptables nftables failed; it needs root and the Debian package registry",
-    )
+    .with_context(|| {
+        format!(
+            "apt-get install {} failed; it needs root and the Debian package registry",
+            packages.join(" ")
+        )
+    })
 }
 
 const KUBERNETES_VALIDATE_VERSION: &str = "1.34.1";
