@@ -384,10 +384,13 @@ pub enum Stat {
     /// never by the programs: created - expired - present = evicted by the
     /// LRU under pressure.
     ConntrackExpired = 20,
+    /// A new flow was refused: its reply direction is a live flow of
+    /// another frontend (same client address and port, same backend).
+    ExtConntrackClash = 21,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 22;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::SockTranslated,
         Stat::SockRefusedNoEndpoints,
@@ -410,6 +413,7 @@ impl Stat {
         Stat::ExtTooBigForTunnel,
         Stat::ExtConntrackCreated,
         Stat::ConntrackExpired,
+        Stat::ExtConntrackClash,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -435,6 +439,7 @@ impl Stat {
             Stat::ExtTooBigForTunnel => "ext_too_big_for_tunnel",
             Stat::ExtConntrackCreated => "ext_conntrack_created",
             Stat::ConntrackExpired => "conntrack_expired",
+            Stat::ExtConntrackClash => "ext_conntrack_clash",
         }
     }
 }

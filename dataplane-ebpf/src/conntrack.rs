@@ -80,6 +80,21 @@ pub fn refresh(entry: *mut CtValue, flow: &Flow) {
     }
 }
 
+/// Whether `reply_key` already belongs to a live flow of another frontend
+/// (the same client address and port to two frontends that chose the same
+/// backend): writing it would redirect that flow's replies.
+#[inline(always)]
+pub fn clashes(reply_key: &CtKey, reply: &CtValue) -> bool {
+    let Some(existing) = lookup(reply_key) else {
+        return false;
+    };
+    // SAFETY: copied out of the map value at once.
+    let existing = unsafe { *existing };
+    existing.kind == reply.kind
+        && (existing.nat_ip_be != reply.nat_ip_be || existing.nat_port_be != reply.nat_port_be)
+        && existing.flags & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN) == 0
+}
+
 /// Stores both directions of a new flow. If the map refuses either, the
 /// flow is not translated at all (never one direction only).
 #[inline(always)]

@@ -117,14 +117,20 @@ pub fn parse(ctx: &TcContext) -> Packet {
     let Some(ip) = ipv4_of(&headers[IP_OFF..]) else {
         return Packet::Other;
     };
+    // A fragment of any protocol is never translated: later fragments
+    // carry no L4 header, and rewriting only the first would break
+    // reassembly (the stack reassembles what is addressed to the node).
+    let frag = u16::from_be_bytes([headers[IP_OFF + IP_FRAG], headers[IP_OFF + IP_FRAG + 1]]);
+    if frag & IP_MF_AND_OFFSET_MASK != 0 {
+        return match ip.protocol {
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP => Packet::Unusable,
+            _ => Packet::OtherIpv4,
+        };
+    }
     match ip.protocol {
         IPPROTO_TCP | IPPROTO_UDP => {}
         IPPROTO_ICMP => return Packet::Icmp(ip),
         _ => return Packet::OtherIpv4,
-    }
-    let frag = u16::from_be_bytes([headers[IP_OFF + IP_FRAG], headers[IP_OFF + IP_FRAG + 1]]);
-    if frag & IP_MF_AND_OFFSET_MASK != 0 {
-        return Packet::Unusable;
     }
     match parse_ports(ctx, &ip, IP_OFF) {
         Some(flow) => Packet::Ports(ip, flow),

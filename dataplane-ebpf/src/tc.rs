@@ -60,7 +60,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     match packet::parse(ctx) {
         Packet::Ports(ip, flow) => {
             if flow.protocol == IPPROTO_UDP && flow.dst_port_be == config.tunnel_port_be {
-                if tunnel::is_ours(ctx, &flow, &config) {
+                if tunnel::is_ours(ctx, &ip, &flow, &config) {
                     return from_tunnel(ctx, &config, flow.src_be);
                 }
                 return PASS;
@@ -256,6 +256,14 @@ fn new_flow(
         flags: 0,
         ..forward
     };
+    if conntrack::clashes(&reply_key, &reply) {
+        // The client uses the same address and port towards another
+        // frontend that picked the same backend, and that flow is alive:
+        // its replies would be taken over. Refuse the new flow instead
+        // (the client retries, possibly to another backend).
+        count(Stat::ExtConntrackClash);
+        return DROP;
+    }
     if conntrack::create(&conntrack::key_of(flow), &forward, &reply_key, &reply).is_err() {
         return DROP;
     }

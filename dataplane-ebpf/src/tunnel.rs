@@ -17,7 +17,7 @@ use dataplane_common::{ConfigValue, IPPROTO_UDP};
 use crate::{
     csum,
     maps::{NODE_IPS, TUNNEL_PEERS},
-    packet::{ETH_HLEN, ETH_P_IP_BE, Flow, IP_OFF, IPV4_MIN_HLEN, UDP_HLEN},
+    packet::{ETH_HLEN, ETH_P_IP_BE, Flow, IP_OFF, IPV4_MIN_HLEN, Ipv4, UDP_HLEN},
 };
 
 const VXLAN_HLEN: usize = 8;
@@ -51,8 +51,13 @@ pub enum TunnelError {
 /// VNI. Anything else (another overlay's VXLAN on the same port, or a
 /// stranger's packet) is left to the stack.
 #[inline(always)]
-pub fn is_ours(ctx: &TcContext, flow: &Flow, config: &ConfigValue) -> bool {
-    if flow.protocol != IPPROTO_UDP || flow.dst_port_be != config.tunnel_port_be {
+pub fn is_ours(ctx: &TcContext, ip: &Ipv4, flow: &Flow, config: &ConfigValue) -> bool {
+    // Our tunnel never sends IPv4 options, and decapsulation removes a
+    // fixed-size outer header.
+    if flow.protocol != IPPROTO_UDP
+        || flow.dst_port_be != config.tunnel_port_be
+        || ip.header_len != IPV4_MIN_HLEN
+    {
         return false;
     }
     // SAFETY: presence checks only.

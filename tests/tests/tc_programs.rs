@@ -207,3 +207,38 @@ fn fragments_and_truncated_headers_are_never_translated() {
     }
     assert!(harness.conntrack().unwrap().is_empty());
 }
+
+#[test]
+fn a_second_flow_that_would_take_over_a_live_flows_replies_is_refused() {
+    let mut harness = TcHarness::standard().unwrap();
+    let pod = Endpoint {
+        ip: LOCAL_POD,
+        port: POD_PORT,
+    };
+    // The same client address and port to two frontends; when the second
+    // picks the same pod, its reply key is the first flow's.
+    let clash_port = (41000..41064)
+        .find(|port| {
+            let first = packets::tcp(client(*port), node(LOCAL_NODE_PORT), TCP_SYN, b"");
+            harness.run(Hook::Ingress, &first).unwrap();
+            let cluster_ip = Endpoint {
+                ip: CLUSTER_IP,
+                port: 80,
+            };
+            let second = packets::tcp(client(*port), cluster_ip, TCP_SYN, b"");
+            let out = harness.run(Hook::Ingress, &second).unwrap();
+            let parsed = packets::parse(&out.packet).unwrap();
+            // The remote pod was chosen: no clash, try another port.
+            parsed.dst == LOCAL_POD || out.verdict == VERDICT_DROP && parsed.dst == CLUSTER_IP
+        })
+        .expect("the local pod is chosen at least once in 64 tries");
+    assert_eq!(harness.stat(Stat::ExtConntrackClash).unwrap(), 1);
+    // The first flow's replies still come from the address it dialled.
+    let reply = packets::tcp(pod, client(clash_port), TCP_SYN | TCP_ACK, b"");
+    let out = harness.run(Hook::Egress, &reply).unwrap();
+    let parsed = packets::parse(&out.packet).unwrap();
+    assert_eq!(
+        (parsed.src, parsed.ports),
+        (NODE, Some((LOCAL_NODE_PORT, clash_port)))
+    );
+}
