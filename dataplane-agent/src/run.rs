@@ -459,7 +459,7 @@ async fn bind_retrying(address: SocketAddr, what: &str) -> tokio::net::TcpListen
 }
 
 pub async fn run(config: RunConfig) -> Result<()> {
-    crate::dataplane::capabilities::check()?;
+    crate::dataplane::capabilities::check(config.external.is_some())?;
     let layout = PinLayout::new(&config.bpffs_dir);
     pins::ensure_bpffs_dir(&layout.dir)?;
     pins::ensure_cgroup2(&config.cgroup)?;

@@ -267,7 +267,10 @@ pub struct CtKey {
     pub src_port_be: u16,
     pub dst_port_be: u16,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    // Scalar padding, not a byte array: zeroing it is a store, not a
+    // call to the compiler's byte-loop memset.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 const _: () = assert!(size_of::<CtKey>() == 16);
 
@@ -290,7 +293,7 @@ pub struct CtValue {
     pub snat_port_be: u16,
     pub kind: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    pub _pad: u16,
     /// The frontend's id (for affinity, metrics and the sweep).
     pub service_id: u32,
     /// CLOCK_MONOTONIC (bpf_ktime_get_ns) of the last packet.

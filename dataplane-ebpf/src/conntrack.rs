@@ -21,7 +21,8 @@ pub fn key_of(flow: &Flow) -> CtKey {
         src_port_be: flow.src_port_be,
         dst_port_be: flow.dst_port_be,
         protocol: flow.protocol,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
@@ -34,7 +35,8 @@ pub fn key(src_be: u32, src_port_be: u16, dst_be: u32, dst_port_be: u16, protoco
         src_port_be,
         dst_port_be,
         protocol,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 

@@ -235,7 +235,7 @@ fn new_flow(
         snat_port_be: 0,
         kind: CT_FORWARD,
         flags: if remote { CT_FLAG_REMOTE } else { 0 },
-        _pad: [0; 2],
+        _pad: 0,
         service_id: service.service_id,
         last_seen_ns: now,
     };
@@ -407,7 +407,7 @@ fn from_tunnel(ctx: &TcContext, config: &ConfigValue, node_be: u32) -> i32 {
             snat_port_be: 0,
             kind: CT_TUNNEL_RETURN,
             flags: 0,
-            _pad: [0; 2],
+            _pad: 0,
             service_id: 0,
             last_seen_ns: conntrack::now_ns(),
         };
@@ -445,7 +445,7 @@ fn new_snat_flow(
         snat_port_be: port_be,
         kind: CT_FORWARD,
         flags: CT_FLAG_REMOTE | CT_FLAG_SNAT,
-        _pad: [0; 2],
+        _pad: 0,
         service_id: service.service_id,
         last_seen_ns: now,
     };

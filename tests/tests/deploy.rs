@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::Path};
 use dataplane_testbed::{
     Testbed,
     apiserver::ApiServer,
-    manifests::{http_service_on, objects},
+    manifests::{Ep, Svc, http_service_on, join, objects, slice},
     probe::tally,
     testbed::sibling_binary,
 };
@@ -135,6 +135,27 @@ fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
 
     api.apply_all(objects(&http_service_on("web", "10.96.0.10", 80, &[&pod])).unwrap())
         .unwrap();
+    // And a NodePort, for the interface programs: `--interfaces` is left
+    // to its default (`auto`), which finds the interface of the node's
+    // default route.
+    let node_port = join(&[
+        Svc::new("web-np", "10.96.0.11")
+            .node_port("http", 80, "TCP", 8080, 30080)
+            .spec("type: NodePort")
+            .yaml(),
+        slice(
+            "web-np-1",
+            "web-np",
+            &[("http", 8080, "TCP")],
+            &[Ep::ready(&pod)],
+        ),
+    ]);
+    api.apply_all(objects(&node_port).unwrap()).unwrap();
+    tb.in_node(
+        "ip",
+        &["route", "add", "default", "via", &client.ip.to_string()],
+    )
+    .unwrap();
     let mut agent = tb.command_in(&tb.node_netns, false, "setpriv").unwrap();
     agent
         .args(["--bounding-set", &bounding, "--inh-caps=-all", "--"])
@@ -149,8 +170,22 @@ fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
     assert_eq!(tally(&attempts).keys().collect::<Vec<_>>(), ["pod1"]);
     let log = tb.agent_log();
     assert!(log.starts_with('{'), "--log-format=json: {log}");
+    assert!(
+        log.contains("node interfaces attached") && log.contains("h1"),
+        "the TC programs attach with the granted capabilities: {log}"
+    );
+    // From outside the socket-LB cgroup, through the node's own address.
+    let node_address = "10.200.1.1:30080";
+    let external = tb
+        .exchange_in(&client.netns, false, node_address, 5, "tcp")
+        .unwrap();
+    assert!(external.iter().all(|a| a.ok), "{external:?}");
+    assert_eq!(
+        tally(&external)["pod1"].sources.keys().collect::<Vec<_>>(),
+        [&client.ip.to_string()]
+    );
     // The agent really ran with nothing but the granted capabilities
-    // (CAP_NET_ADMIN is bit 12, CAP_BPF bit 39).
+    // (CAP_NET_ADMIN is bit 12, CAP_PERFMON bit 38, CAP_BPF bit 39).
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", tb.agent_pid().unwrap())).unwrap();
     let effective = status
@@ -158,8 +193,12 @@ fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
         .unwrap();
-    assert_eq!(capabilities, ["+bpf", "+net_admin"]);
-    assert_eq!(effective, (1 << 12) | (1 << 39), "CapEff {effective:#x}");
+    assert_eq!(capabilities, ["+bpf", "+net_admin", "+perfmon"]);
+    assert_eq!(
+        effective,
+        (1 << 12) | (1 << 38) | (1 << 39),
+        "CapEff {effective:#x}"
+    );
     let health = tb.http_get_in_node("127.0.0.1:10256", "/healthz").unwrap();
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }

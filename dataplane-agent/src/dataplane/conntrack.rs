@@ -51,7 +51,8 @@ pub fn reply_key_of(forward_key: &CtKey, forward: &CtValue) -> CtKey {
         src_port_be: forward.nat_port_be,
         dst_port_be,
         protocol: forward_key.protocol,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
@@ -186,7 +187,8 @@ mod tests {
             src_port_be: src_port,
             dst_port_be: dst_port,
             protocol,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         }
     }
 
@@ -199,7 +201,7 @@ mod tests {
             snat_port_be: 0,
             kind,
             flags,
-            _pad: [0; 2],
+            _pad: 0,
             service_id: 1,
             last_seen_ns: last_seen_s * SECOND,
         }

@@ -172,7 +172,8 @@ mod tests {
             src_port_be: src_port.to_be(),
             dst_port_be: dst_port.to_be(),
             protocol: IPPROTO_TCP,
-            _pad: [0; 3],
+            _pad0: 0,
+            _pad1: 0,
         };
         let value = |kind| CtValue {
             nat_ip_be: 0,
@@ -182,7 +183,7 @@ mod tests {
             snat_port_be: 0,
             kind,
             flags: 0,
-            _pad: [0; 2],
+            _pad: 0,
             service_id: 0,
             last_seen_ns: 0,
         };
