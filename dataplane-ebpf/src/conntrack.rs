@@ -97,6 +97,37 @@ pub fn clashes(reply_key: &CtKey, reply: &CtValue) -> bool {
         && existing.flags & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN) == 0
 }
 
+/// Whether a backend's SYN-ACK matches the reply entry of a flow that is
+/// over: its forward entry is gone or closing, so the SYN this answers did
+/// not come through our translation (a new connection reusing the tuple).
+#[inline(always)]
+pub fn is_stale_reply(flow: &Flow, reply: &CtValue) -> bool {
+    if !flow.is_tcp() || flow.tcp_flags & (TCP_SYN | TCP_ACK) != (TCP_SYN | TCP_ACK) {
+        return false;
+    }
+    let forward_key = key(
+        flow.dst_be,
+        flow.dst_port_be,
+        reply.nat_ip_be,
+        reply.nat_port_be,
+        flow.protocol,
+    );
+    match lookup(&forward_key) {
+        Some(forward) => {
+            // SAFETY: read of the map value's flags.
+            let flags = unsafe { (*forward).flags };
+            flags & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN) != 0
+        }
+        None => true,
+    }
+}
+
+/// Removes an entry (one that must not translate any more).
+#[inline(always)]
+pub fn forget(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
+}
+
 /// Stores both directions of a new flow. If the map refuses either, the
 /// flow is not translated at all (never one direction only).
 #[inline(always)]

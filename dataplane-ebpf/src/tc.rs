@@ -105,6 +105,13 @@ pub fn egress(ctx: &TcContext) -> i32 {
     let value: CtValue = unsafe { *entry };
     match value.kind {
         CT_REPLY if value.flags & CT_FLAG_SNAT == 0 => {
+            if conntrack::is_stale_reply(&flow, &value) {
+                // A new connection on the tuple of a flow that has ended
+                // (say, the same client and port straight to the pod):
+                // not ours to translate.
+                conntrack::forget(&conntrack::key_of(&flow));
+                return PASS;
+            }
             conntrack::refresh(entry, &flow);
             count(Stat::ExtEstablished);
             match nat::set_source(ctx, &flow, value.nat_ip_be, value.nat_port_be) {

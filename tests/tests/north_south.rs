@@ -169,16 +169,31 @@ fn load_balancer_ip_and_external_ip_reach_pods_on_both_nodes_with_the_client_add
 
 #[test]
 fn snat_mode_shows_the_node_address_to_remote_pods_only() {
-    let setup = serving_both_pods(&["--external-mode", "snat"]);
+    let setup = two_nodes();
     let c = &setup.cluster;
-    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    let service = web("LoadBalancer")
+        .spec(&format!("externalIPs: [\"{EXTERNAL_IP}\"]"))
+        .load_balancer_ips(&[LB_IP]);
+    c.write_manifest("web.yaml", &manifests(&setup, service, &both_pods(&setup)))
+        .unwrap();
+    c.start_agents(&["--external-mode", "snat"]).unwrap();
+    for prefix in [LB_IP, EXTERNAL_IP] {
+        c.route_to_node(&setup.client, &format!("{prefix}/32"), 0)
+            .unwrap();
+    }
     let expected = [
         (&setup.pod1, setup.client.ip.to_string()),
         (&setup.pod2, c.node_ip(0).to_string()),
     ];
-    for mode in ["tcp", "udp"] {
-        let attempts = c.exchange(&setup.client, &dialled, 40, mode).unwrap();
-        assert_answers(&attempts, &dialled, &expected);
+    for dialled in [
+        format!("{}:{NODE_PORT}", c.node_ip(0)),
+        format!("{LB_IP}:80"),
+        format!("{EXTERNAL_IP}:80"),
+    ] {
+        for mode in ["tcp", "udp"] {
+            let attempts = c.exchange(&setup.client, &dialled, 40, mode).unwrap();
+            assert_answers(&attempts, &dialled, &expected);
+        }
     }
 }
 
@@ -207,24 +222,35 @@ fn external_traffic_policy_local_serves_local_pods_and_health_checks_report_them
     c.start_agents(&[]).unwrap();
 
     let client_ip = setup.client.ip.to_string();
-    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
-    let attempts = c.exchange(&setup.client, &dialled, 40, "tcp").unwrap();
-    assert_answers(
-        &attempts,
-        &dialled,
-        &[(&setup.pod1, client_ip.clone()), (&pod3, client_ip)],
-    );
+    // The load balancer sends to node-1 (its health check passes there).
+    c.route_to_node(&setup.client, &format!("{LB_IP}/32"), 0)
+        .unwrap();
+    for dialled in [
+        format!("{}:{NODE_PORT}", c.node_ip(0)),
+        format!("{LB_IP}:80"),
+    ] {
+        for mode in ["tcp", "udp"] {
+            let attempts = c.exchange(&setup.client, &dialled, 40, mode).unwrap();
+            assert_answers(
+                &attempts,
+                &dialled,
+                &[(&setup.pod1, client_ip.clone()), (&pod3, client_ip.clone())],
+            );
+        }
+    }
 
-    // Without a local endpoint, node-2 drops (no reset, no answer): the
-    // load balancer's health check takes it out of rotation.
+    // Without a local endpoint, node-2 drops (no reset, no ICMP, no
+    // answer): the load balancer's health check takes it out of rotation.
     let on_node2 = format!("{}:{NODE_PORT}", c.node_ip(1));
-    let dropped = c.exchange(&setup.client, &on_node2, 2, "tcp").unwrap();
-    assert!(
-        dropped
-            .iter()
-            .all(|a| !a.ok && a.errno != Some(libc::ECONNREFUSED)),
-        "node-2 must drop, not reject: {dropped:?}"
-    );
+    for mode in ["tcp", "udp"] {
+        let dropped = c.exchange(&setup.client, &on_node2, 2, mode).unwrap();
+        assert!(
+            dropped
+                .iter()
+                .all(|a| !a.ok && a.errno != Some(libc::ECONNREFUSED)),
+            "node-2 must drop {mode}, not reject: {dropped:?}"
+        );
+    }
 
     let health = |node: usize| {
         c.nodes[node]

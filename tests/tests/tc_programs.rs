@@ -242,3 +242,31 @@ fn a_second_flow_that_would_take_over_a_live_flows_replies_is_refused() {
         (NODE, Some((LOCAL_NODE_PORT, clash_port)))
     );
 }
+
+#[test]
+fn a_new_connection_on_the_tuple_of_an_ended_flow_is_not_translated() {
+    let mut harness = TcHarness::standard().unwrap();
+    let pod = Endpoint {
+        ip: LOCAL_POD,
+        port: POD_PORT,
+    };
+    let syn = packets::tcp(client(42000), node(LOCAL_NODE_PORT), TCP_SYN, b"");
+    harness.run(Hook::Ingress, &syn).unwrap();
+    // The client ends it with a reset; later it reaches the pod directly
+    // (a ClusterIP through socket LB, say) from the same port.
+    let reset = packets::tcp(client(42000), node(LOCAL_NODE_PORT), TCP_RST | TCP_ACK, b"");
+    harness.run(Hook::Ingress, &reset).unwrap();
+    let syn_ack = packets::tcp(pod, client(42000), TCP_SYN | TCP_ACK, b"");
+    let out = harness.run(Hook::Egress, &syn_ack).unwrap();
+    assert_eq!((out.verdict, &out.packet), (VERDICT_PASS, &syn_ack));
+    let data = packets::tcp(pod, client(42000), TCP_ACK, b"hello");
+    let out = harness.run(Hook::Egress, &data).unwrap();
+    assert_eq!((out.verdict, &out.packet), (VERDICT_PASS, &data));
+
+    // While a flow is alive, its replies are translated as always.
+    let syn = packets::tcp(client(42001), node(LOCAL_NODE_PORT), TCP_SYN, b"");
+    harness.run(Hook::Ingress, &syn).unwrap();
+    let syn_ack = packets::tcp(pod, client(42001), TCP_SYN | TCP_ACK, b"");
+    let out = harness.run(Hook::Egress, &syn_ack).unwrap();
+    assert_eq!(packets::parse(&out.packet).unwrap().src, NODE);
+}
