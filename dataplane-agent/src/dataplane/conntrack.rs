@@ -153,16 +153,33 @@ pub fn sweep(
         entries.insert(entry.0, entry.1);
     }
     let expired = expired(&entries, now_ns, timeouts, live);
+    let mut removed = 0;
     for key in &expired {
+        // The tuple may have started a new flow since the walk (a client
+        // reusing its port): its entry then has a newer timestamp, and
+        // stays.
+        let seen = entries.get(key).map(|v| v.last_seen_ns);
+        match map.get(key, 0) {
+            Ok(now) if Some(now.last_seen_ns) != seen => {
+                entries.insert(*key, now);
+                continue;
+            }
+            Err(aya::maps::MapError::KeyNotFound) => {
+                entries.remove(key);
+                continue;
+            }
+            _ => {}
+        }
         match map.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(error) => return Err(error).context("deleting an expired CONNTRACK entry"),
         }
         entries.remove(key);
+        removed += 1;
     }
     Ok(SweepReport {
         entries: entries.len(),
-        expired: expired.len(),
+        expired: removed,
         ports_in_use: ports::of_flows(&entries),
     })
 }
