@@ -247,7 +247,7 @@ fn assert_consistent(state: &PinnedState) {
 proptest! {
     #[test]
     fn the_model_accepts_anything_and_its_output_is_well_formed(cluster in cluster()) {
-        let node = NodeInfo { name: "node-a".into(), zone: Some("zone-a".into()), being_deleted: false };
+        let node = NodeInfo { name: "node-a".into(), zone: Some("zone-a".into()), being_deleted: false, internal_ip: None };
         let desired = desired(&cluster, &node);
         for (frontend, entry) in &desired.frontends {
             prop_assert!(cluster.services.contains_key(&entry.service));
@@ -266,7 +266,7 @@ proptest! {
         states in prop::collection::vec(cluster(), 1..4),
         poisoned in prop::option::of((0u8..8).prop_map(|o| Ipv4Addr::new(10, 0, 0, o))),
     ) {
-        let node = NodeInfo { name: "node-a".into(), zone: None, being_deleted: false };
+        let node = NodeInfo { name: "node-a".into(), zone: None, being_deleted: false, internal_ip: None };
         let mut maps = Maps { poisoned, ..Maps::default() };
         let mut mirror = PinnedState::default();
         for cluster in &states {

@@ -153,6 +153,9 @@ struct Agent {
     live_backends: LiveBackends,
     /// PORTS, when the interface programs run.
     port_filter: Option<SharedPortFilter>,
+    /// The address tunnel packets leave from, when the programs run.
+    tunnel_source: Option<Ipv4Addr>,
+    warned_tunnel_source: Option<Ipv4Addr>,
 }
 
 type SharedPortFilter = Arc<std::sync::Mutex<PortFilter>>;
@@ -175,12 +178,16 @@ impl Agent {
         }
         let node = NodeInfo::from_cluster(&loaded.cluster, &self.config.node_name);
         self.health.set_node_eligible(!node.being_deleted);
+        self.check_tunnel_source(&node);
         let desired = model::desired(&loaded.cluster, &node);
         for skipped in &desired.skipped {
             warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
         }
 
         let apply_started = std::time::Instant::now();
+        // While the maps change, which backends are live is unknown to the
+        // conntrack sweep: it cuts no UDP flow until the sync publishes.
+        *lock(&self.live_backends) = None;
         if let Some(filter) = &self.port_filter {
             // Ports first, so the first packet of a new frontend is looked at.
             let wanted = ports::of_desired(&desired);
@@ -232,6 +239,23 @@ impl Agent {
             "synced"
         );
         Ok(())
+    }
+
+    /// Other nodes accept tunnel packets from this node's InternalIP only:
+    /// a different tunnel source (the first address of the first interface
+    /// by default) would make every tunnelled flow vanish on the way.
+    fn check_tunnel_source(&mut self, node: &NodeInfo) {
+        let (Some(source), Some(internal)) = (self.tunnel_source, node.internal_ip) else {
+            return;
+        };
+        if source != internal && self.warned_tunnel_source != Some(internal) {
+            warn!(
+                tunnel_source = %source,
+                internal_ip = %internal,
+                "the tunnel's source address is not this node's InternalIP, which other nodes expect: pass --node-ip={internal} and make sure its interface is in --interfaces"
+            );
+            self.warned_tunnel_source = Some(internal);
+        }
     }
 
     fn publish_live_backends(&self) {
@@ -471,17 +495,18 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let mut loaded = Loaded::load_with(layout, conntrack_entries)?;
     loaded.forward_program_logs();
     let maps = loaded.take_maps()?;
-    let (interface_maps, port_filter) = match &config.external {
+    let (interface_maps, port_filter, tunnel_source) = match &config.external {
         Some(external) => {
             let mut interface_maps = loaded.take_interface_maps()?;
-            configure_interfaces(&mut interface_maps, external)?;
+            let tunnel_source = configure_interfaces(&mut interface_maps, external)?;
             let filter = PortFilter::open(&loaded.layout)?;
             (
                 Some(interface_maps),
                 Some(Arc::new(std::sync::Mutex::new(filter))),
+                Some(tunnel_source),
             )
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let mirror = maps
         .read()
@@ -521,6 +546,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
         interface_maps,
         live_backends: Arc::default(),
         port_filter,
+        tunnel_source,
+        warned_tunnel_source: None,
     };
     // Slots a previous agent retired but did not sweep get a fresh grace.
     agent.retire_unreachable();
@@ -593,8 +620,9 @@ pub async fn run(config: RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// Writes CONFIG and NODE_IPS before the interface programs attach.
-fn configure_interfaces(maps: &mut InterfaceMaps, external: &ExternalConfig) -> Result<()> {
+/// Writes CONFIG and NODE_IPS before the interface programs attach;
+/// returns the tunnel's source address.
+fn configure_interfaces(maps: &mut InterfaceMaps, external: &ExternalConfig) -> Result<Ipv4Addr> {
     let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
     let node_ip = match external.node_ip {
         Some(ip) => ip,
@@ -614,7 +642,7 @@ fn configure_interfaces(maps: &mut InterfaceMaps, external: &ExternalConfig) -> 
         _pad: 0,
     })?;
     info!(%node_ip, node_addresses = ?addresses, "north-south datapath configured");
-    Ok(())
+    Ok(node_ip)
 }
 
 fn first_address_of_first_interface(external: &ExternalConfig) -> Result<Ipv4Addr> {
@@ -646,9 +674,11 @@ fn spawn_conntrack_sweep(
             tick.tick().await;
             let layout = layout.clone();
             let timeouts = external.conntrack;
-            let live = lock(&live_backends).clone();
+            let live_backends = live_backends.clone();
             let swept = tokio::task::spawn_blocking(move || {
-                conntrack::sweep(&layout, &timeouts, dump::monotonic_now_ns(), live.as_ref())
+                conntrack::sweep(&layout, &timeouts, dump::monotonic_now_ns(), || {
+                    lock(&live_backends).clone()
+                })
             })
             .await;
             match swept {

@@ -82,9 +82,10 @@ pub fn refresh(entry: *mut CtValue, flow: &Flow) {
     }
 }
 
-/// Whether `reply_key` already belongs to a live flow of another frontend
-/// (the same client address and port to two frontends that chose the same
-/// backend): writing it would redirect that flow's replies.
+/// Whether `reply_key` already belongs to another live flow (the same
+/// client address and port to two frontends that chose the same backend,
+/// or a flow tunnelled here from another node): writing it would redirect
+/// that flow's replies.
 #[inline(always)]
 pub fn clashes(reply_key: &CtKey, reply: &CtValue) -> bool {
     let Some(existing) = lookup(reply_key) else {
@@ -92,9 +93,16 @@ pub fn clashes(reply_key: &CtKey, reply: &CtValue) -> bool {
     };
     // SAFETY: copied out of the map value at once.
     let existing = unsafe { *existing };
-    existing.kind == reply.kind
-        && (existing.nat_ip_be != reply.nat_ip_be || existing.nat_port_be != reply.nat_port_be)
-        && existing.flags & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN) == 0
+    let same_flow = existing.kind == reply.kind
+        && existing.nat_ip_be == reply.nat_ip_be
+        && existing.nat_port_be == reply.nat_port_be;
+    !same_flow && is_live(&existing)
+}
+
+/// Whether an entry belongs to a flow that has not ended (no FIN or RST).
+#[inline(always)]
+pub fn is_live(entry: &CtValue) -> bool {
+    entry.flags & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN) == 0
 }
 
 /// Whether a backend's SYN-ACK matches the reply entry of a flow that is

@@ -225,11 +225,12 @@ fn new_flow(
         return no_backend(ctx, ip, flow, service);
     };
     let remote = backend.flags & BACKEND_FLAG_REMOTE != 0 && backend.node_ip_be != 0;
-    // Hairpin: a pod reaching its own Service through another node must
-    // see the answer come from that node, so the node stands in as the
-    // source (kube-proxy masquerades hairpin traffic too); tunnelled, the
-    // pod would get a packet from itself.
-    let hairpin = backend.ip_be == flow.src_be;
+    // Hairpin: a client on the backend's own node (the backend itself, or
+    // the node's address: host processes and masqueraded pods) must see
+    // the answer come from this node, so this node stands in as the source
+    // (kube-proxy masquerades such traffic too). Tunnelled, the backend's
+    // node would get a packet from itself, and the reply would stay there.
+    let hairpin = backend.ip_be == flow.src_be || (remote && backend.node_ip_be == flow.src_be);
     if (remote && config.external_mode == EXTERNAL_MODE_SNAT) || hairpin {
         return new_snat_flow(ctx, config, ip, flow, service, &backend);
     }
@@ -398,12 +399,23 @@ fn from_tunnel(ctx: &TcContext, config: &ConfigValue, node_be: u32) -> i32 {
         inner.protocol,
     );
     let refreshed = match conntrack::lookup(&return_key) {
-        // SAFETY: read of the map value; a racing writer stores the same.
-        Some(entry) if unsafe { (*entry).tunnel_ip_be } == node_be => {
-            conntrack::refresh(entry, &inner);
-            true
+        Some(entry) => {
+            // SAFETY: copied out of the map value at once.
+            let existing: CtValue = unsafe { *entry };
+            if existing.kind == CT_TUNNEL_RETURN && existing.tunnel_ip_be == node_be {
+                conntrack::refresh(entry, &inner);
+                true
+            } else if conntrack::is_live(&existing) {
+                // The tuple is a live flow of this node's own (the same
+                // client port straight to a nodePort here, or tunnelled
+                // from another node): its replies must not change path.
+                count(Stat::ExtConntrackClash);
+                return DROP;
+            } else {
+                false
+            }
         }
-        _ => false,
+        None => false,
     };
     if !refreshed {
         let value = CtValue {

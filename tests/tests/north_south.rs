@@ -455,6 +455,19 @@ fn pods_reach_node_ports_on_their_own_node_and_on_others() {
             "pod1 via {dialled} (its own node's address included: hairpin)"
         );
     }
+    // A host process of node-2 (or a pod masqueraded to node-2's address)
+    // through node-1's nodePort, to pods on both nodes: the one on its own
+    // node included.
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    let attempts = c.nodes[1]
+        .exchange_in(&c.nodes[1].node_netns, false, &dialled, 30, "tcp")
+        .unwrap();
+    assert_all_ok(&attempts);
+    assert_eq!(
+        tally(&attempts).keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["pod1".to_string(), "pod2".to_string()]),
+        "node-2 itself via {dialled}"
+    );
 }
 
 #[test]

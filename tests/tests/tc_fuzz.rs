@@ -571,7 +571,7 @@ impl Checker {
         }
         let output = &out.packet[..];
         if vxlan {
-            return self.check_unwrapped(harness, input, &view, output);
+            return self.check_unwrapped(harness, input, &view, output, out.verdict);
         }
         if is_answer(input, &view, output) {
             return self.check_answer(hook, input, &view, output);
@@ -960,6 +960,7 @@ impl Checker {
         input: &[u8],
         view: &View,
         output: &[u8],
+        verdict: i32,
     ) -> Verdict<Effect> {
         let View::Ports {
             tuple: outer,
@@ -1012,9 +1013,10 @@ impl Checker {
                     }
                 } else if output != expected {
                     return Err(broken("3: checksum bytes changed without a translation"));
-                } else {
+                } else if verdict != VERDICT_DROP {
                     // tc.rs `from_tunnel`: the way back for the backend's
-                    // replies.
+                    // replies (unless the tuple is a live local flow's:
+                    // then the tunnelled packet is refused).
                     self.shadow.insert(
                         inner.reversed(),
                         Tracked::TunnelReturn { node: outer.src.ip },

@@ -270,3 +270,27 @@ fn a_new_connection_on_the_tuple_of_an_ended_flow_is_not_translated() {
     let out = harness.run(Hook::Egress, &syn_ack).unwrap();
     assert_eq!(packets::parse(&out.packet).unwrap().src, NODE);
 }
+
+#[test]
+fn a_tunnelled_flow_never_takes_over_a_local_flows_tuple() {
+    let mut harness = TcHarness::standard().unwrap();
+    let pod = Endpoint {
+        ip: LOCAL_POD,
+        port: POD_PORT,
+    };
+    // The client reaches this node's nodePort from port 43000 ...
+    let syn = packets::tcp(client(43000), node(LOCAL_NODE_PORT), TCP_SYN, b"");
+    harness.run(Hook::Ingress, &syn).unwrap();
+    // ... and, from the same port, another node's nodePort, which picks
+    // the same pod and tunnels the flow here.
+    let inner = packets::tcp(client(43000), pod, TCP_SYN, b"");
+    let tunnelled = packets::vxlan(PEER, NODE, TUNNEL_PORT, VNI, &inner);
+    let out = harness.run(Hook::Ingress, &tunnelled).unwrap();
+    assert_eq!(out.verdict, VERDICT_DROP, "refused, not delivered");
+    assert_eq!(harness.stat(Stat::ExtConntrackClash).unwrap(), 1);
+    // The first flow's replies still leave from this node's nodePort.
+    let reply = packets::tcp(pod, client(43000), TCP_SYN | TCP_ACK, b"");
+    let out = harness.run(Hook::Egress, &reply).unwrap();
+    let parsed = packets::parse(&out.packet).unwrap();
+    assert_eq!((parsed.src, out.verdict), (NODE, VERDICT_PASS));
+}

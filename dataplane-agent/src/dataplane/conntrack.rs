@@ -139,11 +139,14 @@ pub struct SweepReport {
 
 /// Reads the whole CONNTRACK map and deletes expired flows. Blocking (one
 /// syscall per entry): run it off the async workers.
+/// `live` is asked after the walk: the backends must be at least as new as
+/// every flow the walk saw, or a flow to a backend added during the walk
+/// would look stale.
 pub fn sweep(
     layout: &PinLayout,
     timeouts: &Timeouts,
     now_ns: u64,
-    live: Option<&BTreeSet<LiveBackend>>,
+    live: impl FnOnce() -> Option<BTreeSet<LiveBackend>>,
 ) -> Result<SweepReport> {
     let mut map: HashMap<MapData, CtKey, CtValue> =
         kernel::open_pinned(layout, map_names::CONNTRACK)?;
@@ -152,7 +155,8 @@ pub fn sweep(
     for entry in map.iter().filter_map(Result::ok) {
         entries.insert(entry.0, entry.1);
     }
-    let expired = expired(&entries, now_ns, timeouts, live);
+    let live = live();
+    let expired = expired(&entries, now_ns, timeouts, live.as_ref());
     let mut removed = 0;
     for key in &expired {
         // The tuple may have started a new flow since the walk (a client

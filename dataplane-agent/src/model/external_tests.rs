@@ -17,6 +17,7 @@ fn this_node() -> NodeInfo {
         name: THIS.into(),
         zone: None,
         being_deleted: false,
+        internal_ip: None,
     }
 }
 

@@ -65,6 +65,8 @@ pub struct NodeInfo {
     /// The Node is being deleted (deletionTimestamp) or drained by the
     /// cluster autoscaler: kube-proxy then fails /healthz (KEP-3836).
     pub being_deleted: bool,
+    /// The node's InternalIP: the address other nodes tunnel to.
+    pub internal_ip: Option<Ipv4Addr>,
 }
 
 /// The taint the cluster autoscaler puts on a node it is about to remove.
@@ -94,6 +96,7 @@ impl NodeInfo {
             name: name.to_owned(),
             zone,
             being_deleted,
+            internal_ip: node_addresses(cluster).get(name).copied(),
         }
     }
 }

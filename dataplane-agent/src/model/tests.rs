@@ -10,6 +10,7 @@ fn node() -> NodeInfo {
         name: NODE.into(),
         zone: None,
         being_deleted: false,
+        internal_ip: None,
     }
 }
 
