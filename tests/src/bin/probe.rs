@@ -349,9 +349,14 @@ fn bench(to: SocketAddr, seconds: f64, load: &str) -> Result<()> {
             while Instant::now() < deadline {
                 line.clear();
                 let begun = Instant::now();
-                let result = writer
-                    .write_all(b"ping\n")
-                    .and_then(|()| reader.read_line(&mut line).map(|_| ()));
+                // An answer, not an end of stream: a closed connection
+                // must count as failures, not as instant successes.
+                let result = writer.write_all(b"ping\n").and_then(|()| {
+                    match reader.read_line(&mut line)? {
+                        0 => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                        _ => Ok(()),
+                    }
+                });
                 match result {
                     Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
                     Err(_) => failures += 1,

@@ -454,7 +454,7 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     let repeats = args.repeats.unwrap_or(3).max(1);
     let load_timeout = args
         .load_timeout_seconds
-        .unwrap_or(if args.full { 240 } else { 30 });
+        .unwrap_or(if args.full { 180 } else { 30 });
 
     let mut tb = Testbed::new()?;
     let client = tb.host("client")?;
