@@ -100,8 +100,6 @@ pub enum Packet {
 
 /// Ethernet + the fixed IPv4 header: read in one helper call.
 const FIXED_HEADERS: usize = ETH_HLEN + IPV4_MIN_HLEN;
-/// The part of a TCP header the programs read (ports to flags).
-const TCP_READ: usize = TCP_FLAGS + 1;
 
 /// Parses the Ethernet + IPv4 (+ TCP/UDP) headers at the start of the
 /// packet, in as few helper calls as possible (one for the fixed headers,
@@ -182,13 +180,14 @@ pub fn parse_ports(ctx: &TcContext, ip: &Ipv4, ip_off: usize) -> Option<Flow> {
     if usize::from(ip.total_len) < ip.header_len + min_len {
         return None;
     }
-    // Loading the header's last byte proves the packet really holds it.
-    ctx.load::<u8>(l4_off + min_len - 1).ok()?;
+    // One load of the whole minimal header: it also proves the packet
+    // really holds it.
     let (ports, tcp_flags) = if is_tcp {
-        let head = ctx.load::<[u8; TCP_READ]>(l4_off).ok()?;
+        let head = ctx.load::<[u8; TCP_MIN_HLEN]>(l4_off).ok()?;
         ([head[0], head[1], head[2], head[3]], head[TCP_FLAGS])
     } else {
-        (ctx.load::<[u8; 4]>(l4_off).ok()?, 0)
+        let head = ctx.load::<[u8; UDP_HLEN]>(l4_off).ok()?;
+        ([head[0], head[1], head[2], head[3]], 0)
     };
     Some(Flow {
         src_be: ip.src_be,

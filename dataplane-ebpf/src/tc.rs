@@ -61,7 +61,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         Packet::Ports(ip, flow) => {
             if flow.protocol == IPPROTO_UDP && flow.dst_port_be == config.tunnel_port_be {
                 if tunnel::is_ours(ctx, &ip, &flow, &config) {
-                    return from_tunnel(ctx, &config, flow.src_be);
+                    return from_tunnel(ctx, flow.src_be);
                 }
                 return PASS;
             }
@@ -355,7 +355,7 @@ fn to_tunnel(ctx: &TcContext, config: &ConfigValue, node_be: u32) -> i32 {
 
 /// A VXLAN packet from another node, from `node_be`.
 #[inline(always)]
-fn from_tunnel(ctx: &TcContext, config: &ConfigValue, node_be: u32) -> i32 {
+fn from_tunnel(ctx: &TcContext, node_be: u32) -> i32 {
     if tunnel::decapsulate(ctx).is_err() {
         return datapath_error();
     }
@@ -434,7 +434,6 @@ fn from_tunnel(ctx: &TcContext, config: &ConfigValue, node_be: u32) -> i32 {
             return DROP;
         }
     }
-    let _ = config;
     count(Stat::ExtDecapsulated);
     PASS
 }

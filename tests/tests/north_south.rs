@@ -68,11 +68,24 @@ fn web(service_type: &str) -> Svc {
 /// [`two_nodes`] with `web` (NodePort) on both pods and the agents started
 /// with `agent_args`.
 fn serving_both_pods(agent_args: &[&str]) -> Setup {
+    serving(web("NodePort"), agent_args)
+}
+
+/// [`two_nodes`] with `service` on both pods and the agents started with
+/// `agent_args`.
+fn serving(service: Svc, agent_args: &[&str]) -> Setup {
     let setup = two_nodes();
-    let yaml = manifests(&setup, web("NodePort"), &both_pods(&setup));
+    let yaml = manifests(&setup, service, &both_pods(&setup));
     setup.cluster.write_manifest("web.yaml", &yaml).unwrap();
     setup.cluster.start_agents(agent_args).unwrap();
     setup
+}
+
+/// `web` as a LoadBalancer with LB_IP and the externalIP EXTERNAL_IP.
+fn web_on_external_addresses() -> Svc {
+    web("LoadBalancer")
+        .spec(&format!("externalIPs: [\"{EXTERNAL_IP}\"]"))
+        .load_balancer_ips(&[LB_IP])
 }
 
 fn both_pods(setup: &Setup) -> Vec<Ep> {
@@ -128,14 +141,8 @@ fn node_port_reaches_local_and_remote_pods_with_the_client_address() {
 
 #[test]
 fn load_balancer_ip_and_external_ip_reach_pods_on_both_nodes_with_the_client_address() {
-    let setup = two_nodes();
+    let setup = serving(web_on_external_addresses(), &[]);
     let c = &setup.cluster;
-    let service = web("LoadBalancer")
-        .spec(&format!("externalIPs: [\"{EXTERNAL_IP}\"]"))
-        .load_balancer_ips(&[LB_IP]);
-    c.write_manifest("web.yaml", &manifests(&setup, service, &both_pods(&setup)))
-        .unwrap();
-    c.start_agents(&[]).unwrap();
     // The load balancer sends its IP to node-2, the externalIP is routed
     // to node-1: each node serves both pods.
     c.route_to_node(&setup.client, &format!("{LB_IP}/32"), 1)
@@ -169,14 +176,8 @@ fn load_balancer_ip_and_external_ip_reach_pods_on_both_nodes_with_the_client_add
 
 #[test]
 fn snat_mode_shows_the_node_address_to_remote_pods_only() {
-    let setup = two_nodes();
+    let setup = serving(web_on_external_addresses(), &["--external-mode", "snat"]);
     let c = &setup.cluster;
-    let service = web("LoadBalancer")
-        .spec(&format!("externalIPs: [\"{EXTERNAL_IP}\"]"))
-        .load_balancer_ips(&[LB_IP]);
-    c.write_manifest("web.yaml", &manifests(&setup, service, &both_pods(&setup)))
-        .unwrap();
-    c.start_agents(&["--external-mode", "snat"]).unwrap();
     for prefix in [LB_IP, EXTERNAL_IP] {
         c.route_to_node(&setup.client, &format!("{prefix}/32"), 0)
             .unwrap();

@@ -96,7 +96,7 @@ impl NodeInfo {
             name: name.to_owned(),
             zone,
             being_deleted,
-            internal_ip: node_addresses(cluster).get(name).copied(),
+            internal_ip: node.and_then(internal_ip),
         }
     }
 }
@@ -460,15 +460,19 @@ fn node_addresses(cluster: &ClusterState) -> BTreeMap<&str, Ipv4Addr> {
     cluster
         .nodes
         .iter()
-        .filter_map(|(name, node)| {
-            let addresses = node.status.as_ref()?.addresses.as_ref()?;
-            let ip = addresses
-                .iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .find_map(|a| a.address.parse::<Ipv4Addr>().ok())?;
-            Some((name.as_str(), ip))
-        })
+        .filter_map(|(name, node)| Some((name.as_str(), internal_ip(node)?)))
         .collect()
+}
+
+/// A Node's first IPv4 InternalIP.
+fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
+    node.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
 }
 
 /// EndpointSlices grouped by the Service they belong to. Slices that cannot
