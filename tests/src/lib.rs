@@ -1,7 +1,8 @@
-//! The one network-namespace harness: tests and `cargo xtask demo` build
+//! The one network-namespace harness: tests, the demo and the benchmarks build
 //! their little clusters with it.
 pub mod apiserver;
 pub mod cluster;
+pub mod interrupt;
 pub mod manifests;
 pub mod packets;
 pub mod probe;

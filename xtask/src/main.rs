@@ -1,14 +1,19 @@
 //! The one entry point for everything beyond `cargo build`.
-mod bench;
-mod demo;
+//!
+//! xtask itself builds with the stable toolchain alone: it depends on no
+//! crate whose build compiles the BPF programs (`dependency_guard` checks
+//! it), so `cargo xtask demo|test|bench` can install what that build needs
+//! before anything builds it, then run the demo and the benchmarks as the
+//! binaries of their own crates.
+#[cfg(test)]
+mod dependency_guard;
 mod deploy;
-mod interrupt;
 mod setup;
 mod util;
 
 use std::process::Command;
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::util::run;
@@ -33,8 +38,12 @@ enum Task {
         cargo_test_args: Vec<String>,
     },
     /// Benchmarks: ours beside kube-proxy's iptables and nftables modes and
-    /// direct pod-to-pod, at several Service counts, in one run.
-    Bench(bench::BenchArgs),
+    /// direct pod-to-pod, at several Service counts, in one run. Arguments
+    /// go to `dataplane-bench` (`cargo xtask bench --help` lists them).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        bench_args: Vec<String>,
+    },
     /// Render and validate deploy/ against the Kubernetes schemas, offline.
     ValidateDeploy,
     /// Build the container image (podman or buildah), if one is installed.
@@ -45,13 +54,15 @@ enum Task {
         with_iptables: bool,
     },
     /// A small namespace cluster, the real agent, traffic through a Service.
+    /// Arguments go to `dataplane-demo` (`--connections N`).
     Demo {
-        /// Connections to send through the Service.
-        #[arg(long, default_value_t = 30)]
-        connections: usize,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        demo_args: Vec<String>,
     },
 }
 
+/// The agent, the probe, the demo and the benchmarks: everything the tests
+/// and the long-running tasks start.
 fn build() -> Result<()> {
     run(Command::new("cargo").args([
         "build",
@@ -59,8 +70,20 @@ fn build() -> Result<()> {
         "dataplane-agent",
         "-p",
         "dataplane-testbed",
+        "-p",
+        "dataplane-bench",
         "--bins",
     ]))
+}
+
+/// Runs one of the binaries `build` made, with its arguments. Ctrl-C
+/// reaches it too (same process group); xtask only waits, so the binary
+/// can remove its namespaces and pins before the shell prompt returns.
+fn run_binary(package: &str, binary: &str, args: &[String]) -> Result<()> {
+    ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
+    run(Command::new("cargo")
+        .args(["run", "--quiet", "-p", package, "--bin", binary, "--"])
+        .args(args))
 }
 
 fn require_root(what: &str) -> Result<()> {
@@ -98,8 +121,7 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     build()?;
     println!("xtask: cargo test (unit, program and integration tests)");
     run(Command::new("cargo")
-        .arg("test")
-        .arg("--")
+        .args(["test", "--no-fail-fast", "--"])
         .args(cargo_test_args))?;
     Ok(())
 }
@@ -112,23 +134,23 @@ fn main() -> Result<()> {
             build()
         }
         Task::Test { cargo_test_args } => test(&cargo_test_args),
-        Task::Bench(args) => {
+        Task::Bench { bench_args } => {
             require_root("cargo xtask bench")?;
             setup::setup()?;
             setup::ensure_chart_font()?;
             build()?;
-            bench::bench(&args)
+            run_binary("dataplane-bench", "dataplane-bench", &bench_args)
         }
         Task::ValidateDeploy => {
             setup::setup()?;
             deploy::validate()
         }
         Task::Image { with_iptables } => deploy::image(with_iptables),
-        Task::Demo { connections } => {
+        Task::Demo { demo_args } => {
             require_root("cargo xtask demo")?;
             setup::setup()?;
             build()?;
-            demo::demo(connections)
+            run_binary("dataplane-testbed", "dataplane-demo", &demo_args)
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: the product's main job on an embedded default. A
+//! `dataplane-demo` (run by `cargo xtask demo`, which installs what the
+//! build needs and builds it first): the product's main job on an embedded default. A
 //! node namespace with a client and three pods, the real agent serving
 //! `deploy/examples/`, and TCP connections through the ClusterIP; then two
 //! nodes with a pod each and a client outside the cluster, connecting
@@ -8,14 +9,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
+use clap::Parser;
 use dataplane_testbed::{
     Testbed,
     cluster::Cluster,
+    interrupt::Interrupt,
     manifests::{Ep, Svc, join, node_with_ip, slice},
     probe::tally,
 };
-
-use crate::interrupt::Interrupt;
 
 const SERVICE: &str = "10.96.0.10:80";
 const DRAINING_SERVICE: &str = "10.96.0.11:80";
@@ -24,7 +25,18 @@ fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
 }
 
-pub fn demo(connections: usize) -> Result<()> {
+/// A small namespace cluster, the real agent, traffic through a Service
+/// (as root).
+#[derive(Parser)]
+#[command(name = "dataplane-demo")]
+struct Args {
+    /// Connections to send through the Service.
+    #[arg(long, default_value_t = 30)]
+    connections: usize,
+}
+
+fn main() -> Result<()> {
+    let Args { connections } = Args::parse();
     let interrupt = Interrupt::install()?;
     interrupt.explain(run_demo(connections, &interrupt))
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask bench`: the same topology and the same traffic through four
+//! `dataplane-bench` (run by `cargo xtask bench`, which installs what it
+//! needs and builds it first): the same topology and the same traffic through four
 //! dataplanes in one run (direct pod-to-pod as the floor, ours, kube-proxy's
 //! iptables and nftables rule sets), at several Service counts: short
 //! connections, keep-alive requests and bulk throughput through a ClusterIP
@@ -20,12 +21,14 @@ mod program_cost;
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
-use dataplane_testbed::{Host, Testbed, manifests};
-
-use crate::interrupt::Interrupt;
+use clap::Parser as _;
+use dataplane_testbed::{Host, Testbed, interrupt::Interrupt, manifests};
 use serde::Serialize;
 
-#[derive(Clone, Debug, clap::Args)]
+/// Benchmarks: ours beside kube-proxy's iptables and nftables modes and
+/// direct pod-to-pod, at several Service counts, in one run (as root).
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "dataplane-bench")]
 pub struct BenchArgs {
     /// The full set: 100, 1,000, 10,000 and 50,000 Services, longer runs.
     #[arg(long)]
@@ -435,9 +438,10 @@ fn unload(tb: &Testbed, dataplane: Dataplane) -> Result<()> {
     Ok(())
 }
 
-pub fn bench(args: &BenchArgs) -> Result<()> {
+fn main() -> Result<()> {
+    let args = BenchArgs::parse();
     let interrupt = Interrupt::install()?;
-    interrupt.explain(run_bench(args, &interrupt))
+    interrupt.explain(run_bench(&args, &interrupt))
 }
 
 fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
@@ -543,14 +547,7 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     println!("bench: in-kernel cost per packet of the interface programs (BPF_PROG_TEST_RUN)");
     let program_costs = program_cost::measure(if args.full { 2_000_000 } else { 500_000 })?;
     let results = Results {
-        commit: crate::util::stdout_of(std::process::Command::new("git").args([
-            "rev-parse",
-            "--short",
-            "HEAD",
-        ]))
-        .unwrap_or_default()
-        .trim()
-        .to_owned(),
+        commit: current_commit(),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
             .trim()
             .to_owned(),
@@ -577,6 +574,17 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
 }
 
 /// Resident memory of a process, from /proc.
+/// The commit the results describe ("" outside a git checkout).
+fn current_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status

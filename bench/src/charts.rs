@@ -7,9 +7,12 @@ use anyhow::{Context as _, Result, anyhow};
 use plotters::{prelude::*, style::FontStyle};
 
 use super::{Dataplane, Figure, Results, Row};
-use crate::setup::CHART_FONT;
 
 const SIZE: (u32, u32) = (900, 560);
+
+/// The TrueType font the charts are labelled with (Debian's
+/// fonts-dejavu-core, which `cargo xtask bench` installs).
+const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// One chart: a figure of each row, as a y value.
 struct Chart {
