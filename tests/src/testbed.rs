@@ -589,6 +589,44 @@ impl Testbed {
         Ok(())
     }
 
+    /// Runs an agent that is expected to end by itself (a failpoint kills
+    /// it, or it refuses to start), logging to the agent log, and returns
+    /// how it ended. Fails if it is still running after `timeout`.
+    pub fn run_agent_to_exit(
+        &self,
+        mut command: Command,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        if self.agent_slot().is_some() {
+            bail!("an agent is already running in this testbed; stop it first");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log_path())?;
+        let mut child = command
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dataplane-agent")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                child.kill().context("killing the agent")?;
+                child.wait().context("reaping the agent")?;
+                bail!(
+                    "dataplane-agent still running after {timeout:?}:\n{}",
+                    self.agent_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The running agent's process id.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent_slot().as_ref().map(Child::id)

@@ -2,9 +2,12 @@
 //! diff, it must come back to exactly the desired state, with no orphaned
 //! slot, while unchanged Services keep serving.
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use std::{
+    collections::BTreeMap, fmt::Write as _, os::unix::process::ExitStatusExt as _, time::Duration,
+};
 
-use dataplane_testbed::{Host, Testbed, probe::Attempt};
+use dataplane_agent::dataplane::failpoint::ABORT_AFTER_MAP_WRITES;
+use dataplane_testbed::{Host, Testbed, probe::Attempt, testbed::AgentSource};
 
 const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 10;
@@ -72,6 +75,10 @@ fn at_generation(state: &BTreeMap<String, Vec<String>>, generation: usize) -> us
         .count()
 }
 
+/// Map writes of one generation change: per filler Service, 10 backend
+/// slots and their 10 members, then the entry that flips to them.
+const DIFF_WRITES: usize = (SERVICES - 1) * (2 * ENDPOINTS + 1);
+
 #[test]
 fn killed_in_the_middle_of_a_10000_service_diff_the_agent_converges_exactly() {
     let mut tb = Testbed::new().unwrap();
@@ -83,36 +90,31 @@ fn killed_in_the_middle_of_a_10000_service_diff_the_agent_converges_exactly() {
     tb.write_manifest("cluster.yaml", &cluster_yaml(0, &pods))
         .unwrap();
     tb.start_agent(&["--min-sync-period", "10ms"]).unwrap();
-    // The first sync's timings (reading the manifests, writing the maps)
-    // tell when a later sync of the same size will be writing maps.
-    let log = tb.agent_log();
-    let field = |name: &str| -> f64 {
-        let start = log.find(&format!("{name}=")).expect("timing in the log") + name.len() + 1;
-        log[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let (load, apply) = (
-        Duration::from_secs_f64(field("load_ms") / 1e3),
-        Duration::from_secs_f64(field("apply_ms") / 1e3),
-    );
 
-    let mut mixed_states_seen = 0;
     let hot_traffic = tb
         .connect_during(&client, "10.96.0.10:80", Duration::from_millis(20), || {
-            // Aim inside the map writes; the machine is shared and its timing
-            // noisy, so steer: a kill that found only old state comes later next
-            // time, one that found only new state earlier. Stop after two kills
-            // mid-diff (or eight tries).
-            let mut delay = load + apply / 2;
-            for generation in 1..=8 {
+            for generation in 1..=3 {
+                // The cluster changes while no agent runs; the next agent
+                // adopts the pinned maps and dies (a failpoint, SIGKILL)
+                // halfway through writing the difference: the crash lands
+                // mid-diff every time, whatever the machine's speed.
+                tb.stop_agent(libc::SIGKILL).unwrap();
                 tb.write_manifest("cluster.yaml", &cluster_yaml(generation, &pods))
                     .unwrap();
-                std::thread::sleep(delay);
-                tb.stop_agent(libc::SIGKILL).unwrap();
+                let mut doomed = tb
+                    .agent_command(&AgentSource::Manifests, &["--min-sync-period", "10ms"])
+                    .unwrap();
+                doomed.env(ABORT_AFTER_MAP_WRITES, (DIFF_WRITES / 2).to_string());
+                let ended = tb
+                    .run_agent_to_exit(doomed, Duration::from_secs(120))
+                    .unwrap();
+                assert_eq!(
+                    ended.signal(),
+                    Some(libc::SIGKILL),
+                    "the failpoint kills the agent mid-diff ({ended}):\n{}",
+                    tb.agent_log()
+                );
+
                 let state = programmed(&tb);
                 assert_eq!(
                     state.len(),
@@ -121,11 +123,12 @@ fn killed_in_the_middle_of_a_10000_service_diff_the_agent_converges_exactly() {
                 );
                 let new = at_generation(&state, generation);
                 let old = at_generation(&state, generation - 1);
-                match (new, old) {
-                    (0, _) => delay += apply / 2,
-                    (_, 0) => delay = delay.saturating_sub(apply * 2 / 5).max(load / 2),
-                    _ => mixed_states_seen += 1,
-                }
+                assert!(
+                    new > 0 && old > 0 && new + old == SERVICES - 1,
+                    "a crash mid-diff leaves each Service whole, on the old or the new \
+                     generation: {new} new, {old} old"
+                );
+
                 tb.start_agent(&["--min-sync-period", "10ms"]).unwrap();
                 let state = programmed(&tb);
                 assert_eq!(
@@ -133,17 +136,10 @@ fn killed_in_the_middle_of_a_10000_service_diff_the_agent_converges_exactly() {
                     SERVICES - 1,
                     "converged exactly"
                 );
-                if mixed_states_seen >= 2 {
-                    break;
-                }
             }
         })
         .unwrap();
 
-    assert!(
-        mixed_states_seen >= 1,
-        "no kill landed in the middle of a diff"
-    );
     let failed: Vec<&Attempt> = hot_traffic.iter().filter(|a| !a.ok).collect();
     assert!(
         failed.is_empty(),

@@ -145,7 +145,7 @@ pub fn validate() -> Result<()> {
         .context("serialising the rendered objects")?;
     std::fs::write(&rendered_path, documents.join("---\n"))
         .with_context(|| format!("writing {}", rendered_path.display()))?;
-    run(Command::new("kubernetes-validate")
+    run(crate::setup::kubernetes_validate()
         .args([
             "--kubernetes-version",
             KUBERNETES_VERSION,

@@ -31,18 +31,7 @@ pub fn ensure_chart_font() -> Result<()> {
         return Ok(());
     }
     println!("setup: installing the DejaVu fonts for the benchmark charts (Debian package)");
-    run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "fonts-dejavu-core",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .context(
-        "apt-get install fonts-dejavu-core failed; it needs root and the Debian package registry",
-    )
+    apt_install(&["fonts-dejavu-core"])
 }
 
 /// iptables and nft: the tests build kube-proxy's leftovers with them (and
@@ -56,39 +45,81 @@ fn ensure_packet_filters() -> Result<()> {
     apt_install(&["iptables", "nftables"])
 }
 
+/// `apt-get install`; on a machine whose package lists were never fetched
+/// the first try fails, so it fetches them once and tries again.
 fn apt_install(packages: &[&str]) -> Result<()> {
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(packages)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| {
-        format!(
-            "apt-get install {} failed; it needs root and the Debian package registry",
-            packages.join(" ")
-        )
-    })
+    let install = || {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    install()
+        .or_else(|_| {
+            println!("setup: apt-get install failed; updating the package lists and trying again");
+            run(Command::new("apt-get").args(["update", "-q"]))?;
+            install()
+        })
+        .with_context(|| {
+            format!(
+                "apt-get install {} failed; it needs root and the Debian package registry",
+                packages.join(" ")
+            )
+        })
 }
 
 const KUBERNETES_VALIDATE_VERSION: &str = "1.34.1";
 
+/// Where the offline schema validator is installed: inside the checkout's
+/// target/ (pip's `--target`), because Debian's python3 refuses installs
+/// into the system (PEP 668) and a user-wide install would outlive the
+/// clone that needs it.
+fn kubernetes_validate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools")
+        .join(format!("kubernetes-validate-{KUBERNETES_VALIDATE_VERSION}"))
+}
+
+/// The stamp says which python3 the packages were installed for (their
+/// compiled parts only load in that version).
+fn kubernetes_validate_stamp() -> Result<String> {
+    let python = stdout_of(Command::new("python3").arg("--version"))
+        .context("running python3: validating deploy/ needs python3 with pip")?;
+    Ok(format!("{KUBERNETES_VALIDATE_VERSION} {}", python.trim()))
+}
+
+/// `kubernetes-validate`, as installed by [`setup`].
+pub fn kubernetes_validate() -> Command {
+    let mut command = Command::new("python3");
+    command.env("PYTHONPATH", kubernetes_validate_dir()).args([
+        "-c",
+        "import sys; from kubernetes_validate.__main__ import main; sys.exit(main())",
+    ]);
+    command
+}
+
 /// The offline Kubernetes schema validator (it ships the schemas), from PyPI.
 fn ensure_kubernetes_validate() -> Result<()> {
-    let installed = Command::new("kubernetes-validate")
-        .arg("--version")
-        .output();
-    if installed.is_ok_and(|o| {
-        o.status.success()
-            && String::from_utf8_lossy(&o.stdout).contains(KUBERNETES_VALIDATE_VERSION)
-    }) {
+    let dir = kubernetes_validate_dir();
+    let stamp_path = dir.join(".dataplane-installed");
+    let stamp = kubernetes_validate_stamp()?;
+    if std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
         return Ok(());
     }
     println!(
-        "setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (schemas for validating deploy/)"
+        "setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {} (schemas for validating deploy/)",
+        dir.display()
     );
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
     run(Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore"])
+        .arg("--target")
+        .arg(&dir)
         .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")))
-    .context("pip install kubernetes-validate failed; it needs python3 with pip and the package registry")
+    .context("pip install kubernetes-validate failed; it needs python3 with pip and the package registry")?;
+    std::fs::write(&stamp_path, stamp).with_context(|| format!("writing {}", stamp_path.display()))
 }
 
 fn check_kernel() -> Result<()> {

@@ -24,6 +24,7 @@ use dataplane_common::{
 };
 
 use super::{
+    failpoint::MapWriteFailpoint,
     pins::PinLayout,
     state::{MapStore, PinnedState, ipv4_be, ipv4_of_be},
 };
@@ -55,6 +56,7 @@ pub struct KernelMaps {
     backends: HashMap<MapData, BackendKey, BackendValue>,
     members: HashMap<MapData, MemberKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    failpoint: MapWriteFailpoint,
 }
 
 /// The SOURCE_RANGES key: all 32 bits of the id, then the prefix.
@@ -71,36 +73,40 @@ fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRangeK
 impl MapStore for KernelMaps {
     type Error = MapError;
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
-        self.services.insert(key, value, 0)
+        self.counted(|maps| maps.services.insert(key, value, 0))
     }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        ignore_missing(self.services.remove(key))
+        self.counted(|maps| ignore_missing(maps.services.remove(key)))
     }
     fn put_backend(&mut self, key: &BackendKey, value: &BackendValue) -> Result<(), MapError> {
-        self.backends.insert(key, value, 0)
+        self.counted(|maps| maps.backends.insert(key, value, 0))
     }
     fn delete_backend(&mut self, key: &BackendKey) -> Result<(), MapError> {
-        ignore_missing(self.backends.remove(key))
+        self.counted(|maps| ignore_missing(maps.backends.remove(key)))
     }
     fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), MapError> {
-        self.members.insert(key, index, 0)
+        self.counted(|maps| maps.members.insert(key, index, 0))
     }
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
-        ignore_missing(self.members.remove(key))
+        self.counted(|maps| ignore_missing(maps.members.remove(key)))
     }
     fn put_source_range(&mut self, service_id: u32, range: &SourceRange) -> Result<(), MapError> {
-        self.source_ranges
-            .insert(&source_range_key(service_id, range), 1, 0)
+        self.counted(|maps| {
+            maps.source_ranges
+                .insert(&source_range_key(service_id, range), 1, 0)
+        })
     }
     fn delete_source_range(
         &mut self,
         service_id: u32,
         range: &SourceRange,
     ) -> Result<(), MapError> {
-        ignore_missing(
-            self.source_ranges
-                .remove(&source_range_key(service_id, range)),
-        )
+        self.counted(|maps| {
+            ignore_missing(
+                maps.source_ranges
+                    .remove(&source_range_key(service_id, range)),
+            )
+        })
     }
 }
 
@@ -112,6 +118,13 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl KernelMaps {
+    /// One map write, seen by the (test-only) failpoint.
+    fn counted<T>(&mut self, write: impl FnOnce(&mut Self) -> T) -> T {
+        let result = write(self);
+        self.failpoint.wrote();
+        result
+    }
+
     /// Reads both maps completely: what a previous agent left is the
     /// starting point, so ids stay stable and unchanged Services are not
     /// rewritten.
@@ -212,6 +225,7 @@ impl Loaded {
                 self.ebpf.take_map(map_names::SOURCE_RANGES),
                 map_names::SOURCE_RANGES,
             )?,
+            failpoint: MapWriteFailpoint::from_env(),
         })
     }
 
@@ -547,6 +561,7 @@ pub fn open_pinned_maps(layout: &PinLayout) -> Result<KernelMaps> {
         backends: open_pinned(layout, map_names::BACKENDS)?,
         members: open_pinned(layout, map_names::MEMBERS)?,
         source_ranges: open_pinned(layout, map_names::SOURCE_RANGES)?,
+        failpoint: MapWriteFailpoint::default(),
     })
 }
 

@@ -2,6 +2,7 @@
 //! them, and writes the maps safely. The only module that touches BPF.
 pub mod capabilities;
 pub mod conntrack;
+pub mod failpoint;
 pub mod interfaces;
 pub mod kernel;
 pub mod pins;
