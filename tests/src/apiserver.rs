@@ -57,6 +57,9 @@ pub enum Mode {
 pub struct Requests {
     pub lists: BTreeMap<String, usize>,
     pub watches: BTreeMap<String, usize>,
+    /// Requests that arrived while the server was [`Mode::Stalled`] (they
+    /// wait, unanswered): a test can tell that a client is waiting on it.
+    pub stalled: usize,
 }
 
 /// A kind the server stores, with where the API serves it.
@@ -503,6 +506,12 @@ async fn handle(State(shared): State<Arc<Shared>>, uri: Uri) -> Result<Response,
 
 async fn wait_while_stalled(shared: &Shared) {
     let mut changed = shared.changed.subscribe();
+    {
+        let mut store = shared.lock();
+        if store.mode == Mode::Stalled {
+            store.requests.stalled += 1;
+        }
+    }
     loop {
         changed.borrow_and_update();
         if shared.lock().mode != Mode::Stalled {

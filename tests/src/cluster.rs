@@ -281,14 +281,14 @@ impl Cluster {
     }
 
     /// Starts `connections` long-lived TCP connections from `client` (see
-    /// [`Testbed::hold`]); read the result with `HoldSummary::of`.
+    /// [`Testbed::hold`]).
     pub fn hold(
         &self,
         client: &Host,
         to: &str,
         connections: usize,
         seconds: u64,
-    ) -> Result<std::process::Child> {
+    ) -> Result<crate::testbed::Hold> {
         self.nodes[0].hold_in(&client.netns, false, to, connections, seconds)
     }
 

@@ -11,7 +11,7 @@
 
 use std::{
     fs::File,
-    io::Write as _,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::Ipv4Addr,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
     path::{Path, PathBuf},
@@ -475,9 +475,8 @@ impl Testbed {
     }
 
     /// Starts `connections` long-lived TCP connections from `host` to `to`,
-    /// exchanging a line on each every 200 ms for `seconds`; the child
-    /// prints a JSON summary (see [`HoldSummary`]) when it ends.
-    pub fn hold(&self, host: &Host, to: &str, connections: usize, seconds: u64) -> Result<Child> {
+    /// exchanging a line on each every 200 ms for `seconds`; see [`Hold`].
+    pub fn hold(&self, host: &Host, to: &str, connections: usize, seconds: u64) -> Result<Hold> {
         self.hold_in(&host.netns, true, to, connections, seconds)
     }
 
@@ -490,8 +489,9 @@ impl Testbed {
         to: &str,
         connections: usize,
         seconds: u64,
-    ) -> Result<Child> {
-        self.command_in(netns, in_cgroup, sibling_binary("dataplane-probe")?)?
+    ) -> Result<Hold> {
+        let mut child = self
+            .command_in(netns, in_cgroup, sibling_binary("dataplane-probe")?)?
             .args([
                 "hold",
                 "--to",
@@ -502,7 +502,15 @@ impl Testbed {
             .args(["--seconds", &seconds.to_string()])
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting the probe's hold")
+            .context("starting the probe's hold")?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("the probe's hold has no stdout")?;
+        Ok(Hold {
+            child,
+            stdout: BufReader::new(stdout),
+        })
     }
 
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
@@ -728,11 +736,38 @@ pub struct HoldSummary {
     pub backends: std::collections::BTreeMap<String, usize>,
 }
 
-impl HoldSummary {
-    pub fn of(child: Child) -> Result<Self> {
-        let output = child.wait_with_output().context("waiting for the hold")?;
-        serde_json::from_slice(&output.stdout)
-            .with_context(|| format!("hold printed {:?}", String::from_utf8_lossy(&output.stdout)))
+/// A running `dataplane-probe hold`: it prints `{"opened": N}` once its
+/// connections are open, then a [`HoldSummary`] when it ends.
+pub struct Hold {
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Hold {
+    /// Waits until the probe has opened its connections (returns how many
+    /// it could open), so a test can disturb them knowing they exist.
+    pub fn opened(&mut self) -> Result<usize> {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .context("reading the hold's first line")?;
+        let opened: serde_json::Value = serde_json::from_str(line.trim())
+            .with_context(|| format!("the hold printed {line:?} first"))?;
+        opened["opened"]
+            .as_u64()
+            .map(|n| n as usize)
+            .with_context(|| format!("the hold printed {line:?} first"))
+    }
+
+    /// Waits for the end of the hold and reads its summary.
+    pub fn summary(mut self) -> Result<HoldSummary> {
+        let mut rest = String::new();
+        self.stdout
+            .read_to_string(&mut rest)
+            .context("reading the hold's output")?;
+        self.child.wait().context("waiting for the hold")?;
+        let last = rest.lines().last().unwrap_or_default();
+        serde_json::from_str(last).with_context(|| format!("hold printed {rest:?}"))
     }
 }
 

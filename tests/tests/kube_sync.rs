@@ -254,8 +254,14 @@ fn an_agent_restarted_while_the_api_is_down_keeps_serving_and_converges_later() 
         std::thread::scope(|scope| {
             // The new agent cannot list; until it can, it must leave the
             // pinned state (and the programs serving it) untouched.
+            let stalled_before = c.api.requests().stalled;
             let starting = scope.spawn(|| c.start_agent());
-            std::thread::sleep(Duration::from_secs(3));
+            c.tb.wait_until(
+                "the new agent waits on the stalled API",
+                Duration::from_secs(30),
+                || Ok(c.api.requests().stalled > stalled_before),
+            )
+            .unwrap();
             let pinned = c.tb.dump_services().unwrap();
             assert_eq!(
                 pinned[0]["backends"],

@@ -11,7 +11,6 @@ use dataplane_testbed::{
     cluster::Cluster,
     manifests::{Ep, Svc, join, node_with_ip, slice},
     probe::{Attempt, tally},
-    testbed::HoldSummary,
 };
 
 const NODE_PORT: u16 = 30080;
@@ -398,14 +397,22 @@ fn agent_restarts_keep_established_external_connections() {
     let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
     // Connections to both pods (local and tunnelled) stay open and keep
     // exchanging while both agents crash and come back.
-    let hold = c.hold(&setup.client, &dialled, 20, 6).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    let mut hold = c.hold(&setup.client, &dialled, 20, 6).unwrap();
+    assert_eq!(hold.opened().unwrap(), 20);
     for node in &c.nodes {
         node.stop_agent(libc::SIGKILL).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The established flows are exchanging while no agent runs at all.
+    let exchanged = stat(c, 0, "ext_established");
+    c.nodes[0]
+        .wait_until(
+            "flows carried with no agent",
+            Duration::from_secs(10),
+            || Ok(stat(c, 0, "ext_established") > exchanged + 40),
+        )
+        .unwrap();
     c.start_agents(&[]).unwrap();
-    let summary = HoldSummary::of(hold).unwrap();
+    let summary = hold.summary().unwrap();
     assert_eq!(summary.open, 20, "{summary:?}");
     assert!(summary.failures.is_empty(), "{summary:?}");
     assert_eq!(
@@ -549,8 +556,8 @@ fn a_syn_flood_through_a_node_port_evicts_the_flood_and_keeps_active_flows() {
     // 20 connections to both pods keep talking every 200 ms while 12,000
     // SYNs from 12,000 spoofed sources (three times the table) arrive at
     // 3,000 per second.
-    let hold = c.hold(&setup.client, &dialled, 20, 7).unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    let mut hold = c.hold(&setup.client, &dialled, 20, 7).unwrap();
+    assert_eq!(hold.opened().unwrap(), 20);
     let flood = c
         .run_in(
             &flooder.netns,
@@ -573,7 +580,7 @@ fn a_syn_flood_through_a_node_port_evicts_the_flood_and_keeps_active_flows() {
         .unwrap();
     let flood: serde_json::Value = serde_json::from_str(flood.trim()).unwrap();
     assert_eq!(flood["sent"], SYNS, "{flood}");
-    let summary = HoldSummary::of(hold).unwrap();
+    let summary = hold.summary().unwrap();
     assert_eq!(summary.open, 20, "{summary:?}");
     assert!(
         summary.failures.is_empty(),

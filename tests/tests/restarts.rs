@@ -7,7 +7,7 @@ use dataplane_testbed::{
     Testbed,
     apiserver::ApiServer,
     manifests::{http_service_on, objects},
-    testbed::{AgentSource, HoldSummary},
+    testbed::AgentSource,
 };
 
 #[test]
@@ -37,7 +37,8 @@ fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
     tb.start_agent_on(&source, &[]).unwrap();
     let first_programs = dataplane_testbed::testbed::pinned_program_ids(&tb.pin_dir).unwrap();
 
-    let held = tb.hold(&client, "10.96.0.10:80", 100, 12).unwrap();
+    let mut held = tb.hold(&client, "10.96.0.10:80", 100, 12).unwrap();
+    assert_eq!(held.opened().unwrap(), 100);
     let new_connections = tb
         .connect_during(&client, "10.96.0.10:80", Duration::ZERO, || {
             // Alternate a crash and a clean stop, ten restarts in all.
@@ -64,7 +65,7 @@ fn ten_agent_restarts_drop_no_connection_and_fail_no_new_one() {
         "only {} new connections",
         new_connections.len()
     );
-    let summary = HoldSummary::of(held).unwrap();
+    let summary = held.summary().unwrap();
     assert_eq!(summary.open, 100, "{summary:?}");
     assert!(
         summary.failures.is_empty(),

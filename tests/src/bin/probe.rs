@@ -39,8 +39,9 @@ enum Command {
         #[arg(long)]
         name: String,
     },
-    /// Opens `connections` TCP connections and exchanges a line on each
-    /// every `interval_ms` for `seconds`; prints one JSON summary.
+    /// Opens `connections` TCP connections, prints `{"opened": N}`, and
+    /// exchanges a line on each every `interval_ms` for `seconds`; then
+    /// prints one JSON summary.
     Hold {
         #[arg(long)]
         to: SocketAddr,
@@ -261,6 +262,9 @@ fn hold(to: SocketAddr, connections: usize, seconds: u64, interval: Duration) ->
             Err(error) => failures.push(format!("open: {error}")),
         }
     }
+    // The caller may wait for this line before it disturbs the connections.
+    println!("{}", serde_json::json!({"opened": open.len()}));
+    std::io::stdout().flush()?;
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut exchanges = 0u64;
     while Instant::now() < deadline {
