@@ -290,3 +290,140 @@ proptest! {
         }
     }
 }
+
+/// Documents a manifest directory may hold that are not ours to serve, with
+/// whether the parser must report them (a Service or EndpointSlice that
+/// does not match the schema, a document without a kind) or pass over them
+/// quietly (other kinds, empty documents).
+const FOREIGN_DOCUMENTS: [(&str, bool); 5] = [
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {name: broken, namespace: default}\nspec: {ports: not-a-list}\n",
+        true,
+    ),
+    (
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: broken}\naddressType: [IPv4]\nendpoints: 3\n",
+        true,
+    ),
+    ("metadata: {name: no-kind}\nspec: {}\n", true),
+    (
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {replicas: 3}\n",
+        false,
+    ),
+    ("~\n", false),
+];
+
+/// How generated objects are laid out in a file.
+#[derive(Clone, Copy, Debug)]
+enum Layout {
+    Documents,
+    List,
+}
+
+fn manifest_text(objects: &[serde_json::Value], foreign: &[usize], layout: Layout) -> String {
+    let mut documents: Vec<String> = match layout {
+        Layout::Documents => objects
+            .iter()
+            .map(|object| serde_yaml::to_string(object).expect("objects serialise"))
+            .collect(),
+        Layout::List => vec![
+            serde_yaml::to_string(&serde_json::json!({
+                "apiVersion": "v1", "kind": "List", "items": objects,
+            }))
+            .expect("lists serialise"),
+        ],
+    };
+    // Foreign documents go between and around ours.
+    for (position, which) in foreign.iter().enumerate() {
+        let at = position * 7 % (documents.len() + 1);
+        documents.insert(at, FOREIGN_DOCUMENTS[*which].0.to_owned());
+    }
+    documents.join("---\n")
+}
+
+/// The objects the parser must keep: the first of each name, as
+/// `kubectl apply` would refuse the later ones.
+fn first_by_name<T: Clone>(
+    objects: &[T],
+    metadata: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (
+    std::collections::BTreeMap<crate::model::ObjectName, T>,
+    usize,
+) {
+    let mut kept = std::collections::BTreeMap::new();
+    let mut duplicates = 0;
+    for object in objects {
+        let name = crate::model::ObjectName::of(metadata(object));
+        match kept.entry(name) {
+            std::collections::btree_map::Entry::Occupied(_) => duplicates += 1,
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(object.clone());
+            }
+        }
+    }
+    (kept, duplicates)
+}
+
+proptest! {
+    /// Through the real manifest parser (`parse_file`, what `--manifests`
+    /// reads): any mix of generated Services and EndpointSlices, as
+    /// documents or in a `kind: List`, with foreign and invalid documents
+    /// among them, comes back exactly; every invalid document and every
+    /// duplicate is reported once, nothing else is.
+    #[test]
+    fn the_manifest_parser_keeps_every_valid_object_and_reports_every_bad_one(
+        services in prop::collection::vec(service(), 0..8),
+        slices in prop::collection::vec(slice(), 0..8),
+        foreign in prop::collection::vec(0..FOREIGN_DOCUMENTS.len(), 0..6),
+        as_list in any::<bool>(),
+    ) {
+        let objects: Vec<serde_json::Value> = services
+            .iter()
+            .map(|s| serde_json::to_value(s).expect("a Service serialises"))
+            .chain(slices.iter().map(|s| serde_json::to_value(s).expect("a slice serialises")))
+            .collect();
+        let layout = if as_list { Layout::List } else { Layout::Documents };
+        let text = manifest_text(&objects, &foreign, layout);
+        let loaded = crate::source::manifests::parse_file(std::path::Path::new("generated.yaml"), &text);
+
+        let (want_services, service_duplicates) = first_by_name(&services, |s| &s.metadata);
+        let (want_slices, slice_duplicates) = first_by_name(&slices, |s| &s.metadata);
+        prop_assert!(!loaded.fatal, "{:?}", loaded.problems);
+        prop_assert_eq!(&loaded.cluster.services, &want_services);
+        prop_assert_eq!(&loaded.cluster.endpoint_slices, &want_slices);
+        let reported_foreign = foreign.iter().filter(|f| FOREIGN_DOCUMENTS[**f].1).count();
+        prop_assert_eq!(
+            loaded.problems.len(),
+            reported_foreign + service_duplicates + slice_duplicates,
+            "{:?}", loaded.problems
+        );
+    }
+
+    /// A file cut anywhere (a writer caught mid-write, a truncated copy)
+    /// never panics the parser, and every document that ended before the
+    /// cut still comes back exactly.
+    #[test]
+    fn a_manifest_cut_anywhere_keeps_the_documents_before_the_cut(
+        services in prop::collection::vec(service(), 1..6),
+        cut_fraction in 0.0f64..1.0,
+    ) {
+        let (want, _) = first_by_name(&services, |s| &s.metadata);
+        let documents: Vec<String> = want
+            .values()
+            .map(|s| serde_yaml::to_string(s).expect("a Service serialises"))
+            .collect();
+        let text = documents.join("---\n");
+        let mut cut = (text.len() as f64 * cut_fraction) as usize;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let loaded = crate::source::manifests::parse_file(std::path::Path::new("cut.yaml"), &text[..cut]);
+        let mut end = 0;
+        for (name, service) in &want {
+            end += serde_yaml::to_string(service).expect("a Service serialises").len() + "---\n".len();
+            if end <= cut {
+                prop_assert_eq!(loaded.cluster.services.get(name), Some(service));
+            }
+        }
+        prop_assert!(loaded.cluster.services.len() <= want.len());
+    }
+}

@@ -475,7 +475,8 @@ impl Testbed {
     }
 
     /// Starts `connections` long-lived TCP connections from `host` to `to`,
-    /// exchanging a line on each every 200 ms for `seconds`; see [`Hold`].
+    /// exchanging a line on each every 200 ms for at most `seconds`; see
+    /// [`Hold`].
     pub fn hold(&self, host: &Host, to: &str, connections: usize, seconds: u64) -> Result<Hold> {
         self.hold_in(&host.netns, true, to, connections, seconds)
     }
@@ -500,6 +501,7 @@ impl Testbed {
                 &connections.to_string(),
             ])
             .args(["--seconds", &seconds.to_string()])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the probe's hold")?;
@@ -737,7 +739,8 @@ pub struct HoldSummary {
 }
 
 /// A running `dataplane-probe hold`: it prints `{"opened": N}` once its
-/// connections are open, then a [`HoldSummary`] when it ends.
+/// connections are open, then a [`HoldSummary`] when it ends (after its
+/// `seconds`, or as soon as [`Hold::summary`] closes its stdin).
 pub struct Hold {
     child: Child,
     stdout: BufReader<std::process::ChildStdout>,
@@ -759,8 +762,10 @@ impl Hold {
             .with_context(|| format!("the hold printed {line:?} first"))
     }
 
-    /// Waits for the end of the hold and reads its summary.
+    /// Ends the hold (at the end of its current round) and reads its
+    /// summary.
     pub fn summary(mut self) -> Result<HoldSummary> {
+        drop(self.child.stdin.take());
         let mut rest = String::new();
         self.stdout
             .read_to_string(&mut rest)

@@ -391,27 +391,38 @@ fn large_transfers_work_through_a_smaller_mtu_hop_to_local_and_tunnelled_pods() 
 }
 
 #[test]
-fn agent_restarts_keep_established_external_connections() {
+fn ten_agent_restarts_keep_established_external_connections_and_take_new_ones() {
     let setup = serving_both_pods(&[]);
     let c = &setup.cluster;
     let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
-    // Connections to both pods (local and tunnelled) stay open and keep
-    // exchanging while both agents crash and come back.
-    let mut hold = c.hold(&setup.client, &dialled, 20, 6).unwrap();
+    // Connections to both pods (local and tunnelled), each with its
+    // conntrack entries on node-1 (and the tunnel's on node-2), stay open
+    // and keep exchanging while both agents crash or stop and come back,
+    // ten times.
+    let mut hold = c.hold(&setup.client, &dialled, 20, 300).unwrap();
     assert_eq!(hold.opened().unwrap(), 20);
-    for node in &c.nodes {
-        node.stop_agent(libc::SIGKILL).unwrap();
+    for round in 0..10 {
+        let signal = if round % 2 == 0 {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        };
+        for node in &c.nodes {
+            node.stop_agent(signal).unwrap();
+        }
+        // With no agent at all, the pinned programs carry the established
+        // flows and take new ones.
+        let carried = stat(c, 0, "ext_established");
+        c.nodes[0]
+            .wait_until(
+                "flows carried with no agent",
+                Duration::from_secs(10),
+                || Ok(stat(c, 0, "ext_established") > carried + 40),
+            )
+            .unwrap();
+        assert_all_ok(&c.exchange(&setup.client, &dialled, 4, "tcp").unwrap());
+        c.start_agents(&[]).unwrap();
     }
-    // The established flows are exchanging while no agent runs at all.
-    let exchanged = stat(c, 0, "ext_established");
-    c.nodes[0]
-        .wait_until(
-            "flows carried with no agent",
-            Duration::from_secs(10),
-            || Ok(stat(c, 0, "ext_established") > exchanged + 40),
-        )
-        .unwrap();
-    c.start_agents(&[]).unwrap();
     let summary = hold.summary().unwrap();
     assert_eq!(summary.open, 20, "{summary:?}");
     assert!(summary.failures.is_empty(), "{summary:?}");

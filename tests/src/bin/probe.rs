@@ -40,8 +40,8 @@ enum Command {
         name: String,
     },
     /// Opens `connections` TCP connections, prints `{"opened": N}`, and
-    /// exchanges a line on each every `interval_ms` for `seconds`; then
-    /// prints one JSON summary.
+    /// exchanges a line on each every `interval_ms` for `seconds` or until
+    /// its stdin closes; then prints one JSON summary.
     Hold {
         #[arg(long)]
         to: SocketAddr,
@@ -265,9 +265,16 @@ fn hold(to: SocketAddr, connections: usize, seconds: u64, interval: Duration) ->
     // The caller may wait for this line before it disturbs the connections.
     println!("{}", serde_json::json!({"opened": open.len()}));
     std::io::stdout().flush()?;
+    // The hold also ends early when its stdin closes: the caller is done.
+    let caller_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = caller_done.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut exchanges = 0u64;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !caller_done.load(std::sync::atomic::Ordering::SeqCst) {
         for (index, (stream, reader, _)) in open.iter_mut().enumerate() {
             let mut echo = String::new();
             let result = stream
