@@ -11,7 +11,8 @@ use super::{Dataplane, Figure, Results, Row};
 const SIZE: (u32, u32) = (900, 560);
 
 /// The TrueType font the charts are labelled with (Debian's
-/// fonts-dejavu-core, which `cargo xtask bench` installs).
+/// fonts-dejavu-core, which `cargo xtask bench` installs: the same path as
+/// `xtask/src/setup.rs`).
 const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// One chart: a figure of each row, as a y value.

@@ -573,7 +573,6 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     Ok(())
 }
 
-/// Resident memory of a process, from /proc.
 /// The commit the results describe ("" outside a git checkout).
 fn current_commit() -> String {
     std::process::Command::new("git")
@@ -585,6 +584,7 @@ fn current_commit() -> String {
         .unwrap_or_default()
 }
 
+/// Resident memory of a process, from /proc.
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status

@@ -1,4 +1,4 @@
-//! Ctrl-C (and SIGTERM) for the long-running tasks: they only note it and
+//! Ctrl-C for the long-running tasks: they only note it and
 //! unwind at the next step, so the testbed's Drop removes every namespace,
 //! cgroup and pin they made. The agent and probes in the same process group
 //! get the signal too and end on their own.

@@ -120,9 +120,14 @@ fn check_fresh(binary: &Path, name: &str) -> Result<()> {
             let test_only = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
                 n.ends_with("tests.rs") || n == "fixtures.rs" || n == "properties.rs"
             });
+            // Nor do the sources of the package's other binaries.
+            let other_binary = path.parent().is_some_and(|dir| dir.ends_with("bin"))
+                && path.file_stem().and_then(|stem| stem.to_str())
+                    != name.strip_prefix("dataplane-");
             if path.is_dir() {
                 pending.push(path);
             } else if !test_only
+                && !other_binary
                 && entry
                     .metadata()
                     .and_then(|m| m.modified())

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap, fmt::Write as _, os::unix::process::ExitStatusExt as _, time::Duration,
 };
 
-use dataplane_agent::dataplane::failpoint::ABORT_AFTER_MAP_WRITES;
+use dataplane_agent::dataplane::failpoint::KILL_AFTER_MAP_WRITES;
 use dataplane_testbed::{Host, Testbed, probe::Attempt, testbed::AgentSource};
 
 const SERVICES: usize = 10_000;
@@ -104,7 +104,7 @@ fn killed_in_the_middle_of_a_10000_service_diff_the_agent_converges_exactly() {
                 let mut doomed = tb
                     .agent_command(&AgentSource::Manifests, &["--min-sync-period", "10ms"])
                     .unwrap();
-                doomed.env(ABORT_AFTER_MAP_WRITES, (DIFF_WRITES / 2).to_string());
+                doomed.env(KILL_AFTER_MAP_WRITES, (DIFF_WRITES / 2).to_string());
                 let ended = tb
                     .run_agent_to_exit(doomed, Duration::from_secs(120))
                     .unwrap();

@@ -156,14 +156,14 @@ fn a_410_gone_relists_without_flushing_the_dataplane() {
 
     let attempts = c.under_load(|| {
         c.api.compact();
-        std::thread::sleep(Duration::from_secs(2));
+        c.tb.wait_until(
+            "the watch expired and the agent relisted",
+            Duration::from_secs(30),
+            || Ok(c.api.requests().lists.get("EndpointSlice").copied() > lists_before),
+        )
+        .unwrap();
     });
     assert_all_ok(&attempts);
-    let lists_after = c.api.requests().lists.get("EndpointSlice").copied();
-    assert!(
-        lists_after > lists_before,
-        "the watch expired and the agent relisted"
-    );
     assert!(
         !c.tb.agent_log().contains("removed=1"),
         "the relist removed nothing:\n{}",
@@ -185,8 +185,12 @@ fn dropped_watches_resume_from_their_resource_version_without_a_relist() {
 
     let attempts = c.under_load(|| {
         for _ in 0..3 {
+            let watches = c.api.requests().watches.get("EndpointSlice").copied();
             c.api.drop_watches();
-            std::thread::sleep(Duration::from_millis(300));
+            c.tb.wait_until("the agent watches again", Duration::from_secs(30), || {
+                Ok(c.api.requests().watches.get("EndpointSlice").copied() > watches)
+            })
+            .unwrap();
         }
     });
     assert_all_ok(&attempts);

@@ -29,7 +29,8 @@ struct Cli {
 enum Task {
     /// Install what the build needs (nightly rust-src, bpf-linker, bpffs).
     Setup,
-    /// Build the agent (with its BPF programs) and the test probe.
+    /// Build the agent (with its BPF programs), the probe, the demo and the
+    /// benchmarks.
     Build,
     /// fmt, clippy, and every unit, program and integration test (root).
     Test {
@@ -40,6 +41,7 @@ enum Task {
     /// Benchmarks: ours beside kube-proxy's iptables and nftables modes and
     /// direct pod-to-pod, at several Service counts, in one run. Arguments
     /// go to `dataplane-bench` (`cargo xtask bench --help` lists them).
+    #[command(disable_help_flag = true)]
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         bench_args: Vec<String>,
@@ -54,7 +56,8 @@ enum Task {
         with_iptables: bool,
     },
     /// A small namespace cluster, the real agent, traffic through a Service.
-    /// Arguments go to `dataplane-demo` (`--connections N`).
+    /// Arguments go to `dataplane-demo` (`--connections N`; `--help`).
+    #[command(disable_help_flag = true)]
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         demo_args: Vec<String>,

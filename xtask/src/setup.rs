@@ -22,7 +22,8 @@ pub fn setup() -> Result<()> {
     Ok(())
 }
 
-/// The TrueType font the benchmark charts are labelled with.
+/// The TrueType font the benchmark charts are labelled with (the same path
+/// as `bench/src/charts.rs`, which reads it).
 pub const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The chart font, for `cargo xtask bench` only (the tests need none).
@@ -55,8 +56,10 @@ fn apt_install(packages: &[&str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))
     };
     install()
-        .or_else(|_| {
-            println!("setup: apt-get install failed; updating the package lists and trying again");
+        .or_else(|error| {
+            println!(
+                "setup: apt-get install failed ({error:#}); updating the package lists and trying again"
+            );
             run(Command::new("apt-get").args(["update", "-q"]))?;
             install()
         })
@@ -110,6 +113,10 @@ fn ensure_kubernetes_validate() -> Result<()> {
         "setup: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {} (schemas for validating deploy/)",
         dir.display()
     );
+    if !command_succeeds(Command::new("python3").args(["-m", "pip", "--version"])) {
+        println!("setup: installing pip for python3 (Debian package)");
+        apt_install(&["python3-pip"])?;
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }

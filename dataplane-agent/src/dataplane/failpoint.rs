@@ -2,12 +2,13 @@
 //! after its N-th map write, so a test can crash it in the middle of a diff
 //! every time instead of guessing when a diff is running.
 //!
-//! Only debug builds (what the tests run) read the variable; a release
-//! build, what the image and the DaemonSet ship, has no failpoint at all.
+//! Only builds with debug assertions (what the tests run) read the
+//! variable; a release build, what the image and the DaemonSet ship,
+//! compiles the reading out.
 
 /// Set to N: SIGKILL right after the N-th map write (put or delete) of
 /// this process.
-pub const ABORT_AFTER_MAP_WRITES: &str = "DATAPLANE_FAILPOINT_KILL_AFTER_MAP_WRITES";
+pub const KILL_AFTER_MAP_WRITES: &str = "DATAPLANE_FAILPOINT_KILL_AFTER_MAP_WRITES";
 
 #[derive(Debug, Default)]
 pub struct MapWriteFailpoint {
@@ -16,19 +17,23 @@ pub struct MapWriteFailpoint {
 
 impl MapWriteFailpoint {
     pub fn from_env() -> Self {
-        if !cfg!(debug_assertions) {
-            return Self::default();
-        }
-        let writes_left = std::env::var(ABORT_AFTER_MAP_WRITES)
-            .ok()
-            .and_then(|value| value.parse().ok());
-        if let Some(writes) = writes_left {
+        #[cfg(debug_assertions)]
+        if let Ok(value) = std::env::var(KILL_AFTER_MAP_WRITES) {
+            let Ok(writes) = value.parse::<u64>() else {
+                tracing::error!(
+                    "{KILL_AFTER_MAP_WRITES}={value:?} is not a number; failpoint not armed"
+                );
+                return Self::default();
+            };
             tracing::warn!(
                 writes,
                 "failpoint armed: killing the agent after {writes} map writes"
             );
+            return Self {
+                writes_left: Some(writes),
+            };
         }
-        Self { writes_left }
+        Self::default()
     }
 
     /// Called after every map write.
