@@ -301,6 +301,70 @@ pub struct CtValue {
 }
 const _: () = assert!(size_of::<CtValue>() == 32);
 
+// The flow ABI: how the programs derive one direction's entry from the
+// other's. The agent's conntrack sweep pairs entries with the same
+// functions, so the two sides cannot drift apart.
+impl CtKey {
+    #[inline(always)]
+    pub const fn new(
+        src_be: u32,
+        src_port_be: u16,
+        dst_be: u32,
+        dst_port_be: u16,
+        protocol: u8,
+    ) -> Self {
+        Self {
+            src_be,
+            dst_be,
+            src_port_be,
+            dst_port_be,
+            protocol,
+            _pad0: 0,
+            _pad1: 0,
+        }
+    }
+
+    /// The key the replies of this flow travel under, once `forward` (the
+    /// forward entry created for this key) translates it: from the
+    /// backend, to the client, or to the SNAT address and port that stood
+    /// in for the client.
+    #[inline(always)]
+    pub const fn reply_of(&self, forward: &CtValue) -> Self {
+        let (dst_be, dst_port_be) = if forward.flags & CT_FLAG_SNAT != 0 {
+            (forward.snat_ip_be, forward.snat_port_be)
+        } else {
+            (self.src_be, self.src_port_be)
+        };
+        Self::new(
+            forward.nat_ip_be,
+            forward.nat_port_be,
+            dst_be,
+            dst_port_be,
+            self.protocol,
+        )
+    }
+}
+
+impl CtValue {
+    /// The reply entry that goes with `forward`, created for the flow
+    /// `forward_key`: replies must look as if they came from the address
+    /// and port the client dialled, and (SNAT) go back to the client's own.
+    #[inline(always)]
+    pub const fn reply_of(forward_key: &CtKey, forward: &CtValue) -> Self {
+        let snat = forward.flags & CT_FLAG_SNAT != 0;
+        Self {
+            nat_ip_be: forward_key.dst_be,
+            nat_port_be: forward_key.dst_port_be,
+            snat_ip_be: if snat { forward_key.src_be } else { 0 },
+            snat_port_be: if snat { forward_key.src_port_be } else { 0 },
+            tunnel_ip_be: 0,
+            kind: CT_REPLY,
+            flags: if snat { CT_FLAG_SNAT } else { 0 },
+            ..*forward
+        }
+    }
+}
+
 /// `ConfigValue::external_mode`: how external traffic reaches a backend on
 /// another node.
 pub const EXTERNAL_MODE_TUNNEL: u32 = 1;

@@ -15,29 +15,13 @@ use crate::{
 /// The key of the direction `flow` travels in.
 #[inline(always)]
 pub fn key_of(flow: &Flow) -> CtKey {
-    CtKey {
-        src_be: flow.src_be,
-        dst_be: flow.dst_be,
-        src_port_be: flow.src_port_be,
-        dst_port_be: flow.dst_port_be,
-        protocol: flow.protocol,
-        _pad0: 0,
-        _pad1: 0,
-    }
-}
-
-/// A key from its parts.
-#[inline(always)]
-pub fn key(src_be: u32, src_port_be: u16, dst_be: u32, dst_port_be: u16, protocol: u8) -> CtKey {
-    CtKey {
-        src_be,
-        dst_be,
-        src_port_be,
-        dst_port_be,
-        protocol,
-        _pad0: 0,
-        _pad1: 0,
-    }
+    CtKey::new(
+        flow.src_be,
+        flow.src_port_be,
+        flow.dst_be,
+        flow.dst_port_be,
+        flow.protocol,
+    )
 }
 
 /// The entry of `key`, for in-place refreshes.
@@ -113,7 +97,7 @@ pub fn is_stale_reply(flow: &Flow, reply: &CtValue) -> bool {
     if !flow.is_tcp() || flow.tcp_flags & (TCP_SYN | TCP_ACK) != (TCP_SYN | TCP_ACK) {
         return false;
     }
-    let forward_key = key(
+    let forward_key = CtKey::new(
         flow.dst_be,
         flow.dst_port_be,
         reply.nat_ip_be,

@@ -6,7 +6,7 @@
 //! the quoted header's source to the backend's address and port.
 
 use aya_ebpf::programs::TcContext;
-use dataplane_common::{CT_FLAG_REMOTE, CT_FLAG_SNAT, CT_FORWARD, CtValue, Stat};
+use dataplane_common::{CT_FLAG_REMOTE, CT_FLAG_SNAT, CT_FORWARD, CtKey, CtValue, Stat};
 
 use crate::{
     conntrack,
@@ -56,7 +56,7 @@ pub fn translate_inbound(ctx: &TcContext, ip: &Ipv4) -> Translated {
     else {
         return Translated::NotOurs;
     };
-    let forward_key = conntrack::key(
+    let forward_key = CtKey::new(
         quoted.dst_be,
         quoted_dst_port,
         quoted.src_be,

@@ -247,23 +247,9 @@ fn new_flow(
         service_id: service.service_id,
         last_seen_ns: now,
     };
-    // Replies come from the backend, to the client, and must look as if
-    // they came from the address and port the client dialled.
-    let reply_key = conntrack::key(
-        backend.ip_be,
-        backend.port_be,
-        flow.src_be,
-        flow.src_port_be,
-        flow.protocol,
-    );
-    let reply = CtValue {
-        nat_ip_be: flow.dst_be,
-        nat_port_be: flow.dst_port_be,
-        tunnel_ip_be: 0,
-        kind: CT_REPLY,
-        flags: 0,
-        ..forward
-    };
+    let forward_key = conntrack::key_of(flow);
+    let reply_key = forward_key.reply_of(&forward);
+    let reply = CtValue::reply_of(&forward_key, &forward);
     if conntrack::clashes(&reply_key, &reply) {
         // The client uses the same address and port towards another
         // frontend that picked the same backend, and that flow is alive:
@@ -272,7 +258,7 @@ fn new_flow(
         count(Stat::ExtConntrackClash);
         return DROP;
     }
-    if conntrack::create(&conntrack::key_of(flow), &forward, &reply_key, &reply).is_err() {
+    if conntrack::create(&forward_key, &forward, &reply_key, &reply).is_err() {
         return DROP;
     }
     count(if remote {
@@ -391,7 +377,7 @@ fn from_tunnel(ctx: &TcContext, node_be: u32) -> i32 {
     // Another node sends a client's flow to a backend here: deliver it with
     // the client's address, and send the backend's replies back the same
     // way (the egress program looks this entry up).
-    let return_key: CtKey = conntrack::key(
+    let return_key: CtKey = CtKey::new(
         inner.dst_be,
         inner.dst_port_be,
         inner.src_be,
@@ -467,24 +453,10 @@ fn new_snat_flow(
         service_id: service.service_id,
         last_seen_ns: now,
     };
-    let reply_key = conntrack::key(
-        backend.ip_be,
-        backend.port_be,
-        config.node_ip_be,
-        port_be,
-        flow.protocol,
-    );
-    let reply = CtValue {
-        nat_ip_be: flow.dst_be,
-        nat_port_be: flow.dst_port_be,
-        snat_ip_be: flow.src_be,
-        snat_port_be: flow.src_port_be,
-        tunnel_ip_be: 0,
-        kind: CT_REPLY,
-        flags: CT_FLAG_SNAT,
-        ..forward
-    };
-    if conntrack::create(&conntrack::key_of(flow), &forward, &reply_key, &reply).is_err() {
+    let forward_key = conntrack::key_of(flow);
+    let reply_key = forward_key.reply_of(&forward);
+    let reply = CtValue::reply_of(&forward_key, &forward);
+    if conntrack::create(&forward_key, &forward, &reply_key, &reply).is_err() {
         return DROP;
     }
     count(Stat::ExtNewSnat);
@@ -500,7 +472,8 @@ fn free_snat_port(config: &ConfigValue, backend: &BackendValue, protocol: u8) ->
         // SAFETY: helper without preconditions.
         let offset = unsafe { bpf_get_prandom_u32() } % span;
         let port_be = (config.snat_port_min.wrapping_add(offset as u16)).to_be();
-        let reply_key = conntrack::key(
+        // The reply key an SNAT flow with this port would take.
+        let reply_key = CtKey::new(
             backend.ip_be,
             backend.port_be,
             config.node_ip_be,

@@ -11,8 +11,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
 use dataplane_common::{
-    CT_FLAG_FIN_SEEN, CT_FLAG_RST_SEEN, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CtKey, CtValue,
-    IPPROTO_TCP, map_names,
+    CT_FLAG_FIN_SEEN, CT_FLAG_RST_SEEN, CT_FORWARD, CT_REPLY, CtKey, CtValue, IPPROTO_TCP,
+    map_names,
 };
 
 use super::{kernel, pins::PinLayout, ports};
@@ -35,24 +35,6 @@ impl Timeouts {
         } else {
             self.tcp_established
         }
-    }
-}
-
-/// The reply-direction key that a forward entry created with it.
-pub fn reply_key_of(forward_key: &CtKey, forward: &CtValue) -> CtKey {
-    let (dst_be, dst_port_be) = if forward.flags & CT_FLAG_SNAT != 0 {
-        (forward.snat_ip_be, forward.snat_port_be)
-    } else {
-        (forward_key.src_be, forward_key.src_port_be)
-    };
-    CtKey {
-        src_be: forward.nat_ip_be,
-        dst_be,
-        src_port_be: forward.nat_port_be,
-        dst_port_be,
-        protocol: forward_key.protocol,
-        _pad0: 0,
-        _pad1: 0,
     }
 }
 
@@ -85,7 +67,7 @@ pub fn expired(
     let mut out = Vec::new();
     let mut paired = BTreeSet::new();
     for (key, value) in entries.iter().filter(|(_, v)| v.kind == CT_FORWARD) {
-        let reply_key = reply_key_of(key, value);
+        let reply_key = key.reply_of(value);
         if stale(key, value) {
             out.push(*key);
             if entries.contains_key(&reply_key) {
@@ -190,7 +172,7 @@ pub fn sweep(
 
 #[cfg(test)]
 mod tests {
-    use dataplane_common::{CT_TUNNEL_RETURN, IPPROTO_UDP};
+    use dataplane_common::{CT_FLAG_REMOTE, CT_FLAG_SNAT, CT_TUNNEL_RETURN, IPPROTO_UDP};
 
     use super::*;
 
@@ -202,15 +184,7 @@ mod tests {
     };
 
     fn key(src: u32, src_port: u16, dst: u32, dst_port: u16, protocol: u8) -> CtKey {
-        CtKey {
-            src_be: src,
-            dst_be: dst,
-            src_port_be: src_port,
-            dst_port_be: dst_port,
-            protocol,
-            _pad0: 0,
-            _pad1: 0,
-        }
+        CtKey::new(src, src_port, dst, dst_port, protocol)
     }
 
     fn value(kind: u8, nat: (u32, u16), last_seen_s: u64, flags: u8) -> CtValue {
@@ -292,8 +266,54 @@ mod tests {
         forward.snat_ip_be = 3;
         forward.snat_port_be = 61000;
         assert_eq!(
-            reply_key_of(&forward_key, &forward),
+            forward_key.reply_of(&forward),
             key(5, 8080, 3, 61000, IPPROTO_TCP)
         );
+    }
+
+    /// A packet as (source, source port, destination, destination port).
+    type Packet = (u32, u16, u32, u16);
+
+    /// What the programs do to a packet with the entry of its direction.
+    fn translate(packet: Packet, entry: &CtValue) -> Packet {
+        let (mut src, mut src_port, mut dst, mut dst_port) = packet;
+        let snat = entry.flags & CT_FLAG_SNAT != 0;
+        if entry.kind == CT_FORWARD {
+            (dst, dst_port) = (entry.nat_ip_be, entry.nat_port_be);
+            if snat {
+                (src, src_port) = (entry.snat_ip_be, entry.snat_port_be);
+            }
+        } else {
+            (src, src_port) = (entry.nat_ip_be, entry.nat_port_be);
+            if snat {
+                (dst, dst_port) = (entry.snat_ip_be, entry.snat_port_be);
+            }
+        }
+        (src, src_port, dst, dst_port)
+    }
+
+    #[test]
+    fn the_reply_entry_undoes_the_forward_translation_seen_from_the_client() {
+        let client_to_frontend: Packet = (1, 1000, 9, 80);
+        let forward_key = key(1, 1000, 9, 80, IPPROTO_TCP);
+        let direct = value(CT_FORWARD, (5, 8080), 0, 0);
+        let mut snat = value(CT_FORWARD, (5, 8080), 0, CT_FLAG_SNAT | CT_FLAG_REMOTE);
+        (snat.snat_ip_be, snat.snat_port_be) = (3, 61000);
+        for forward in [direct, snat] {
+            let (src, src_port, dst, dst_port) = translate(client_to_frontend, &forward);
+            // The backend answers the packet it got...
+            let answer: Packet = (dst, dst_port, src, src_port);
+            let reply_key = forward_key.reply_of(&forward);
+            assert_eq!(
+                reply_key,
+                key(answer.0, answer.1, answer.2, answer.3, IPPROTO_TCP),
+                "the answer is found under the reply key"
+            );
+            // ...and the client gets it from the address it dialled.
+            let reply = CtValue::reply_of(&forward_key, &forward);
+            assert_eq!(reply.kind, CT_REPLY);
+            assert_eq!(reply.service_id, forward.service_id);
+            assert_eq!(translate(answer, &reply), (9, 80, 1, 1000));
+        }
     }
 }
