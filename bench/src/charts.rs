@@ -67,7 +67,7 @@ fn color(dataplane: Dataplane) -> RGBColor {
     }
 }
 
-pub fn draw(results: &Results, dir: &Path) -> Result<()> {
+pub(crate) fn draw(results: &Results, dir: &Path) -> Result<()> {
     let font = std::fs::read(CHART_FONT)
         .with_context(|| format!("reading the chart font {CHART_FONT}"))?;
     // plotters keeps registered fonts for the whole process.

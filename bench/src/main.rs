@@ -119,12 +119,12 @@ impl ServiceSet {
     /// The hot Service with `endpoints`, in a file of its own, so an
     /// endpoint change rewrites only that file (as an EndpointSlice update
     /// touches one object).
-    fn hot_manifests(&self, endpoints: &[Ipv4Addr]) -> String {
+    fn hot_manifests(&self, endpoints: &[Ipv4Addr]) -> Result<String> {
         let hot = self
             .services
             .last()
-            .expect("the hot Service is always there");
-        service_yaml(hot, endpoints)
+            .context("a Service set without its hot Service")?;
+        Ok(service_yaml(hot, endpoints))
     }
 }
 
@@ -181,7 +181,7 @@ fn endpoint_change_latency(tb: &Testbed, set: &ServiceSet, changes: usize) -> Re
             .map(|(_, ip)| *ip)
             .collect();
         let written = Instant::now();
-        tb.write_manifest("hot.yaml", &set.hot_manifests(&endpoints))?;
+        tb.write_manifest("hot.yaml", &set.hot_manifests(&endpoints)?)?;
         loop {
             let now = services.get(&key, 0).context("the hot Service vanished")?;
             if now.generation != before.generation {
@@ -195,7 +195,7 @@ fn endpoint_change_latency(tb: &Testbed, set: &ServiceSet, changes: usize) -> Re
         latencies.push(written.elapsed().as_secs_f64() * 1e3);
     }
     // Back to every pod for the measurements that follow.
-    tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints))?;
+    tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints)?)?;
     std::thread::sleep(std::time::Duration::from_millis(500));
     latencies.sort_by(f64::total_cmp);
     Ok((
@@ -376,7 +376,7 @@ fn load(tb: &Testbed, dataplane: Dataplane, set: &ServiceSet, timeout: u64) -> R
         Dataplane::Ours => {
             tb.write_manifest("bench.yaml", &set.filler_manifests())?;
             let hot = set.services.last().context("no hot Service")?;
-            tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints))?;
+            tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints)?)?;
             tb.start_agent(&[
                 "--metrics-bind-address",
                 "",

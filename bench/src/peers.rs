@@ -7,7 +7,7 @@ use super::ServiceSet;
 
 /// Pod CIDR of the benchmark topology: traffic from inside it is not
 /// masqueraded, as for pod-to-Service traffic in a cluster.
-pub const CLUSTER_CIDR: &str = "10.200.0.0/16";
+pub(crate) const CLUSTER_CIDR: &str = "10.200.0.0/16";
 
 /// A kube-proxy-style chain suffix: kube-proxy hashes the Service (and
 /// endpoint) name into 16 base32 characters (servicePortChainName,
@@ -31,7 +31,7 @@ fn chain_suffix(kind: u8, index: usize) -> String {
 /// KUBE-SEP-* with KUBE-MARK-MASQ and the DNAT, KUBE-NODEPORTS ->
 /// KUBE-EXT-* (masquerade, then the Service) reached after the whole
 /// KUBE-SERVICES scan, and the masquerade path.
-pub fn iptables_rules(set: &ServiceSet) -> String {
+pub(crate) fn iptables_rules(set: &ServiceSet) -> String {
     let mut out = String::from(
         "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n",
     );
@@ -117,7 +117,7 @@ pub fn iptables_rules(set: &ServiceSet) -> String {
 /// per-Service chains choosing an endpoint with `numgen random mod n`,
 /// per-endpoint chains with the masquerade mark and the DNAT, and nodePorts
 /// through a `service-nodeports` verdict map for local destinations.
-pub fn nftables_rules(set: &ServiceSet) -> String {
+pub(crate) fn nftables_rules(set: &ServiceSet) -> String {
     let mut out = String::from("table ip kube-proxy {\n");
     out += "  chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n";
     out += "  chain masquerading {\n    meta mark & 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n";

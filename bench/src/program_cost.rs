@@ -12,7 +12,7 @@ use dataplane_testbed::{
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
-pub struct Cost {
+pub(crate) struct Cost {
     pub packet: &'static str,
     pub program: &'static str,
     /// How it was timed: the kernel's repeat loop over one packet (only for
@@ -29,7 +29,7 @@ const SINGLE_RUNS: u16 = 20_000;
 
 /// Measures every case; `repeat` runs for the repeated case. Runs on its
 /// own thread: the harness moves its thread into a namespace of its own.
-pub fn measure(repeat: u32) -> Result<Vec<Cost>> {
+pub(crate) fn measure(repeat: u32) -> Result<Vec<Cost>> {
     std::thread::spawn(move || measure_here(repeat))
         .join()
         .map_err(|_| anyhow::anyhow!("the program cost measurement panicked"))?

@@ -421,7 +421,7 @@ impl Agent {
     /// Deletes the slots whose grace period has passed.
     fn sweep(&mut self) {
         let now = Instant::now();
-        let due: std::collections::BTreeSet<BackendKey> = self
+        let due: BTreeSet<BackendKey> = self
             .retired
             .iter()
             .filter(|(_, retired_at)| **retired_at + self.config.sweep_grace <= now)

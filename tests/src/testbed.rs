@@ -363,7 +363,7 @@ impl Testbed {
         self.children.push(child);
         let mut line = String::new();
         // The probe prints this line once bound, or exits (EOF) if it cannot.
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        std::io::BufRead::read_line(&mut BufReader::new(stdout), &mut line)
             .context("reading the probe server's first line")?;
         if !line.starts_with("listening") {
             bail!("probe server in {} did not start: {line:?}", host.name);
@@ -523,7 +523,7 @@ impl Testbed {
     pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
         // Write then rename, so the agent never reads half a file.
         let staged = self.work_dir.join(format!(".{file}.tmp"));
-        std::fs::File::create(&staged)?.write_all(yaml.as_bytes())?;
+        File::create(&staged)?.write_all(yaml.as_bytes())?;
         std::fs::rename(&staged, self.manifests.join(file))?;
         Ok(())
     }

@@ -2,6 +2,9 @@
 //! expects. These tests talk raw HTTP/1.1 to it, so they check the wire
 //! format rather than one client's reading of it.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpStream},

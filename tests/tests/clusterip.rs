@@ -1,6 +1,9 @@
 //! The real agent binary on a manifest directory, real TCP from a client
 //! namespace inside the test's cgroup, through a ClusterIP.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{collections::BTreeSet, time::Duration};
 
 use dataplane_testbed::{

@@ -2,6 +2,9 @@
 //! environment, with only the capabilities it is granted, against the API
 //! server stand-in.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{collections::BTreeMap, path::Path};
 
 use dataplane_testbed::{

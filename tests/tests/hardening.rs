@@ -2,6 +2,9 @@
 //! diff, it must come back to exactly the desired state, with no orphaned
 //! slot, while unchanged Services keep serving.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::BTreeMap, fmt::Write as _, os::unix::process::ExitStatusExt as _, time::Duration,
 };

@@ -2,6 +2,9 @@
 //! HTTP, kube-rs in the agent): traffic follows the API, survives watch
 //! expiry, API outages and agent restarts during them.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use dataplane_testbed::{

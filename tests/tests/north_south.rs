@@ -4,6 +4,9 @@
 //! Every test asserts which pod answered, the source address the pod saw,
 //! and that the answer came from the address the client dialled.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{collections::BTreeSet, time::Duration};
 
 use dataplane_testbed::{

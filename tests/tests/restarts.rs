@@ -1,6 +1,9 @@
 //! Agent restarts are invisible to traffic: programs and maps stay pinned,
 //! a new agent adopts them and swaps its programs in without a gap.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use dataplane_testbed::{

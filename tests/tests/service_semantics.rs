@@ -2,6 +2,9 @@
 //! a manifest directory, a client namespace inside the test's cgroup, pods
 //! serving on 8080.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{collections::BTreeSet, time::Duration};
 
 use dataplane_testbed::{

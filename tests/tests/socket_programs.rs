@@ -2,6 +2,9 @@
 //! real sockets from a namespace inside the test's cgroup. Each test states
 //! one rule of the datapath.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::Ipv4Addr;
 
 use dataplane_agent::dataplane::{

@@ -19,6 +19,9 @@
 //! is a function of the seed and of the backends the programs pick at
 //! random (replies and ICMP errors quote the flows they translated).
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,

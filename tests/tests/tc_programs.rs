@@ -1,6 +1,9 @@
 //! The node-interface programs on crafted packets (BPF_PROG_TEST_RUN), with
 //! the real maps: exact rewrites, checksums, answers and drops.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use dataplane_common::Stat;
 use dataplane_testbed::{
     packets::{self, Endpoint, TCP_ACK, TCP_RST, TCP_SYN},

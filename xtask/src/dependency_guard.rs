@@ -25,7 +25,7 @@ const BPF_BUILDER: &str = "aya-build";
 /// builds: normal and build dependencies, and the root's dev-dependencies
 /// for its tests) that need the BPF toolchain to build, each with why.
 /// `metadata` is `cargo metadata --format-version 1` output.
-pub fn bpf_builders_in_closure(metadata: &Value, root: &str) -> Result<Vec<String>, String> {
+pub(crate) fn bpf_builders_in_closure(metadata: &Value, root: &str) -> Result<Vec<String>, String> {
     let packages: HashMap<&str, &Value> = metadata["packages"]
         .as_array()
         .ok_or("cargo metadata has no packages")?

@@ -31,7 +31,7 @@ const CLUSTER_SCOPED: [&str; 5] = [
 /// `namespace` set on namespaced objects. The subset of kustomize this
 /// repository uses; anything else in the file is refused rather than
 /// silently ignored.
-pub fn render_kustomization(dir: &Path) -> Result<Vec<Value>> {
+pub(crate) fn render_kustomization(dir: &Path) -> Result<Vec<Value>> {
     let path = dir.join("kustomization.yaml");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -115,7 +115,7 @@ fn set_namespace(object: &mut Value, namespace: Option<&str>) {
 
 /// Renders and validates the install and the uninstall manifests. Where
 /// kubectl exists, its kustomize must render the same objects.
-pub fn validate() -> Result<()> {
+pub(crate) fn validate() -> Result<()> {
     let dir = deploy_dir();
     let objects = render_kustomization(&dir)?;
     if command_succeeds(Command::new("kubectl").arg("version").arg("--client")) {
@@ -181,7 +181,7 @@ const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// Builds the image with podman or buildah from a static (musl) binary;
 /// `with_iptables` builds the Debian-based variant instead. Without either
 /// tool, says so and succeeds (there is nothing to build the image with).
-pub fn image(with_iptables: bool) -> Result<()> {
+pub(crate) fn image(with_iptables: bool) -> Result<()> {
     let Some(tool) = container_tool() else {
         println!(
             "xtask: image: skipped, neither podman nor buildah is installed (the Containerfile is deploy/Containerfile)"

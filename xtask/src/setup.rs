@@ -12,7 +12,7 @@ const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPFFS: &str = "/sys/fs/bpf";
 
-pub fn setup() -> Result<()> {
+pub(crate) fn setup() -> Result<()> {
     check_kernel()?;
     ensure_nightly_with_rust_src().context("setup step 1/5: nightly toolchain with rust-src")?;
     ensure_bpf_linker().context("setup step 2/5: bpf-linker against nightly's own LLVM")?;
@@ -24,10 +24,10 @@ pub fn setup() -> Result<()> {
 
 /// The TrueType font the benchmark charts are labelled with (the same path
 /// as `bench/src/charts.rs`, which reads it).
-pub const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+pub(crate) const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 /// The chart font, for `cargo xtask bench` only (the tests need none).
-pub fn ensure_chart_font() -> Result<()> {
+pub(crate) fn ensure_chart_font() -> Result<()> {
     if PathBuf::from(CHART_FONT).exists() {
         return Ok(());
     }
@@ -92,7 +92,7 @@ fn kubernetes_validate_stamp() -> Result<String> {
 }
 
 /// `kubernetes-validate`, as installed by [`setup`].
-pub fn kubernetes_validate() -> Command {
+pub(crate) fn kubernetes_validate() -> Command {
     let mut command = Command::new("python3");
     command.env("PYTHONPATH", kubernetes_validate_dir()).args([
         "-c",
@@ -260,7 +260,7 @@ fn cargo_home() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
 }
 
-pub fn bpffs_mounted() -> Result<bool> {
+pub(crate) fn bpffs_mounted() -> Result<bool> {
     let mounts =
         std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     Ok(mounts.lines().any(|line| {

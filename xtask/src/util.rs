@@ -4,7 +4,7 @@ use anyhow::{Context as _, Result, bail};
 
 /// Runs a command with inherited stdio and fails with the command line if it
 /// does not succeed.
-pub fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     let status = command
         .status()
         .with_context(|| format!("starting {command:?}"))?;
@@ -14,7 +14,7 @@ pub fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-pub fn stdout_of(command: &mut Command) -> Result<String> {
+pub(crate) fn stdout_of(command: &mut Command) -> Result<String> {
     let output = command
         .stderr(Stdio::inherit())
         .output()
@@ -25,7 +25,7 @@ pub fn stdout_of(command: &mut Command) -> Result<String> {
     String::from_utf8(output.stdout).with_context(|| format!("{command:?} printed non-UTF-8"))
 }
 
-pub fn command_succeeds(command: &mut Command) -> bool {
+pub(crate) fn command_succeeds(command: &mut Command) -> bool {
     command
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -22,14 +22,14 @@ struct Candidate<'a> {
 
 /// This node, and the addresses of the cluster's nodes (to reach backends
 /// on other nodes).
-pub struct Nodes<'a> {
+pub(super) struct Nodes<'a> {
     pub this: &'a NodeInfo,
     pub addresses: BTreeMap<&'a str, Ipv4Addr>,
 }
 
 /// The backends of one Service port, for each kind of traffic.
 #[derive(Debug, Default)]
-pub struct Views {
+pub(super) struct Views {
     /// ClusterIP traffic: by internalTrafficPolicy.
     pub internal: Vec<Backend>,
     /// All endpoints that may serve (topology applies): in-cluster traffic
@@ -40,7 +40,7 @@ pub struct Views {
     pub external: Vec<Backend>,
 }
 
-pub fn views_for_port(
+pub(super) fn views_for_port(
     port: &ServicePort,
     spec: &ServiceSpec,
     slices: &[&EndpointSlice],

@@ -21,7 +21,7 @@ fn this_node() -> NodeInfo {
     }
 }
 
-fn node_with_ip(name: &str, ip: Option<&str>) -> k8s_openapi::api::core::v1::Node {
+fn node_with_ip(name: &str, ip: Option<&str>) -> Node {
     let mut node = node_object(name, None);
     node.status = ip.map(|ip| NodeStatus {
         addresses: Some(vec![

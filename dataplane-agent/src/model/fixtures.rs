@@ -12,7 +12,7 @@ use k8s_openapi::{
 
 use super::{ClusterState, ObjectName};
 
-pub fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+pub(crate) fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
         namespace: Some("default".into()),
@@ -27,7 +27,7 @@ pub fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
 }
 
 /// A ClusterIP Service with `(name, port, protocol)` ports.
-pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, i32, &str)]) -> Service {
+pub(crate) fn service(name: &str, cluster_ip: &str, ports: &[(&str, i32, &str)]) -> Service {
     Service {
         metadata: meta(name, &[]),
         spec: Some(ServiceSpec {
@@ -51,7 +51,7 @@ pub fn service(name: &str, cluster_ip: &str, ports: &[(&str, i32, &str)]) -> Ser
 }
 
 #[derive(Clone, Copy)]
-pub struct Ep<'a> {
+pub(crate) struct Ep<'a> {
     pub ip: &'a str,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
@@ -61,7 +61,7 @@ pub struct Ep<'a> {
     pub node_hints: &'a [&'a str],
 }
 
-pub const fn ready(ip: &str) -> Ep<'_> {
+pub(crate) const fn ready(ip: &str) -> Ep<'_> {
     Ep {
         ip,
         ready: Some(true),
@@ -73,16 +73,16 @@ pub const fn ready(ip: &str) -> Ep<'_> {
     }
 }
 
-pub const fn hinted<'a>(ep: Ep<'a>, zone_hints: &'a [&'a str]) -> Ep<'a> {
+pub(crate) const fn hinted<'a>(ep: Ep<'a>, zone_hints: &'a [&'a str]) -> Ep<'a> {
     Ep { zone_hints, ..ep }
 }
 
-pub const fn node_hinted<'a>(ep: Ep<'a>, node_hints: &'a [&'a str]) -> Ep<'a> {
+pub(crate) const fn node_hinted<'a>(ep: Ep<'a>, node_hints: &'a [&'a str]) -> Ep<'a> {
     Ep { node_hints, ..ep }
 }
 
 /// A Node object with a zone label (or none).
-pub fn node_object(name: &str, zone: Option<&str>) -> k8s_openapi::api::core::v1::Node {
+pub(crate) fn node_object(name: &str, zone: Option<&str>) -> k8s_openapi::api::core::v1::Node {
     let labels: Vec<(&str, &str)> = zone
         .map(|z| vec![("topology.kubernetes.io/zone", z)])
         .unwrap_or_default();
@@ -92,7 +92,7 @@ pub fn node_object(name: &str, zone: Option<&str>) -> k8s_openapi::api::core::v1
     }
 }
 
-pub const fn not_ready(ip: &str) -> Ep<'_> {
+pub(crate) const fn not_ready(ip: &str) -> Ep<'_> {
     Ep {
         ready: Some(false),
         serving: Some(false),
@@ -101,7 +101,7 @@ pub const fn not_ready(ip: &str) -> Ep<'_> {
     }
 }
 
-pub const fn terminating_serving(ip: &str) -> Ep<'_> {
+pub(crate) const fn terminating_serving(ip: &str) -> Ep<'_> {
     Ep {
         ready: Some(false),
         serving: Some(true),
@@ -110,7 +110,7 @@ pub const fn terminating_serving(ip: &str) -> Ep<'_> {
     }
 }
 
-pub const fn terminating_not_serving(ip: &str) -> Ep<'_> {
+pub(crate) const fn terminating_not_serving(ip: &str) -> Ep<'_> {
     Ep {
         ready: Some(false),
         serving: Some(false),
@@ -119,13 +119,13 @@ pub const fn terminating_not_serving(ip: &str) -> Ep<'_> {
     }
 }
 
-pub const fn on_node<'a>(ep: Ep<'a>, node: &'a str) -> Ep<'a> {
+pub(crate) const fn on_node<'a>(ep: Ep<'a>, node: &'a str) -> Ep<'a> {
     Ep { node, ..ep }
 }
 
 /// An IPv4 EndpointSlice of Service `service` with `(name, port, protocol)`
 /// ports.
-pub fn slice(
+pub(crate) fn slice(
     name: &str,
     service: &str,
     ports: &[(&str, i32, &str)],
@@ -181,7 +181,7 @@ pub fn slice(
     }
 }
 
-pub fn cluster(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
+pub(crate) fn cluster(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
     ClusterState {
         services: services
             .into_iter()

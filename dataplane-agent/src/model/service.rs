@@ -59,7 +59,7 @@ impl fmt::Display for Protocol {
 
 /// A Service port, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServicePort {
+pub(super) struct ServicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
@@ -70,7 +70,7 @@ pub struct ServicePort {
 
 /// The parts of a proxied Service the model needs, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceSpec {
+pub(super) struct ServiceSpec {
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ServicePort>,
     pub internal_traffic_local: bool,
@@ -94,7 +94,7 @@ const DEFAULT_AFFINITY_TIMEOUT_S: i32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
 #[derive(Debug)]
-pub enum Classified {
+pub(super) enum Classified {
     Proxied(ServiceSpec),
     /// Not ours to proxy (headless, ExternalName, another proxy's); not an
     /// error.
@@ -103,7 +103,7 @@ pub enum Classified {
 
 /// Decides whether kube-proxy would proxy this Service, and validates it.
 /// An invalid Service is an `Err` with the reason; the caller skips only it.
-pub fn classify(name: &ObjectName, service: &Service) -> Result<Classified, String> {
+pub(super) fn classify(name: &ObjectName, service: &Service) -> Result<Classified, String> {
     let labels = service.metadata.labels.as_ref();
     if labels
         .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))

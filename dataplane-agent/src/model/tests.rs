@@ -51,10 +51,7 @@ struct Case {
 const WEB: &[(&str, i32, &str)] = &[("http", 80, "TCP")];
 const WEB_EP: &[(&str, i32, &str)] = &[("http", 8080, "TCP")];
 
-fn with_labels(
-    mut s: k8s_openapi::api::core::v1::Service,
-    labels: &[(&str, &str)],
-) -> k8s_openapi::api::core::v1::Service {
+fn with_labels(mut s: Service, labels: &[(&str, &str)]) -> Service {
     s.metadata = meta(s.metadata.name.as_deref().unwrap_or(""), labels);
     s
 }

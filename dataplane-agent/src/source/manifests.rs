@@ -312,7 +312,7 @@ fn typed<T: DeserializeOwned>(
 }
 
 fn insert_unique<T>(
-    objects: &mut std::collections::BTreeMap<ObjectName, T>,
+    objects: &mut BTreeMap<ObjectName, T>,
     name: ObjectName,
     object: T,
     kind: &str,

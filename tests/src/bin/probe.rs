@@ -323,7 +323,7 @@ fn short_request(to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            size_of::<libc::linger>() as libc::socklen_t,
         )
     };
     if rc != 0 {
@@ -538,7 +538,7 @@ fn flood(
                 packet.len(),
                 0,
                 (&raw const destination).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
             )
         };
         if rc >= 0 {

@@ -47,7 +47,7 @@ impl FakeMaps {
                 );
             }
             visible.insert(*key, slots.iter().map(backend_of).collect());
-            if value.flags & dataplane_common::SERVICE_FLAG_SOURCE_RANGES != 0 {
+            if value.flags & SERVICE_FLAG_SOURCE_RANGES != 0 {
                 assert!(
                     self.state
                         .source_ranges
@@ -513,7 +513,7 @@ fn switching_affinity_updates_the_entry_in_place() {
         "no new generation"
     );
     let after = maps.state.services[&key];
-    assert_eq!(after.flags, dataplane_common::SERVICE_FLAG_AFFINITY);
+    assert_eq!(after.flags, SERVICE_FLAG_AFFINITY);
     assert_eq!(after.affinity_timeout_s, 30);
     assert_eq!(
         (after.service_id, after.generation),
