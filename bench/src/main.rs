@@ -159,7 +159,7 @@ fn endpoint_change_latency(tb: &Testbed, set: &ServiceSet, changes: usize) -> Re
     use dataplane_common::{ServiceKey, ServiceValue, map_names};
     let layout = dataplane_agent::dataplane::pins::PinLayout::new(&tb.pin_dir);
     let services: HashMap<MapData, ServiceKey, ServiceValue> =
-        dataplane_agent::dataplane::kernel::open_pinned(&layout, map_names::SERVICES)?;
+        dataplane_agent::dataplane::maps::open_pinned(&layout, map_names::SERVICES)?;
     let key = ServiceKey {
         vip_be: u32::from_ne_bytes(HOT_VIP.octets()),
         port_be: 80u16.to_be(),

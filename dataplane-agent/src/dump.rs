@@ -1,74 +1,24 @@
 //! `dataplane-agent dump`: the pinned maps as operators want to read them.
+//! Formatting only: the maps are read through `dataplane::maps`.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::collections::BTreeMap;
 
-use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, MapData};
+use anyhow::Result;
 use dataplane_common::{
-    AFFINITY_CLIENT_IPV4, AffinityKey, AffinityValue, CT_FLAG_FIN_SEEN, CT_FLAG_REMOTE,
-    CT_FLAG_RST_SEEN, CT_FLAG_SNAT, CT_FORWARD, CT_REPLY, CT_TUNNEL_RETURN, CtKey, CtValue,
-    SERVICE_FLAG_AFFINITY, map_names,
+    AFFINITY_CLIENT_IPV4, CT_FLAG_FIN_SEEN, CT_FLAG_REMOTE, CT_FLAG_RST_SEEN, CT_FLAG_SNAT,
+    CT_FORWARD, CT_REPLY, CT_TUNNEL_RETURN, SERVICE_FLAG_AFFINITY,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::model::{DesiredDataplane, Protocol};
-
-use crate::dataplane::{
-    kernel,
-    pins::PinLayout,
-    state::{self, PinnedState},
+use crate::{
+    dataplane::{
+        maps,
+        names::FrontendName,
+        pins::PinLayout,
+        state::{self, PinnedState},
+    },
+    model::Protocol,
 };
-
-/// Where the agent records which Service each frontend belongs to (the
-/// maps hold only addresses), next to nothing else: bpffs takes no regular
-/// files, so this lives under /run, named after the pin directory.
-pub fn names_path(bpffs_dir: &Path) -> PathBuf {
-    let pins = bpffs_dir
-        .file_name()
-        .map_or_else(|| "dataplane".into(), |n| n.to_string_lossy().into_owned());
-    PathBuf::from("/run/dataplane").join(format!("{pins}.services.json"))
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FrontendName {
-    pub service: String,
-    pub port_name: String,
-}
-
-/// Records the Service name of every frontend, atomically (write, rename).
-pub fn write_names(bpffs_dir: &Path, desired: &DesiredDataplane) -> Result<()> {
-    let names: BTreeMap<String, FrontendName> = desired
-        .frontends
-        .iter()
-        .map(|(frontend, entry)| {
-            (
-                frontend.to_string(),
-                FrontendName {
-                    service: entry.service.to_string(),
-                    port_name: entry.port_name.clone(),
-                },
-            )
-        })
-        .collect();
-    let path = names_path(bpffs_dir);
-    let dir = path.parent().context("names path has a parent")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let staged = path.with_extension("json.tmp");
-    std::fs::write(&staged, serde_json::to_vec(&names)?)
-        .with_context(|| format!("writing {}", staged.display()))?;
-    std::fs::rename(&staged, &path).with_context(|| format!("moving {} into place", path.display()))
-}
-
-/// The recorded names, or none if the agent has not written any.
-pub fn read_names(bpffs_dir: &Path) -> BTreeMap<String, FrontendName> {
-    std::fs::read(names_path(bpffs_dir))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
-}
 
 #[derive(Serialize)]
 pub struct ServiceRow {
@@ -142,10 +92,6 @@ pub fn backend_rows(state: &PinnedState) -> Vec<BackendRow> {
         .collect()
 }
 
-pub fn read(layout: &PinLayout) -> Result<PinnedState> {
-    kernel::open_pinned_maps(layout)?.read()
-}
-
 pub fn services_table(rows: &[ServiceRow]) -> String {
     let mut out = format!(
         "{:<32} {:<22} {:>6} {:>4} {:>9}  {}\n",
@@ -186,12 +132,9 @@ pub struct AffinityRow {
 
 /// The sessionAffinity entries, newest first.
 pub fn affinity_rows(layout: &PinLayout) -> Result<Vec<AffinityRow>> {
-    let map: HashMap<MapData, AffinityKey, AffinityValue> =
-        kernel::open_pinned(layout, map_names::AFFINITY)?;
-    let now_ns = monotonic_now_ns();
+    let now_ns = maps::monotonic_now_ns();
     let mut rows = Vec::new();
-    for entry in map.iter() {
-        let (key, value) = entry.context("reading AFFINITY")?;
+    for (key, value) in maps::read_affinity(layout)? {
         rows.push(AffinityRow {
             service_id: key.service_id,
             client: if key.client_kind == AFFINITY_CLIENT_IPV4 {
@@ -235,14 +178,12 @@ pub struct ConntrackRow {
 
 /// The CONNTRACK entries, newest first.
 pub fn conntrack_rows(layout: &PinLayout) -> Result<Vec<ConntrackRow>> {
-    let map: HashMap<MapData, CtKey, CtValue> = kernel::open_pinned(layout, map_names::CONNTRACK)?;
-    let now_ns = monotonic_now_ns();
+    let now_ns = maps::monotonic_now_ns();
     let endpoint = |ip_be: u32, port_be: u16| {
         format!("{}:{}", state::ipv4_of_be(ip_be), u16::from_be(port_be))
     };
     let mut rows = Vec::new();
-    for entry in map.iter().filter_map(Result::ok) {
-        let (key, value) = entry;
+    for (key, value) in maps::read_conntrack(layout)? {
         let nat = endpoint(value.nat_ip_be, value.nat_port_be);
         let snat = endpoint(value.snat_ip_be, value.snat_port_be);
         let tunnel = state::ipv4_of_be(value.tunnel_ip_be);
@@ -303,17 +244,6 @@ pub fn conntrack_table(rows: &[ConntrackRow]) -> String {
         );
     }
     out
-}
-
-/// CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_now_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the struct we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
 }
 
 pub fn backends_table(rows: &[BackendRow]) -> String {

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
-    dataplane::{conntrack, interfaces, kernel, pins, state::Limits},
+    dataplane::{conntrack, interfaces, maps, names, pins, state::Limits},
     dump,
     run::{self, ExternalConfig, ExternalMode, RunConfig, SourceConfig},
 };
@@ -319,7 +319,7 @@ fn print_dump(what: DumpWhat, output: Output, bpffs_dir: PathBuf) -> Result<()> 
     let layout = pins::PinLayout::new(bpffs_dir);
     match what {
         DumpWhat::Stats => {
-            let stats = kernel::read_stats(&layout)?;
+            let stats = maps::read_stats(&layout)?;
             match output {
                 Output::Json => {
                     let map: serde_json::Map<String, serde_json::Value> = stats
@@ -350,14 +350,17 @@ fn print_dump(what: DumpWhat, output: Output, bpffs_dir: PathBuf) -> Result<()> 
             }
         }
         DumpWhat::Services => {
-            let rows = dump::service_rows(&dump::read(&layout)?, &dump::read_names(&layout.dir));
+            let rows = dump::service_rows(
+                &maps::read_pinned_state(&layout)?,
+                &names::read_names(&layout.dir),
+            );
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Table => print!("{}", dump::services_table(&rows)),
             }
         }
         DumpWhat::Backends => {
-            let rows = dump::backend_rows(&dump::read(&layout)?);
+            let rows = dump::backend_rows(&maps::read_pinned_state(&layout)?);
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Output::Table => print!("{}", dump::backends_table(&rows)),
@@ -386,7 +389,7 @@ fn main() -> Result<()> {
             bpffs_dir,
         } => print_dump(what, output, bpffs_dir),
         Command::Cleanup { bpffs_dir } => {
-            let report = kernel::cleanup(&pins::PinLayout::new(&bpffs_dir))?;
+            let report = pins::cleanup(&pins::PinLayout::new(&bpffs_dir))?;
             println!(
                 "detached {} program link(s), removed {} map pin(s) and {}",
                 report.links.len(),

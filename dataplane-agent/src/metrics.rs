@@ -17,7 +17,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::dataplane::{kernel, pins::PinLayout};
+use crate::dataplane::{maps, pins::PinLayout};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FrontendErrorLabels {
@@ -154,7 +154,7 @@ struct DatapathStats {
 
 impl Collector for DatapathStats {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(stats) = kernel::read_stats(&self.layout) else {
+        let Ok(stats) = maps::read_stats(&self.layout) else {
             // Maps not pinned yet (or removed by cleanup): nothing to report.
             return Ok(());
         };

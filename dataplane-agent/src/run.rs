@@ -19,12 +19,13 @@ use tracing::{error, info, info_span, warn};
 use crate::{
     dataplane::{
         conntrack, interfaces,
-        kernel::{self, InterfaceMaps, KernelMaps, Loaded},
+        loader::Loaded,
+        maps::{self, InterfaceMaps, KernelMaps},
+        names,
         pins::{self, PinLayout},
         ports::{self, PortFilter},
         state::{ApplyReport, Limits, PinnedState, ipv4_be},
     },
-    dump,
     health::{self, Health},
     metrics::{self, FrontendErrorLabels, MapLabels, Metrics, ReasonLabels},
     model::{self, ClusterState, NodeInfo, ObjectName},
@@ -220,7 +221,7 @@ impl Agent {
         self.health.updated(SystemTime::now());
         self.record_metrics(&desired, &report, loaded.problems.len(), started.elapsed());
         self.observe_programming_latency(&loaded.cluster);
-        if let Err(error) = dump::write_names(&self.config.bpffs_dir, &desired) {
+        if let Err(error) = names::write_names(&self.config.bpffs_dir, &desired) {
             warn!(
                 error = format!("{error:#}"),
                 "could not record Service names for dump"
@@ -676,7 +677,7 @@ fn spawn_conntrack_sweep(
             let timeouts = external.conntrack;
             let live_backends = live_backends.clone();
             let swept = tokio::task::spawn_blocking(move || {
-                conntrack::sweep(&layout, &timeouts, dump::monotonic_now_ns(), || {
+                conntrack::sweep(&layout, &timeouts, maps::monotonic_now_ns(), || {
                     lock(&live_backends).clone()
                 })
             })
@@ -723,8 +724,8 @@ fn spawn_conntrack_sweep(
 /// entries the LRU evicted since the maps were created: every entry written
 /// is still there, was expired by a sweep, or was evicted.
 fn record_evictions(layout: &PinLayout, report: &conntrack::SweepReport) -> Result<u64> {
-    kernel::add_conntrack_expired(layout, report.expired as u64)?;
-    let stats = kernel::read_stats(layout)?;
+    maps::add_conntrack_expired(layout, report.expired as u64)?;
+    let stats = maps::read_stats(layout)?;
     let stat = |wanted| {
         stats
             .iter()

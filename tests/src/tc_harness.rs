@@ -19,8 +19,9 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, MapData};
 use dataplane_agent::{
     dataplane::{
-        kernel::{self, KernelMaps, Loaded},
-        pins::{PinLayout, ensure_bpffs_dir},
+        loader::Loaded,
+        maps::{self, KernelMaps},
+        pins::{self, PinLayout, ensure_bpffs_dir},
         ports,
         state::{Limits, PinnedState},
     },
@@ -143,7 +144,7 @@ impl Drop for Place {
             // SAFETY: back to the namespace this thread came from.
             unsafe { libc::setns(original.as_raw_fd(), libc::CLONE_NEWNET) };
         }
-        let _ = kernel::cleanup(&self.layout);
+        let _ = pins::cleanup(&self.layout);
         let _ = ip(&["netns", "del", &self.netns]);
     }
 }
@@ -315,14 +316,14 @@ impl TcHarness {
     /// The CONNTRACK map's entries.
     pub fn conntrack(&self) -> Result<BTreeMap<CtKey, CtValue>> {
         let map: HashMap<MapData, CtKey, CtValue> =
-            kernel::open_pinned(&self.place.layout, map_names::CONNTRACK)?;
+            maps::open_pinned(&self.place.layout, map_names::CONNTRACK)?;
         Ok(map.iter().filter_map(Result::ok).collect())
     }
 
     /// Empties CONNTRACK (so a packet is a new flow again).
     pub fn clear_conntrack(&self) -> Result<()> {
         let mut map: HashMap<MapData, CtKey, CtValue> =
-            kernel::open_pinned(&self.place.layout, map_names::CONNTRACK)?;
+            maps::open_pinned(&self.place.layout, map_names::CONNTRACK)?;
         let keys: Vec<CtKey> = map.keys().filter_map(Result::ok).collect();
         for key in keys {
             let _ = map.remove(&key);
@@ -332,7 +333,7 @@ impl TcHarness {
 
     /// A datapath counter.
     pub fn stat(&self, stat: Stat) -> Result<u64> {
-        Ok(kernel::read_stats(&self.place.layout)?
+        Ok(maps::read_stats(&self.place.layout)?
             .into_iter()
             .find(|(s, _)| *s == stat)
             .map_or(0, |(_, value)| value))

@@ -186,7 +186,7 @@ fn remove_leftovers() {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if dead(&name) {
-                let _ = dataplane_agent::dataplane::kernel::cleanup(
+                let _ = dataplane_agent::dataplane::pins::cleanup(
                     &dataplane_agent::dataplane::pins::PinLayout::new(entry.path()),
                 );
             }
@@ -794,7 +794,7 @@ impl Drop for Testbed {
             let _ = child.wait();
         }
         let _ = self.stop_agent(libc::SIGTERM);
-        if dataplane_agent::dataplane::kernel::cleanup(
+        if dataplane_agent::dataplane::pins::cleanup(
             &dataplane_agent::dataplane::pins::PinLayout::new(&self.pin_dir),
         )
         .is_err()

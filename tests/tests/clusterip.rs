@@ -243,7 +243,7 @@ fn cleanup_detaches_every_program_and_removes_every_pin() {
     let program_ids = dataplane_testbed::testbed::pinned_program_ids(&tb.pin_dir).unwrap();
     assert_eq!(
         program_ids.len(),
-        dataplane_agent::dataplane::kernel::SOCKET_PROGRAMS.len(),
+        dataplane_agent::dataplane::loader::SOCKET_PROGRAMS.len(),
         "every socket-LB program is attached"
     );
     tb.stop_agent(libc::SIGTERM).unwrap();

@@ -8,7 +8,8 @@
 use std::net::Ipv4Addr;
 
 use dataplane_agent::dataplane::{
-    kernel::{self, KernelMaps, Loaded},
+    loader::Loaded,
+    maps::{self, KernelMaps},
     pins::{self, PinLayout},
     state::{MapStore, backend_value, service_key},
 };
@@ -75,7 +76,7 @@ fn put_service(maps: &mut KernelMaps, generation: u16, backend_count: u16) {
 }
 
 fn stat(tb: &Testbed, wanted: Stat) -> u64 {
-    kernel::read_stats(&PinLayout::new(&tb.pin_dir))
+    maps::read_stats(&PinLayout::new(&tb.pin_dir))
         .unwrap()
         .into_iter()
         .find_map(|(s, v)| (s == wanted).then_some(v))

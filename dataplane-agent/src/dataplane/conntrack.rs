@@ -15,7 +15,7 @@ use dataplane_common::{
     map_names,
 };
 
-use super::{kernel, pins::PinLayout, ports};
+use super::{maps, pins::PinLayout, ports};
 
 /// How long a flow may stay idle.
 #[derive(Clone, Copy, Debug)]
@@ -131,7 +131,7 @@ pub fn sweep(
     live: impl FnOnce() -> Option<BTreeSet<LiveBackend>>,
 ) -> Result<SweepReport> {
     let mut map: HashMap<MapData, CtKey, CtValue> =
-        kernel::open_pinned(layout, map_names::CONNTRACK)?;
+        maps::open_pinned(layout, map_names::CONNTRACK)?;
     let mut entries = BTreeMap::new();
     // Entries can vanish (LRU eviction) during the walk; skip those.
     for entry in map.iter().filter_map(Result::ok) {

@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use dataplane_common::map_names;
 
 /// `statfs(2)` magic numbers (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -139,4 +140,53 @@ pub fn ensure_cgroup2(path: &Path) -> Result<()> {
         bail!("{} is not a cgroup v2 directory", path.display());
     }
     Ok(())
+}
+
+/// What `cleanup` removed.
+#[derive(Debug, Default)]
+pub struct CleanupReport {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Detaches every program (by removing the link pins, their last
+/// reference) and removes every map pin and the directory.
+pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
+    let mut report = CleanupReport::default();
+    let links_dir = layout.links_dir();
+    if links_dir.exists() {
+        for entry in std::fs::read_dir(&links_dir)
+            .with_context(|| format!("listing {}", links_dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("listing {}", links_dir.display()))?
+                .path();
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing link pin {}", path.display()))?;
+            report.links.push(path.display().to_string());
+        }
+        std::fs::remove_dir(&links_dir)
+            .with_context(|| format!("removing {}", links_dir.display()))?;
+    }
+    for name in map_names::ALL {
+        let path = layout.map(name);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing map pin {}", path.display()))?;
+            report.maps.push(path.display().to_string());
+        }
+    }
+    let names = super::names::names_path(&layout.dir);
+    if names.exists() {
+        std::fs::remove_file(&names).with_context(|| format!("removing {}", names.display()))?;
+    }
+    if layout.dir.exists() {
+        std::fs::remove_dir(&layout.dir).with_context(|| {
+            format!(
+                "removing {}: it holds files the agent did not create",
+                layout.dir.display()
+            )
+        })?;
+    }
+    Ok(report)
 }

@@ -13,7 +13,7 @@ use dataplane_common::{
     PORTS_WORDS, map_names, port_bit,
 };
 
-use super::{kernel, pins::PinLayout};
+use super::{maps, pins::PinLayout};
 use crate::model::DesiredDataplane;
 
 /// A PORTS bitmap in memory.
@@ -83,7 +83,7 @@ pub struct PortFilter {
 
 impl PortFilter {
     pub fn open(layout: &PinLayout) -> Result<Self> {
-        let map: Array<MapData, u64> = kernel::open_pinned(layout, map_names::PORTS)?;
+        let map: Array<MapData, u64> = maps::open_pinned(layout, map_names::PORTS)?;
         let mut current = Bitmap::default();
         for (index, word) in current.0.iter_mut().enumerate() {
             *word = map

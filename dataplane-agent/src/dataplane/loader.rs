@@ -1,34 +1,22 @@
-//! The BPF side of the dataplane: loading the object with its pinned maps,
-//! attaching and pinning program links, and the map store the agent writes
-//! through.
+//! Loading the BPF object with its pinned maps, and attaching and pinning
+//! the program links (make-before-break over a previous agent's).
 
-use std::{fs::File, path::Path};
+use std::{collections::BTreeSet, fs::File, path::Path};
 
 use anyhow::{Context as _, Result};
-use std::{collections::BTreeSet, net::Ipv4Addr};
-
 use aya::{
     Ebpf, EbpfLoader, TestRun, TestRunOptions, TestRunResult,
-    maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray,
-        lpm_trie::{Key as LpmKey, LpmTrie},
-    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, links::FdLink,
         tc::TcAttachOptions,
     },
 };
-use dataplane_common::{
-    BackendKey, BackendValue, ConfigValue, MemberKey, ServiceKey, ServiceValue, SourceRangeKey,
-    Stat, map_names, program_names,
-};
+use dataplane_common::{map_names, program_names};
 
 use super::{
-    failpoint::MapWriteFailpoint,
+    maps::{InterfaceMaps, KernelMaps},
     pins::PinLayout,
-    state::{MapStore, PinnedState, ipv4_be, ipv4_of_be},
 };
-use crate::model::SourceRange;
 
 /// The programs, built by build.rs from the dataplane-ebpf crate.
 static PROGRAM_OBJECT: &[u8] =
@@ -50,112 +38,6 @@ pub const INTERFACE_PROGRAMS: [(&str, TcAttachType); 2] = [
     (program_names::TC_EGRESS, TcAttachType::Egress),
     (program_names::TC_INGRESS, TcAttachType::Ingress),
 ];
-
-pub struct KernelMaps {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, BackendKey, BackendValue>,
-    members: HashMap<MapData, MemberKey, u32>,
-    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
-    failpoint: MapWriteFailpoint,
-}
-
-/// The SOURCE_RANGES key: all 32 bits of the id, then the prefix.
-fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRangeKey> {
-    LpmKey::new(
-        32 + u32::from(range.prefix_len),
-        SourceRangeKey {
-            service_id_be: service_id.to_be(),
-            source_be: ipv4_be(range.ip),
-        },
-    )
-}
-
-impl MapStore for KernelMaps {
-    type Error = MapError;
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
-        self.counted(|maps| maps.services.insert(key, value, 0))
-    }
-    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        self.counted(|maps| ignore_missing(maps.services.remove(key)))
-    }
-    fn put_backend(&mut self, key: &BackendKey, value: &BackendValue) -> Result<(), MapError> {
-        self.counted(|maps| maps.backends.insert(key, value, 0))
-    }
-    fn delete_backend(&mut self, key: &BackendKey) -> Result<(), MapError> {
-        self.counted(|maps| ignore_missing(maps.backends.remove(key)))
-    }
-    fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), MapError> {
-        self.counted(|maps| maps.members.insert(key, index, 0))
-    }
-    fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
-        self.counted(|maps| ignore_missing(maps.members.remove(key)))
-    }
-    fn put_source_range(&mut self, service_id: u32, range: &SourceRange) -> Result<(), MapError> {
-        self.counted(|maps| {
-            maps.source_ranges
-                .insert(&source_range_key(service_id, range), 1, 0)
-        })
-    }
-    fn delete_source_range(
-        &mut self,
-        service_id: u32,
-        range: &SourceRange,
-    ) -> Result<(), MapError> {
-        self.counted(|maps| {
-            ignore_missing(
-                maps.source_ranges
-                    .remove(&source_range_key(service_id, range)),
-            )
-        })
-    }
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        other => other,
-    }
-}
-
-impl KernelMaps {
-    /// One map write, seen by the (test-only) failpoint.
-    fn counted<T>(&mut self, write: impl FnOnce(&mut Self) -> T) -> T {
-        let result = write(self);
-        self.failpoint.wrote();
-        result
-    }
-
-    /// Reads both maps completely: what a previous agent left is the
-    /// starting point, so ids stay stable and unchanged Services are not
-    /// rewritten.
-    pub fn read(&self) -> Result<PinnedState> {
-        let mut state = PinnedState::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry.context("reading SERVICES")?;
-            state.services.insert(key, value);
-        }
-        for entry in self.backends.iter() {
-            let (key, value) = entry.context("reading BACKENDS")?;
-            state.backends.insert(key, value);
-        }
-        for entry in self.members.iter() {
-            let (key, index) = entry.context("reading MEMBERS")?;
-            state.members.insert(key, index);
-        }
-        for key in self.source_ranges.keys() {
-            let key = key.context("reading SOURCE_RANGES")?;
-            let data = key.data();
-            state.source_ranges.insert((
-                u32::from_be(data.service_id_be),
-                SourceRange {
-                    ip: ipv4_of_be(data.source_be),
-                    prefix_len: key.prefix_len().saturating_sub(32) as u8,
-                },
-            ));
-        }
-        Ok(state)
-    }
-}
 
 /// The loaded object: programs not yet attached, maps pinned (created, or
 /// reused from a previous agent).
@@ -217,28 +99,12 @@ impl Loaded {
     }
 
     pub fn take_maps(&mut self) -> Result<KernelMaps> {
-        Ok(KernelMaps {
-            services: typed_map(self.ebpf.take_map(map_names::SERVICES), map_names::SERVICES)?,
-            backends: typed_map(self.ebpf.take_map(map_names::BACKENDS), map_names::BACKENDS)?,
-            members: typed_map(self.ebpf.take_map(map_names::MEMBERS), map_names::MEMBERS)?,
-            source_ranges: typed_map(
-                self.ebpf.take_map(map_names::SOURCE_RANGES),
-                map_names::SOURCE_RANGES,
-            )?,
-            failpoint: MapWriteFailpoint::from_env(),
-        })
+        KernelMaps::take_from(&mut self.ebpf)
     }
 
     /// The maps that configure the node-interface programs.
     pub fn take_interface_maps(&mut self) -> Result<InterfaceMaps> {
-        Ok(InterfaceMaps {
-            config: typed_map(self.ebpf.take_map(map_names::CONFIG), map_names::CONFIG)?,
-            node_ips: typed_map(self.ebpf.take_map(map_names::NODE_IPS), map_names::NODE_IPS)?,
-            tunnel_peers: typed_map(
-                self.ebpf.take_map(map_names::TUNNEL_PEERS),
-                map_names::TUNNEL_PEERS,
-            )?,
-        })
+        InterfaceMaps::take_from(&mut self.ebpf)
     }
 
     /// Attaches the socket-LB programs to `cgroup` and pins their links.
@@ -474,181 +340,10 @@ fn interface_pin_name(program: &str, interface: &str) -> String {
     format!("{program}_{}", interface.replace('.', "-"))
 }
 
-/// CONFIG and NODE_IPS: how the node-interface programs behave, and which
-/// addresses are this node's.
-pub struct InterfaceMaps {
-    config: Array<MapData, ConfigValue>,
-    node_ips: HashMap<MapData, u32, u32>,
-    tunnel_peers: HashMap<MapData, u32, u32>,
-}
-
-impl InterfaceMaps {
-    pub fn set_config(&mut self, config: &ConfigValue) -> Result<()> {
-        self.config.set(0, config, 0).context("writing CONFIG")
-    }
-
-    /// Makes NODE_IPS hold exactly this node's `addresses`.
-    pub fn set_node_ips(&mut self, addresses: &BTreeSet<Ipv4Addr>) -> Result<()> {
-        set_addresses(&mut self.node_ips, addresses, map_names::NODE_IPS)
-    }
-
-    /// Makes TUNNEL_PEERS hold exactly the cluster's node `addresses`.
-    pub fn set_tunnel_peers(&mut self, addresses: &BTreeSet<Ipv4Addr>) -> Result<()> {
-        set_addresses(&mut self.tunnel_peers, addresses, map_names::TUNNEL_PEERS)
-    }
-}
-
-/// Makes an address set map hold exactly `addresses` (new ones first, then
-/// the stale ones removed).
-fn set_addresses(
-    map: &mut HashMap<MapData, u32, u32>,
-    addresses: &BTreeSet<Ipv4Addr>,
-    name: &str,
-) -> Result<()> {
-    for address in addresses {
-        map.insert(ipv4_be(*address), 1, 0)
-            .with_context(|| format!("adding {address} to {name}"))?;
-    }
-    let stale: Vec<u32> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|key| !addresses.contains(&ipv4_of_be(*key)))
-        .collect();
-    for key in stale {
-        ignore_missing(map.remove(&key))
-            .with_context(|| format!("removing {} from {name}", ipv4_of_be(key)))?;
-    }
-    Ok(())
-}
-
 /// Where a new link waits until it replaces `pin`. bpffs refuses names with
 /// a dot (kernel/bpf/inode.c, bpf_lookup), hence the suffix.
 fn staged_path(pin: &Path) -> std::path::PathBuf {
     let mut name = pin.file_name().unwrap_or_default().to_os_string();
     name.push("_staged");
     pin.with_file_name(name)
-}
-
-fn typed_map<M>(map: Option<Map>, name: &str) -> Result<M>
-where
-    M: TryFrom<Map, Error = MapError>,
-{
-    map.with_context(|| format!("map {name} missing from the object"))?
-        .try_into()
-        .with_context(|| format!("map {name} has an unexpected type"))
-}
-
-/// Opens a pinned map by name, for readers such as `dump`.
-pub fn open_pinned<M>(layout: &PinLayout, name: &str) -> Result<M>
-where
-    M: TryFrom<Map, Error = MapError>,
-{
-    let path = layout.map(name);
-    let data = MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening {}: is the agent running with this --bpffs-dir?",
-            path.display()
-        )
-    })?;
-    let map = Map::from_map_data(data)
-        .with_context(|| format!("{} is not a map this agent can read", path.display()))?;
-    typed_map(Some(map), name)
-}
-
-pub fn open_pinned_maps(layout: &PinLayout) -> Result<KernelMaps> {
-    Ok(KernelMaps {
-        services: open_pinned(layout, map_names::SERVICES)?,
-        backends: open_pinned(layout, map_names::BACKENDS)?,
-        members: open_pinned(layout, map_names::MEMBERS)?,
-        source_ranges: open_pinned(layout, map_names::SOURCE_RANGES)?,
-        failpoint: MapWriteFailpoint::default(),
-    })
-}
-
-/// Sums the per-CPU STATS counters.
-pub fn read_stats(layout: &PinLayout) -> Result<Vec<(Stat, u64)>> {
-    let stats: PerCpuArray<MapData, u64> = open_pinned(layout, map_names::STATS)?;
-    Stat::ALL
-        .iter()
-        .map(|stat| {
-            let values = stats
-                .get(&(*stat as u32), 0)
-                .with_context(|| format!("reading stat {}", stat.name()))?;
-            Ok((*stat, values.iter().sum()))
-        })
-        .collect()
-}
-
-/// Adds `expired` to the agent-written ConntrackExpired counter (on the
-/// first CPU's slot: the programs never write that slot, so there is no
-/// race with them).
-pub fn add_conntrack_expired(layout: &PinLayout, expired: u64) -> Result<()> {
-    if expired == 0 {
-        return Ok(());
-    }
-    let mut stats: PerCpuArray<MapData, u64> = open_pinned(layout, map_names::STATS)?;
-    let index = Stat::ConntrackExpired as u32;
-    let mut values: Vec<u64> = stats
-        .get(&index, 0)
-        .context("reading the ConntrackExpired counter")?
-        .iter()
-        .copied()
-        .collect();
-    if let Some(first) = values.first_mut() {
-        *first += expired;
-    }
-    let values = aya::maps::PerCpuValues::try_from(values)
-        .context("building the ConntrackExpired values")?;
-    stats
-        .set(index, values, 0)
-        .context("writing the ConntrackExpired counter")
-}
-
-/// What `cleanup` removed.
-#[derive(Debug, Default)]
-pub struct CleanupReport {
-    pub links: Vec<String>,
-    pub maps: Vec<String>,
-}
-
-/// Detaches every program (by removing the link pins, their last
-/// reference) and removes every map pin and the directory.
-pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
-    let mut report = CleanupReport::default();
-    let links_dir = layout.links_dir();
-    if links_dir.exists() {
-        for entry in std::fs::read_dir(&links_dir)
-            .with_context(|| format!("listing {}", links_dir.display()))?
-        {
-            let path = entry
-                .with_context(|| format!("listing {}", links_dir.display()))?
-                .path();
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing link pin {}", path.display()))?;
-            report.links.push(path.display().to_string());
-        }
-        std::fs::remove_dir(&links_dir)
-            .with_context(|| format!("removing {}", links_dir.display()))?;
-    }
-    for name in map_names::ALL {
-        let path = layout.map(name);
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing map pin {}", path.display()))?;
-            report.maps.push(path.display().to_string());
-        }
-    }
-    let names = crate::dump::names_path(&layout.dir);
-    if names.exists() {
-        std::fs::remove_file(&names).with_context(|| format!("removing {}", names.display()))?;
-    }
-    if layout.dir.exists() {
-        std::fs::remove_dir(&layout.dir).with_context(|| {
-            format!(
-                "removing {}: it holds files the agent did not create",
-                layout.dir.display()
-            )
-        })?;
-    }
-    Ok(report)
 }
