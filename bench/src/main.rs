@@ -164,7 +164,7 @@ fn endpoint_change_latency(tb: &Testbed, set: &ServiceSet, changes: usize) -> Re
         vip_be: u32::from_ne_bytes(HOT_VIP.octets()),
         port_be: 80u16.to_be(),
         protocol: dataplane_common::IPPROTO_TCP,
-        scope: dataplane_common::SCOPE_ANY,
+        scope: dataplane_common::SCOPE_CLUSTER,
     };
     let hot = set.services.last().context("no hot Service")?;
     let mut latencies = Vec::with_capacity(changes);

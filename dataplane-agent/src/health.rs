@@ -7,7 +7,6 @@
 //! drain it first (KEP-3836); `/livez` ignores that.
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -104,12 +103,6 @@ impl Health {
 
 fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_nanos(time).to_string()
-}
-
-pub async fn bind(address: SocketAddr) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding the health server to {address} (--healthz-bind-address)"))
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, health: Health) -> Result<()> {

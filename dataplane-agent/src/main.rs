@@ -282,7 +282,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         node_name: node_name(args.hostname_override)?,
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
-        sweep_grace: Duration::from_secs(1),
+        retired_slot_grace: Duration::from_secs(1),
         limits: Limits {
             max_backends_per_service: args.max_backends_per_service,
             max_services: args

@@ -173,16 +173,6 @@ impl Collector for DatapathStats {
     }
 }
 
-/// Binds the metrics address up front, so a taken port fails the start
-/// with a clear error instead of a background task dying later.
-pub async fn bind(address: std::net::SocketAddr) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| {
-            format!("binding the metrics server to {address} (--metrics-bind-address)")
-        })
-}
-
 /// Serves `GET /metrics` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> Result<()> {
     let address = listener.local_addr().context("metrics listener address")?;

@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 use proptest::prelude::*;
 
 use crate::{
-    dataplane::state::{Limits, MapStore, PinnedState, frontend_of, member_key},
+    dataplane::state::{Limits, PinnedState, fake::FakeMaps, frontend_of, member_key},
     model::{
         ClusterState, NodeInfo, desired,
         fixtures::{self, meta},
@@ -150,77 +150,6 @@ fn cluster() -> impl Strategy<Value = ClusterState> {
         .prop_map(|(services, slices)| fixtures::cluster(services, slices))
 }
 
-/// A kernel stand-in that fails the writes of one chosen backend address,
-/// to drive the error paths too.
-#[derive(Default)]
-struct Maps {
-    state: PinnedState,
-    poisoned: Option<Ipv4Addr>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("injected")]
-struct Injected;
-
-impl MapStore for Maps {
-    type Error = Injected;
-    fn put_service(
-        &mut self,
-        key: &dataplane_common::ServiceKey,
-        value: &dataplane_common::ServiceValue,
-    ) -> Result<(), Injected> {
-        self.state.services.insert(*key, *value);
-        Ok(())
-    }
-    fn delete_service(&mut self, key: &dataplane_common::ServiceKey) -> Result<(), Injected> {
-        self.state.services.remove(key);
-        Ok(())
-    }
-    fn put_backend(
-        &mut self,
-        key: &dataplane_common::BackendKey,
-        value: &dataplane_common::BackendValue,
-    ) -> Result<(), Injected> {
-        if self.poisoned == Some(crate::dataplane::state::backend_of(value).ip) {
-            return Err(Injected);
-        }
-        self.state.backends.insert(*key, *value);
-        Ok(())
-    }
-    fn delete_backend(&mut self, key: &dataplane_common::BackendKey) -> Result<(), Injected> {
-        self.state.backends.remove(key);
-        Ok(())
-    }
-    fn put_member(
-        &mut self,
-        key: &dataplane_common::MemberKey,
-        index: u32,
-    ) -> Result<(), Injected> {
-        self.state.members.insert(*key, index);
-        Ok(())
-    }
-    fn delete_member(&mut self, key: &dataplane_common::MemberKey) -> Result<(), Injected> {
-        self.state.members.remove(key);
-        Ok(())
-    }
-    fn put_source_range(
-        &mut self,
-        service_id: u32,
-        range: &crate::model::SourceRange,
-    ) -> Result<(), Injected> {
-        self.state.source_ranges.insert((service_id, *range));
-        Ok(())
-    }
-    fn delete_source_range(
-        &mut self,
-        service_id: u32,
-        range: &crate::model::SourceRange,
-    ) -> Result<(), Injected> {
-        self.state.source_ranges.remove(&(service_id, *range));
-        Ok(())
-    }
-}
-
 /// Every SERVICES entry points at exactly `backend_count` slots of its
 /// generation, each with its MEMBERS entry, and ids are unique.
 fn assert_consistent(state: &PinnedState) {
@@ -267,7 +196,8 @@ proptest! {
         poisoned in prop::option::of((0u8..8).prop_map(|o| Ipv4Addr::new(10, 0, 0, o))),
     ) {
         let node = NodeInfo { name: "node-a".into(), zone: None, being_deleted: false, internal_ip: None };
-        let mut maps = Maps { poisoned, ..Maps::default() };
+        // Writes of the poisoned backend fail, to drive the error paths too.
+        let mut maps = FakeMaps { fail_backend_ip: poisoned, ..FakeMaps::default() };
         let mut mirror = PinnedState::default();
         for cluster in &states {
             let want = desired(cluster, &node);
@@ -284,7 +214,7 @@ proptest! {
                 prop_assert!(want.frontends.contains_key(frontend) || failed.contains(frontend));
             }
             let retired = mirror.unreachable_backends();
-            mirror.sweep(&retired, &mut maps);
+            mirror.free_retired(&retired, &mut maps);
             prop_assert!(mirror.unreachable_backends().is_empty(), "no orphaned slots");
             assert_consistent(&maps.state);
         }

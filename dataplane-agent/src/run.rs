@@ -19,7 +19,7 @@ use tracing::{error, info, info_span, warn};
 use crate::{
     dataplane::{
         conntrack, interfaces,
-        loader::Loaded,
+        loader::LoadedObject,
         maps::{self, InterfaceMaps, KernelMaps},
         names,
         pins::{self, PinLayout},
@@ -59,7 +59,7 @@ pub struct RunConfig {
     pub sync_period: Duration,
     /// How long a retired backend slot stays readable after the flip that
     /// retired it, for connect() calls that read the old Service entry.
-    pub sweep_grace: Duration,
+    pub retired_slot_grace: Duration,
     pub limits: Limits,
     /// Where to serve Prometheus metrics; None disables the server.
     pub metrics_bind_address: Option<SocketAddr>,
@@ -412,23 +412,23 @@ impl Agent {
     }
 
     /// When the next retired slot's grace period ends.
-    fn next_sweep(&self) -> Option<Instant> {
+    fn next_slot_release(&self) -> Option<Instant> {
         self.retired
             .values()
             .min()
-            .map(|retired_at| *retired_at + self.config.sweep_grace)
+            .map(|retired_at| *retired_at + self.config.retired_slot_grace)
     }
 
     /// Deletes the slots whose grace period has passed.
-    fn sweep(&mut self) {
+    fn free_retired_slots(&mut self) {
         let now = Instant::now();
         let due: BTreeSet<BackendKey> = self
             .retired
             .iter()
-            .filter(|(_, retired_at)| **retired_at + self.config.sweep_grace <= now)
+            .filter(|(_, retired_at)| **retired_at + self.config.retired_slot_grace <= now)
             .map(|(key, _)| *key)
             .collect();
-        let (deleted, error) = self.mirror.sweep(&due, &mut self.maps);
+        let (deleted, error) = self.mirror.free_retired(&due, &mut self.maps);
         if let Some(error) = error {
             warn!(%error, deleted, "could not delete every retired backend slot; retrying after another grace period");
         }
@@ -493,7 +493,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         .external
         .as_ref()
         .map_or(CONNTRACK_MAX_ENTRIES, |e| e.conntrack_max_entries);
-    let mut loaded = Loaded::load_with(layout, conntrack_entries)?;
+    let mut loaded = LoadedObject::load_with(layout, conntrack_entries)?;
     loaded.forward_program_logs();
     let maps = loaded.take_maps()?;
     let (interface_maps, port_filter, tunnel_source) = match &config.external {
@@ -550,7 +550,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         tunnel_source,
         warned_tunnel_source: None,
     };
-    // Slots a previous agent retired but did not sweep get a fresh grace.
+    // Slots a previous agent retired but did not free get a fresh grace.
     agent.retire_unreachable();
     // Converge before attaching, so the first connect() through the new
     // programs already sees every Service.
@@ -612,7 +612,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
                     error!(error = format!("{error:#}"), "full resync failed; the dataplane keeps its last state");
                 }
             }
-            () = sleep_until_or_forever(agent.next_sweep()) => agent.sweep(),
+            () = sleep_until_or_forever(agent.next_slot_release()) => agent.free_retired_slots(),
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }

@@ -90,7 +90,7 @@ pub const IPPROTO_SCTP: u8 = 132;
 ///
 /// Traffic that starts on this node (socket LB): ClusterIPs, and the
 /// in-cluster view of externalIPs and load-balancer IPs.
-pub const SCOPE_ANY: u8 = 0;
+pub const SCOPE_CLUSTER: u8 = 0;
 /// Traffic arriving on a node interface for an externalIP or LB IP.
 pub const SCOPE_EXTERNAL: u8 = 1;
 /// Traffic arriving on a node interface for a node IP and a nodePort; the

@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use dataplane_common::{
-    AFFINITY_CLIENT_NETNS, BackendValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_ANY, SCOPE_NODEPORT_LOCAL,
-    ServiceKey, SockRevKey, SockRevValue, Stat,
+    AFFINITY_CLIENT_NETNS, BackendValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER,
+    SCOPE_NODEPORT_LOCAL, ServiceKey, SockRevKey, SockRevValue, Stat,
 };
 
 use crate::{
@@ -118,7 +118,7 @@ fn find_frontend(
         // The port sits in the low 16 bits of user_port, in network order.
         port_be: user_port as u16,
         protocol,
-        scope: SCOPE_ANY,
+        scope: SCOPE_CLUSTER,
     };
     if let Some(service) = lb::frontend(&key) {
         return Some((key, service));

@@ -20,9 +20,9 @@ use aya_ebpf::{
 use dataplane_common::{
     AFFINITY_CLIENT_IPV4, BACKEND_FLAG_REMOTE, BackendValue, CT_FLAG_REMOTE, CT_FLAG_SNAT,
     CT_FORWARD, CT_REPLY, CT_TUNNEL_RETURN, ConfigValue, CtKey, CtValue, EXTERNAL_MODE_SNAT,
-    IPPROTO_UDP, PORT_KIND_BACKEND, PORT_KIND_FRONTEND, SCOPE_ANY, SCOPE_EXTERNAL, SCOPE_NODEPORT,
-    SERVICE_FLAG_DROP_WITHOUT_BACKENDS, SERVICE_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SourceRangeKey, Stat,
+    IPPROTO_UDP, PORT_KIND_BACKEND, PORT_KIND_FRONTEND, SCOPE_CLUSTER, SCOPE_EXTERNAL,
+    SCOPE_NODEPORT, SERVICE_FLAG_DROP_WITHOUT_BACKENDS, SERVICE_FLAG_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRangeKey, Stat,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -203,7 +203,7 @@ fn find_frontend(flow: &Flow) -> Option<ServiceValue> {
             return Some(service);
         }
     }
-    key.scope = SCOPE_ANY;
+    key.scope = SCOPE_CLUSTER;
     lb::frontend(&key)
 }
 

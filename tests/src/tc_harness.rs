@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap, MapData};
 use dataplane_agent::{
     dataplane::{
-        loader::Loaded,
+        loader::LoadedObject,
         maps::{self, KernelMaps},
         pins::{self, PinLayout, ensure_bpffs_dir},
         ports,
@@ -97,7 +97,7 @@ pub mod standard {
 }
 
 pub struct TcHarness {
-    loaded: Loaded,
+    loaded: LoadedObject,
     desired: DesiredDataplane,
     /// Dropped after the programs: pins, then the namespace.
     place: Place,
@@ -159,7 +159,7 @@ impl TcHarness {
         peers: &BTreeSet<Ipv4Addr>,
     ) -> Result<Self> {
         let place = Place::new()?;
-        let mut loaded = Loaded::load(PinLayout::new(&place.layout.dir))?;
+        let mut loaded = LoadedObject::load(PinLayout::new(&place.layout.dir))?;
         let mut maps: KernelMaps = loaded.take_maps()?;
         let mut mirror = PinnedState::default();
         let report = mirror.apply(&desired, &mut maps, &Limits::default());

@@ -150,7 +150,7 @@ fn killed_in_the_middle_of_a_10000_service_diff_the_agent_converges_exactly() {
     );
     assert!(hot_traffic.len() >= 100);
     // After the grace period every slot left is a live one.
-    tb.wait_until("retired slots are swept", Duration::from_secs(20), || {
+    tb.wait_until("retired slots are freed", Duration::from_secs(20), || {
         let output = tb.agent_cli(&["dump", "backends", "-o", "json"])?;
         let slots: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)?;
         Ok(

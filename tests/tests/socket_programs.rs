@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use dataplane_agent::dataplane::{
-    loader::Loaded,
+    loader::LoadedObject,
     maps::{self, KernelMaps},
     pins::{self, PinLayout},
     state::{MapStore, backend_value, service_key},
@@ -35,7 +35,7 @@ fn attached() -> Programs {
     tb.serve(&pod1, 8080).unwrap();
     tb.serve(&pod2, 8080).unwrap();
     pins::ensure_bpffs_dir(&tb.pin_dir).unwrap();
-    let mut loaded = Loaded::load(PinLayout::new(&tb.pin_dir)).unwrap();
+    let mut loaded = LoadedObject::load(PinLayout::new(&tb.pin_dir)).unwrap();
     let maps = loaded.take_maps().unwrap();
     loaded.attach_socket_lb(&tb.cgroup).unwrap();
     Programs {

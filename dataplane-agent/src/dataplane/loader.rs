@@ -41,12 +41,12 @@ pub const INTERFACE_PROGRAMS: [(&str, TcAttachType); 2] = [
 
 /// The loaded object: programs not yet attached, maps pinned (created, or
 /// reused from a previous agent).
-pub struct Loaded {
+pub struct LoadedObject {
     ebpf: Ebpf,
     pub layout: PinLayout,
 }
 
-impl Loaded {
+impl LoadedObject {
     /// Loads with the compiled-in map sizes.
     pub fn load(layout: PinLayout) -> Result<Self> {
         Self::load_with(layout, dataplane_common::CONNTRACK_MAX_ENTRIES)
@@ -131,7 +131,7 @@ impl Loaded {
     /// Attaches the node-interface programs to every interface in
     /// `interfaces` (TCX links, pinned as `<program>_<interface>`), with the
     /// same make-before-break replacement of a previous agent's links as
-    /// [`Loaded::attach_socket_lb`]; links of interfaces no longer listed
+    /// [`LoadedObject::attach_socket_lb`]; links of interfaces no longer listed
     /// are removed.
     pub fn attach_interfaces(&mut self, interfaces: &[String]) -> Result<()> {
         for (name, _) in INTERFACE_PROGRAMS {

@@ -216,7 +216,7 @@ impl PinnedState {
 
     /// Ids that must not be handed out: those of SERVICES entries, and those
     /// that still own backend slots (a deleted frontend's slots wait for the
-    /// sweep; a new frontend must never start on top of them).
+    /// release; a new frontend must never start on top of them).
     fn ids_in_use(&self) -> BTreeSet<u32> {
         self.services
             .values()
@@ -235,7 +235,7 @@ impl PinnedState {
     ///    of backend slots, then flip the SERVICES entry to it in one update.
     ///    A frontend over a limit is refused whole and keeps its old entry.
     ///
-    /// Slots of old generations are left for [`PinnedState::sweep`], which
+    /// Slots of old generations are left for [`PinnedState::free_retired`], which
     /// the caller runs a grace period later, so a connect() that read the
     /// old entry an instant before the flip still finds its backend.
     pub fn apply<S: MapStore>(
@@ -440,7 +440,7 @@ impl PinnedState {
     /// with its MEMBERS entry (first, so a member never outlives its slot),
     /// and any member whose generation is no longer live. Returns how many
     /// slots were deleted and the first error, if any.
-    pub fn sweep<S: MapStore>(
+    pub fn free_retired<S: MapStore>(
         &mut self,
         retired: &BTreeSet<BackendKey>,
         store: &mut S,
@@ -484,7 +484,7 @@ impl PinnedState {
         (deleted, first_error)
     }
 
-    /// Members without a slot (left by an agent that died mid-sweep).
+    /// Members without a slot (left by an agent that died while freeing retired slots).
     fn orphan_members(&self) -> Vec<MemberKey> {
         self.members
             .iter()
@@ -542,5 +542,7 @@ impl Default for Limits {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod fake;
 #[cfg(test)]
 mod tests;

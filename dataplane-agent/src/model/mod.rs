@@ -121,7 +121,7 @@ pub enum Scope {
 impl Scope {
     pub fn number(self) -> u8 {
         match self {
-            Self::Cluster => dataplane_common::SCOPE_ANY,
+            Self::Cluster => dataplane_common::SCOPE_CLUSTER,
             Self::External => dataplane_common::SCOPE_EXTERNAL,
             Self::NodePort => dataplane_common::SCOPE_NODEPORT,
             Self::NodePortLocal => dataplane_common::SCOPE_NODEPORT_LOCAL,

@@ -1,138 +1,6 @@
-use super::*;
+use super::{fake::FakeMaps, *};
 use crate::model::{FrontendEntry, ObjectName};
 use dataplane_common::MemberKey;
-
-/// A fake kernel: two maps, an op log, optional injected failures, and an
-/// invariant check after every write: each frontend's SERVICES entry always
-/// points at a complete set of slots.
-#[derive(Default)]
-struct FakeMaps {
-    state: PinnedState,
-    log: Vec<String>,
-    /// Fail writes of backends with this IP (a "full map" for that Service).
-    fail_backend_ip: Option<Ipv4Addr>,
-    /// Fail every delete (services and backends).
-    fail_deletes: bool,
-    /// After every write: the backend set each frontend would balance over.
-    visible_history: Vec<BTreeMap<ServiceKey, BTreeSet<Backend>>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("injected failure")]
-struct Injected;
-
-impl FakeMaps {
-    fn record(&mut self, op: String) {
-        self.log.push(op);
-        let mut visible = BTreeMap::new();
-        for (key, value) in &self.state.services {
-            let slots = self.state.current_backends(value);
-            assert_eq!(
-                slots.len(),
-                value.backend_count as usize,
-                "{key:?} points at missing slots after {:?}",
-                self.log
-            );
-            for (index, slot_value) in slots.iter().enumerate() {
-                let slot = BackendKey {
-                    service_id: value.service_id,
-                    generation: value.generation,
-                    index: index as u16,
-                };
-                assert_eq!(
-                    self.state.members.get(&member_key(&slot, slot_value)),
-                    Some(&(index as u32)),
-                    "{key:?}: a live slot has no member entry after {:?}",
-                    self.log
-                );
-            }
-            visible.insert(*key, slots.iter().map(backend_of).collect());
-            if value.flags & SERVICE_FLAG_SOURCE_RANGES != 0 {
-                assert!(
-                    self.state
-                        .source_ranges
-                        .iter()
-                        .any(|(id, _)| *id == value.service_id),
-                    "{key:?} checks source ranges but has none after {:?}",
-                    self.log
-                );
-            }
-        }
-        self.visible_history.push(visible);
-    }
-}
-
-impl MapStore for FakeMaps {
-    type Error = Injected;
-    fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), Injected> {
-        self.state.members.insert(*key, index);
-        self.record(format!("put_member {}/{}", key.service_id, key.generation));
-        Ok(())
-    }
-    fn delete_member(&mut self, key: &MemberKey) -> Result<(), Injected> {
-        if self.fail_deletes {
-            return Err(Injected);
-        }
-        self.state.members.remove(key);
-        self.record(format!(
-            "delete_member {}/{}",
-            key.service_id, key.generation
-        ));
-        Ok(())
-    }
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), Injected> {
-        self.state.services.insert(*key, *value);
-        self.record(format!("put_service {}", frontend_of(key).unwrap()));
-        Ok(())
-    }
-    fn delete_service(&mut self, key: &ServiceKey) -> Result<(), Injected> {
-        if self.fail_deletes {
-            return Err(Injected);
-        }
-        self.state.services.remove(key);
-        self.record(format!("delete_service {}", frontend_of(key).unwrap()));
-        Ok(())
-    }
-    fn put_backend(&mut self, key: &BackendKey, value: &BackendValue) -> Result<(), Injected> {
-        if self.fail_backend_ip == Some(backend_of(value).ip) {
-            return Err(Injected);
-        }
-        self.state.backends.insert(*key, *value);
-        self.record(format!(
-            "put_backend {}/{}/{}",
-            key.service_id, key.generation, key.index
-        ));
-        Ok(())
-    }
-    fn delete_backend(&mut self, key: &BackendKey) -> Result<(), Injected> {
-        if self.fail_deletes {
-            return Err(Injected);
-        }
-        self.state.backends.remove(key);
-        self.record(format!(
-            "delete_backend {}/{}/{}",
-            key.service_id, key.generation, key.index
-        ));
-        Ok(())
-    }
-    fn put_source_range(&mut self, service_id: u32, range: &SourceRange) -> Result<(), Injected> {
-        self.state.source_ranges.insert((service_id, *range));
-        self.record(format!("put_source_range {service_id} {range}"));
-        Ok(())
-    }
-    fn delete_source_range(
-        &mut self,
-        service_id: u32,
-        range: &SourceRange,
-    ) -> Result<(), Injected> {
-        if self.fail_deletes {
-            return Err(Injected);
-        }
-        self.state.source_ranges.remove(&(service_id, *range));
-        self.record(format!("delete_source_range {service_id} {range}"));
-        Ok(())
-    }
-}
 
 fn frontend(last_octet: u8) -> Frontend {
     Frontend::cluster(Ipv4Addr::new(10, 96, 0, last_octet), 80, Protocol::Tcp)
@@ -173,11 +41,11 @@ fn set(last_octets: &[u8]) -> BTreeSet<Backend> {
     backends(last_octets).into_iter().collect()
 }
 
-/// Applies, then sweeps what the apply retired, as the agent does.
+/// Applies, then frees what the apply retired, as the agent does.
 fn converge(mirror: &mut PinnedState, maps: &mut FakeMaps, want: &DesiredDataplane) -> ApplyReport {
     let report = mirror.apply(want, maps, &Limits::default());
     let retired = mirror.unreachable_backends();
-    let (_, error) = mirror.sweep(&retired, maps);
+    let (_, error) = mirror.free_retired(&retired, maps);
     assert!(error.is_none());
     report
 }
@@ -219,13 +87,13 @@ fn changing_backends_never_exposes_a_removed_or_partial_set() {
         );
     }
     assert_eq!(maps.visible_history.last().unwrap()[&key], new);
-    // The old generation is gone after the sweep, and the mirror is exact.
+    // The old generation is gone once freed, and the mirror is exact.
     assert_eq!(maps.state.backends.len(), 3);
     assert_eq!(mirror, maps.state);
 }
 
 #[test]
-fn old_generation_stays_until_the_sweep() {
+fn old_generation_stays_until_it_is_freed() {
     let mut mirror = PinnedState::default();
     let mut maps = FakeMaps::default();
     converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
@@ -235,7 +103,7 @@ fn old_generation_stays_until_the_sweep() {
     assert_eq!(maps.state.backends.len(), 3);
     let retired = mirror.unreachable_backends();
     assert_eq!(retired.len(), 2);
-    mirror.sweep(&retired, &mut maps);
+    mirror.free_retired(&retired, &mut maps);
     assert_eq!(maps.state.backends.len(), 1);
 }
 
@@ -373,7 +241,7 @@ fn failed_deletes_are_reported_and_retried_at_the_next_sync() {
     assert_eq!(report.failed.len(), 1);
     assert_eq!(report.failed[0].0, frontend(10));
     let retired = mirror.unreachable_backends();
-    let (deleted, error) = mirror.sweep(&retired, &mut maps);
+    let (deleted, error) = mirror.free_retired(&retired, &mut maps);
     assert_eq!(
         (deleted, error.is_some()),
         (0, false),
@@ -392,14 +260,14 @@ fn failed_deletes_are_reported_and_retried_at_the_next_sync() {
 }
 
 #[test]
-fn a_failed_sweep_keeps_the_slots_in_the_mirror() {
+fn a_failed_release_keeps_the_slots_in_the_mirror() {
     let mut mirror = PinnedState::default();
     let mut maps = FakeMaps::default();
     converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
     mirror.apply(&desired(&[(10, &[1])]), &mut maps, &Limits::default());
     maps.fail_deletes = true;
     let retired = mirror.unreachable_backends();
-    let (deleted, error) = mirror.sweep(&retired, &mut maps);
+    let (deleted, error) = mirror.free_retired(&retired, &mut maps);
     assert_eq!(deleted, 0);
     assert!(error.is_some());
     assert_eq!(
@@ -446,18 +314,18 @@ fn generations_wrap_around() {
 }
 
 #[test]
-fn an_id_is_not_reused_while_its_old_slots_wait_for_the_sweep() {
+fn an_id_is_not_reused_while_its_old_slots_wait_to_be_freed() {
     let mut mirror = PinnedState::default();
     let mut maps = FakeMaps::default();
     converge(&mut mirror, &mut maps, &desired(&[(10, &[1, 2])]));
     let old_id = maps.state.services[&service_key(&frontend(10))].service_id;
     // Frontend 10 goes and frontend 11 arrives in the same sync, before the
-    // sweep has removed 10's slots.
+    // release has removed 10's slots.
     mirror.apply(&desired(&[(11, &[3])]), &mut maps, &Limits::default());
     let new_id = maps.state.services[&service_key(&frontend(11))].service_id;
     assert_ne!(new_id, old_id);
     let retired = mirror.unreachable_backends();
-    mirror.sweep(&retired, &mut maps);
+    mirror.free_retired(&retired, &mut maps);
     let visible = maps.visible_history.last().unwrap();
     assert_eq!(visible[&service_key(&frontend(11))], set(&[3]));
     assert_eq!(maps.state.backends.len(), 1);
@@ -525,7 +393,7 @@ fn switching_affinity_updates_the_entry_in_place() {
 }
 
 #[test]
-fn members_follow_their_slots_through_updates_and_sweeps() {
+fn members_follow_their_slots_through_updates_and_releases() {
     let mut mirror = PinnedState::default();
     let mut maps = FakeMaps::default();
     converge(
@@ -553,7 +421,7 @@ fn orphan_members_are_swept() {
     };
     maps.state.members.insert(orphan, 0);
     let mut restarted = maps.state.clone();
-    let (_, error) = restarted.sweep(&BTreeSet::new(), &mut maps);
+    let (_, error) = restarted.free_retired(&BTreeSet::new(), &mut maps);
     assert!(error.is_none());
     assert!(!maps.state.members.contains_key(&orphan));
     assert_eq!(restarted, maps.state);
