@@ -1,4 +1,6 @@
 //! The dataplane agent: `source -> model -> dataplane -> kernel`.
+pub mod config;
+pub mod conntrack_sweeper;
 pub mod dataplane;
 pub mod dump;
 pub mod health;

@@ -5,9 +5,9 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
+    config::{ExternalConfig, ExternalMode, RunConfig, SourceConfig},
     dataplane::{conntrack, interfaces, maps, names, pins, state::Limits},
-    dump,
-    run::{self, ExternalConfig, ExternalMode, RunConfig, SourceConfig},
+    dump, run,
 };
 
 #[derive(Parser)]
@@ -101,7 +101,7 @@ struct RunArgs {
     /// keeps the client's address (VXLAN to the backend's node, which must
     /// run this agent too), `snat` masquerades to this node's address.
     #[arg(long, value_enum, default_value = "tunnel")]
-    external_mode: ExternalMode,
+    external_mode: ExternalModeArg,
     /// This node's address for the tunnel and SNAT; default: the first
     /// IPv4 address of the first --interfaces entry.
     #[arg(long)]
@@ -223,40 +223,22 @@ fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
     Ok((min, max))
 }
 
-/// The --interfaces list with `auto` replaced by the default routes'
-/// interfaces.
-fn resolve_interfaces(flag: &[String]) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for interface in flag.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
-        if interface == "auto" {
-            let found = interfaces::default_route_interfaces()?;
-            if found.is_empty() {
-                tracing::warn!(
-                    "--interfaces auto: no IPv4 default route in this network namespace, so no interface for NodePort and load-balancer traffic; name the interfaces to serve them"
-                );
-            }
-            out.extend(found);
-        } else {
-            out.push(interface.to_owned());
-        }
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    out.retain(|i| seen.insert(i.clone()));
-    Ok(out)
+/// `--external-mode`, as the command line spells it.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ExternalModeArg {
+    /// VXLAN to the backend's node; the backend sees the client's address.
+    Tunnel,
+    /// Masquerade to this node's address (kube-proxy's behaviour).
+    Snat,
 }
 
-fn check_interfaces(interfaces: &[String]) -> Result<()> {
-    for interface in interfaces {
-        // if_nametoindex asks the kernel about this network namespace;
-        // /sys/class/net shows whichever namespace sysfs was mounted in.
-        let name = std::ffi::CString::new(interface.as_str())
-            .with_context(|| format!("--interfaces: {interface:?} is not a name"))?;
-        // SAFETY: a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            bail!("--interfaces: no interface {interface:?} in this network namespace");
+impl From<ExternalModeArg> for ExternalMode {
+    fn from(mode: ExternalModeArg) -> Self {
+        match mode {
+            ExternalModeArg::Tunnel => Self::Tunnel,
+            ExternalModeArg::Snat => Self::Snat,
         }
     }
-    Ok(())
 }
 
 async fn run_agent(args: RunArgs) -> Result<()> {
@@ -266,8 +248,8 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             kubeconfig: args.kubeconfig,
         },
     };
-    let interfaces = resolve_interfaces(&args.interfaces)?;
-    check_interfaces(&interfaces)?;
+    let interfaces = interfaces::resolve(&args.interfaces)?;
+    interfaces::check_exist(&interfaces)?;
     if args.sync_period.is_zero() {
         bail!("--sync-period must be longer than zero");
     }
@@ -297,7 +279,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         cleanup_kube_proxy_rules: args.cleanup_kube_proxy_rules,
         external: (!interfaces.is_empty()).then_some(ExternalConfig {
             interfaces,
-            mode: args.external_mode,
+            mode: args.external_mode.into(),
             node_ip: args.node_ip,
             tunnel_port: args.tunnel_port,
             vni: args.tunnel_vni,

@@ -17,7 +17,32 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::dataplane::{maps, pins::PinLayout};
+use dataplane_common::{BACKENDS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, map_names};
+
+use crate::{
+    dataplane::{
+        maps,
+        pins::PinLayout,
+        state::{ApplyReport, PinnedState},
+    },
+    model::DesiredDataplane,
+};
+
+/// What one sync did, for [`Metrics::record_sync`].
+pub struct SyncOutcome<'a> {
+    pub desired: &'a DesiredDataplane,
+    pub report: &'a ApplyReport,
+    /// The maps as the sync left them.
+    pub programmed: &'a PinnedState,
+    /// Objects the source could not read.
+    pub parse_problems: usize,
+    pub elapsed: std::time::Duration,
+}
+
+/// A count as a gauge value.
+pub fn gauge(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FrontendErrorLabels {
@@ -60,6 +85,92 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Records one pass of the conntrack sweeper: entries left, the
+    /// table's size, flows it expired, and the LRU's evictions so far (None
+    /// when they could not be counted).
+    pub fn record_conntrack_sweep(
+        &self,
+        entries: usize,
+        capacity: u32,
+        expired: usize,
+        evicted: Option<u64>,
+    ) {
+        let labels = MapLabels {
+            map: map_names::CONNTRACK.into(),
+        };
+        self.map_entries.get_or_create(&labels).set(gauge(entries));
+        self.map_capacity
+            .get_or_create(&labels)
+            .set(i64::from(capacity));
+        if let Some(evicted) = evicted {
+            self.conntrack_evicted
+                .set(i64::try_from(evicted).unwrap_or(i64::MAX));
+        }
+        self.conntrack_expired_total.inc_by(expired as u64);
+    }
+
+    /// Records what one sync did.
+    pub fn record_sync(&self, outcome: &SyncOutcome<'_>) {
+        let SyncOutcome {
+            desired,
+            report,
+            programmed,
+            parse_problems,
+            elapsed,
+        } = outcome;
+        let m = self;
+        m.sync_duration_seconds.observe(elapsed.as_secs_f64());
+        m.last_sync_timestamp_seconds.set(unix_now_seconds());
+        m.frontends_programmed.set(gauge(programmed.services.len()));
+        m.backends_programmed
+            .set(gauge(programmed.live_backend_count()));
+        m.invalid_objects
+            .set(gauge(parse_problems + desired.skipped.len()));
+        m.frontend_errors.clear();
+        for (frontend, error) in &report.failed {
+            let service = desired
+                .frontends
+                .get(frontend)
+                .map(|e| e.service.to_string());
+            m.frontend_errors
+                .get_or_create(&FrontendErrorLabels {
+                    service: service.unwrap_or_default(),
+                    frontend: frontend.to_string(),
+                    reason: error.reason().into(),
+                })
+                .set(1);
+            m.frontend_errors_total
+                .get_or_create(&ReasonLabels {
+                    reason: error.reason().into(),
+                })
+                .inc();
+        }
+        let maps = [
+            (
+                map_names::SERVICES,
+                programmed.services.len(),
+                SERVICES_MAX_ENTRIES,
+            ),
+            (
+                map_names::BACKENDS,
+                programmed.backends.len(),
+                BACKENDS_MAX_ENTRIES,
+            ),
+            (
+                map_names::MEMBERS,
+                programmed.members.len(),
+                BACKENDS_MAX_ENTRIES,
+            ),
+        ];
+        for (name, entries, capacity) in maps {
+            let labels = MapLabels { map: name.into() };
+            m.map_entries.get_or_create(&labels).set(gauge(entries));
+            m.map_capacity
+                .get_or_create(&labels)
+                .set(i64::from(capacity));
+        }
+    }
+
     /// The metrics and a registry holding them, plus the datapath counters
     /// read from the pinned STATS map at each scrape.
     pub fn new(layout: PinLayout) -> (Self, Registry) {

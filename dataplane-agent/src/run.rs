@@ -2,102 +2,43 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    net::{Ipv4Addr, SocketAddr},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result};
 use dataplane_common::{
-    BACKENDS_MAX_ENTRIES, BackendKey, CONNTRACK_MAX_ENTRIES, ConfigValue, EXTERNAL_MODE_SNAT,
-    EXTERNAL_MODE_TUNNEL, SERVICES_MAX_ENTRIES, Stat, map_names,
+    BackendKey, CONNTRACK_MAX_ENTRIES, ConfigValue, EXTERNAL_MODE_SNAT, EXTERNAL_MODE_TUNNEL,
 };
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tracing::{error, info, info_span, warn};
 
 use crate::{
+    config::{ExternalConfig, ExternalMode, RunConfig, SourceConfig},
+    conntrack_sweeper::{self, LiveBackendsSender, SharedPortFilter, lock},
     dataplane::{
-        conntrack, interfaces,
+        interfaces,
         loader::LoadedObject,
-        maps::{self, InterfaceMaps, KernelMaps},
+        maps::{InterfaceMaps, KernelMaps},
         names,
         pins::{self, PinLayout},
         ports::{self, PortFilter},
-        state::{ApplyReport, Limits, PinnedState, ipv4_be},
+        state::{PinnedState, ipv4_be},
     },
     health::{self, Health},
-    metrics::{self, FrontendErrorLabels, MapLabels, Metrics, ReasonLabels},
+    metrics::{self, Metrics, SyncOutcome},
     model::{self, ClusterState, NodeInfo, ObjectName},
     service_health::{ServiceHealthServers, ServiceHealthTarget},
     source::{
-        Changes,
+        Changes, Snapshot,
         kube::{self, KubeSource},
         manifests::{self, ManifestDir},
     },
 };
-
-/// Where cluster state comes from.
-#[derive(Clone, Debug)]
-pub enum SourceConfig {
-    /// A directory of YAML, watched.
-    Manifests(PathBuf),
-    /// The API server: `--kubeconfig`, or in-cluster config.
-    Kube { kubeconfig: Option<PathBuf> },
-}
-
-/// Everything `dataplane-agent run` needs, resolved from flags.
-#[derive(Clone, Debug)]
-pub struct RunConfig {
-    pub source: SourceConfig,
-    pub cgroup: PathBuf,
-    pub bpffs_dir: PathBuf,
-    pub node_name: String,
-    pub min_sync_period: Duration,
-    /// Full resync: re-read the pinned maps and converge, even without a
-    /// change (kube-proxy's --sync-period).
-    pub sync_period: Duration,
-    /// How long a retired backend slot stays readable after the flip that
-    /// retired it, for connect() calls that read the old Service entry.
-    pub retired_slot_grace: Duration,
-    pub limits: Limits,
-    /// Where to serve Prometheus metrics; None disables the server.
-    pub metrics_bind_address: Option<SocketAddr>,
-    /// Where to serve /healthz; None disables the server.
-    pub healthz_bind_address: Option<SocketAddr>,
-    /// Remove a parked kube-proxy's iptables chains and nftables tables at
-    /// start.
-    pub cleanup_kube_proxy_rules: bool,
-    /// The north-south datapath; None when no interface is configured.
-    pub external: Option<ExternalConfig>,
-    /// Where healthCheckNodePorts are served (kube-proxy: every address).
-    pub health_check_bind_ip: IpAddr,
-}
-
-/// How external traffic reaches a backend on another node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExternalMode {
-    /// VXLAN to the backend's node; the backend sees the client's address.
-    Tunnel,
-    /// Masquerade to this node's address (kube-proxy's behaviour).
-    Snat,
-}
-
-/// The node-interface (north-south) datapath's settings.
-#[derive(Clone, Debug)]
-pub struct ExternalConfig {
-    pub interfaces: Vec<String>,
-    pub mode: ExternalMode,
-    /// The tunnel's and SNAT's source address; default: the first IPv4
-    /// address of the first interface.
-    pub node_ip: Option<Ipv4Addr>,
-    pub tunnel_port: u16,
-    pub vni: u32,
-    pub snat_ports: (u16, u16),
-    pub conntrack: conntrack::Timeouts,
-    pub conntrack_sweep_period: Duration,
-    pub conntrack_max_entries: u32,
-}
 
 /// A started source.
 enum Source {
@@ -122,12 +63,18 @@ impl Source {
         })
     }
 
-    fn load(&mut self) -> Result<manifests::Loaded> {
+    fn snapshot(&mut self) -> Result<Snapshot> {
         match self {
-            Self::Manifests { dir, .. } => dir.load(),
-            Self::Kube(kube) => Ok(manifests::Loaded {
+            Self::Manifests { dir, .. } => {
+                let loaded = dir.load()?;
+                Ok(Snapshot {
+                    cluster: loaded.cluster,
+                    problems: loaded.problems,
+                })
+            }
+            Self::Kube(kube) => Ok(Snapshot {
                 cluster: kube.snapshot(),
-                ..manifests::Loaded::default()
+                problems: Vec::new(),
             }),
         }
     }
@@ -151,17 +98,13 @@ struct Agent {
     interface_maps: Option<InterfaceMaps>,
     /// The backends each frontend id uses after the last sync, for the
     /// conntrack sweep's stale-UDP check; None until the first sync.
-    live_backends: LiveBackends,
+    live_backends: LiveBackendsSender,
     /// PORTS, when the interface programs run.
     port_filter: Option<SharedPortFilter>,
     /// The address tunnel packets leave from, when the programs run.
     tunnel_source: Option<Ipv4Addr>,
     warned_tunnel_source: Option<Ipv4Addr>,
 }
-
-type SharedPortFilter = Arc<std::sync::Mutex<PortFilter>>;
-
-type LiveBackends = Arc<std::sync::Mutex<Option<BTreeSet<conntrack::LiveBackend>>>>;
 
 /// The annotation the EndpointSlice controller sets to when the change that
 /// produced a slice happened; kube-proxy measures programming latency from it.
@@ -172,15 +115,15 @@ impl Agent {
         let span = info_span!("sync");
         let _entered = span.enter();
         let started = std::time::Instant::now();
-        let loaded = self.source.load()?;
+        let snapshot = self.source.snapshot()?;
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
-        for problem in &loaded.problems {
+        for problem in &snapshot.problems {
             warn!(%problem, "skipping manifest");
         }
-        let node = NodeInfo::from_cluster(&loaded.cluster, &self.config.node_name);
+        let node = NodeInfo::from_cluster(&snapshot.cluster, &self.config.node_name);
         self.health.set_node_eligible(!node.being_deleted);
         self.check_tunnel_source(&node);
-        let desired = model::desired(&loaded.cluster, &node);
+        let desired = model::desired(&snapshot.cluster, &node);
         for skipped in &desired.skipped {
             warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
         }
@@ -188,7 +131,7 @@ impl Agent {
         let apply_started = std::time::Instant::now();
         // While the maps change, which backends are live is unknown to the
         // conntrack sweep: it cuts no UDP flow until the sync publishes.
-        *lock(&self.live_backends) = None;
+        self.live_backends.send_replace(None);
         if let Some(filter) = &self.port_filter {
             // Ports first, so the first packet of a new frontend is looked at.
             let wanted = ports::of_desired(&desired);
@@ -219,8 +162,14 @@ impl Agent {
         }
         self.serve_health_checks(&desired);
         self.health.updated(SystemTime::now());
-        self.record_metrics(&desired, &report, loaded.problems.len(), started.elapsed());
-        self.observe_programming_latency(&loaded.cluster);
+        self.metrics.record_sync(&SyncOutcome {
+            desired: &desired,
+            report: &report,
+            programmed: &self.mirror,
+            parse_problems: snapshot.problems.len(),
+            elapsed: started.elapsed(),
+        });
+        self.observe_programming_latency(&snapshot.cluster);
         if let Err(error) = names::write_names(&self.config.bpffs_dir, &desired) {
             warn!(
                 error = format!("{error:#}"),
@@ -233,7 +182,7 @@ impl Agent {
             updated = report.updated,
             removed = report.removed,
             failed = report.failed.len(),
-            invalid_objects = loaded.problems.len() + desired.skipped.len(),
+            invalid_objects = snapshot.problems.len() + desired.skipped.len(),
             load_ms,
             apply_ms,
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -271,7 +220,7 @@ impl Agent {
                     .map(move |b| (value.service_id, b.ip_be, b.port_be))
             })
             .collect();
-        *lock(&self.live_backends) = Some(live);
+        self.live_backends.send_replace(Some(live));
     }
 
     /// kube-proxy's per-Service health checks for externalTrafficPolicy
@@ -309,68 +258,6 @@ impl Agent {
             maps.set_node_ips(&addresses)?;
         }
         self.sync()
-    }
-
-    fn record_metrics(
-        &self,
-        desired: &model::DesiredDataplane,
-        report: &ApplyReport,
-        parse_problems: usize,
-        elapsed: Duration,
-    ) {
-        let m = &self.metrics;
-        m.sync_duration_seconds.observe(elapsed.as_secs_f64());
-        m.last_sync_timestamp_seconds
-            .set(metrics::unix_now_seconds());
-        m.frontends_programmed
-            .set(gauge(self.mirror.services.len()));
-        m.backends_programmed
-            .set(gauge(self.mirror.live_backend_count()));
-        m.invalid_objects
-            .set(gauge(parse_problems + desired.skipped.len()));
-        m.frontend_errors.clear();
-        for (frontend, error) in &report.failed {
-            let service = desired
-                .frontends
-                .get(frontend)
-                .map(|e| e.service.to_string());
-            m.frontend_errors
-                .get_or_create(&FrontendErrorLabels {
-                    service: service.unwrap_or_default(),
-                    frontend: frontend.to_string(),
-                    reason: error.reason().into(),
-                })
-                .set(1);
-            m.frontend_errors_total
-                .get_or_create(&ReasonLabels {
-                    reason: error.reason().into(),
-                })
-                .inc();
-        }
-        let maps = [
-            (
-                map_names::SERVICES,
-                self.mirror.services.len(),
-                SERVICES_MAX_ENTRIES,
-            ),
-            (
-                map_names::BACKENDS,
-                self.mirror.backends.len(),
-                BACKENDS_MAX_ENTRIES,
-            ),
-            (
-                map_names::MEMBERS,
-                self.mirror.members.len(),
-                BACKENDS_MAX_ENTRIES,
-            ),
-        ];
-        for (name, entries, capacity) in maps {
-            let labels = MapLabels { map: name.into() };
-            m.map_entries.get_or_create(&labels).set(gauge(entries));
-            m.map_capacity
-                .get_or_create(&labels)
-                .set(i64::from(capacity));
-        }
     }
 
     /// kube-proxy's network programming latency: from each EndpointSlice's
@@ -545,7 +432,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             Arc::new(move || health.check(SystemTime::now()).0)
         }),
         interface_maps,
-        live_backends: Arc::default(),
+        live_backends: watch::Sender::new(None),
         port_filter,
         tunnel_source,
         warned_tunnel_source: None,
@@ -559,11 +446,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     if let Some(external) = &agent.config.external {
         loaded.attach_interfaces(&external.interfaces)?;
         info!(interfaces = ?external.interfaces, mode = ?external.mode, "node interfaces attached");
-        spawn_conntrack_sweep(
+        conntrack_sweeper::spawn(
             PinLayout::new(&agent.config.bpffs_dir),
             external.clone(),
             agent.metrics.clone(),
-            agent.live_backends.clone(),
+            agent.live_backends.subscribe(),
             agent.port_filter.clone(),
         );
     }
@@ -657,95 +544,6 @@ fn first_address_of_first_interface(external: &ExternalConfig) -> Result<Ipv4Add
         .with_context(|| {
             format!("interface {first} has no IPv4 address; pass --node-ip to choose the tunnel and SNAT address")
         })
-}
-
-/// Expires idle flows from CONNTRACK periodically, off the async workers.
-fn spawn_conntrack_sweep(
-    layout: PinLayout,
-    external: ExternalConfig,
-    metrics: Metrics,
-    live_backends: LiveBackends,
-    port_filter: Option<SharedPortFilter>,
-) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(external.conntrack_sweep_period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let layout_for_stats = layout.clone();
-        loop {
-            tick.tick().await;
-            let layout = layout.clone();
-            let timeouts = external.conntrack;
-            let live_backends = live_backends.clone();
-            let swept = tokio::task::spawn_blocking(move || {
-                conntrack::sweep(&layout, &timeouts, maps::monotonic_now_ns(), || {
-                    lock(&live_backends).clone()
-                })
-            })
-            .await;
-            match swept {
-                Ok(Ok(report)) => {
-                    let labels = MapLabels {
-                        map: map_names::CONNTRACK.into(),
-                    };
-                    metrics
-                        .map_entries
-                        .get_or_create(&labels)
-                        .set(gauge(report.entries));
-                    metrics
-                        .map_capacity
-                        .get_or_create(&labels)
-                        .set(i64::from(external.conntrack_max_entries));
-                    match record_evictions(&layout_for_stats, &report) {
-                        Ok(evicted) => {
-                            metrics.conntrack_evicted.set(gauge(evicted as usize));
-                        }
-                        Err(error) => warn!(
-                            error = format!("{error:#}"),
-                            "conntrack eviction count not updated"
-                        ),
-                    }
-                    metrics
-                        .conntrack_expired_total
-                        .inc_by(report.expired as u64);
-                    if let Some(filter) = &port_filter
-                        && let Err(error) = lock(filter).retain(&report.ports_in_use)
-                    {
-                        warn!(error = format!("{error:#}"), "PORTS not trimmed");
-                    }
-                }
-                Ok(Err(error)) => warn!(error = format!("{error:#}"), "conntrack sweep failed"),
-                Err(error) => warn!(%error, "conntrack sweep task failed"),
-            }
-        }
-    });
-}
-
-/// Adds the sweep's expirations to the pinned counter and returns how many
-/// entries the LRU evicted since the maps were created: every entry written
-/// is still there, was expired by a sweep, or was evicted.
-fn record_evictions(layout: &PinLayout, report: &conntrack::SweepReport) -> Result<u64> {
-    maps::add_conntrack_expired(layout, report.expired as u64)?;
-    let stats = maps::read_stats(layout)?;
-    let stat = |wanted| {
-        stats
-            .iter()
-            .find(|(s, _)| *s == wanted)
-            .map_or(0, |(_, v)| *v)
-    };
-    Ok(stat(Stat::ExtConntrackCreated)
-        .saturating_sub(stat(Stat::ConntrackExpired))
-        .saturating_sub(report.entries as u64))
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A count as a gauge value (saturating; counts never approach i64::MAX).
-fn gauge(count: usize) -> i64 {
-    i64::try_from(count).unwrap_or(i64::MAX)
 }
 
 async fn sleep_until_or_forever(deadline: Option<Instant>) {

@@ -62,6 +62,43 @@ fn default_routes_in(table: &str) -> Vec<String> {
     out
 }
 
+/// The --interfaces list with `auto` replaced by the default routes'
+/// interfaces.
+pub fn resolve(flag: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for interface in flag.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        if interface == "auto" {
+            let found = default_route_interfaces()?;
+            if found.is_empty() {
+                tracing::warn!(
+                    "--interfaces auto: no IPv4 default route in this network namespace, so no interface for NodePort and load-balancer traffic; name the interfaces to serve them"
+                );
+            }
+            out.extend(found);
+        } else {
+            out.push(interface.to_owned());
+        }
+    }
+    let mut seen = BTreeSet::new();
+    out.retain(|i| seen.insert(i.clone()));
+    Ok(out)
+}
+
+/// Fails unless every interface exists in this network namespace.
+pub fn check_exist(interfaces: &[String]) -> Result<()> {
+    for interface in interfaces {
+        // if_nametoindex asks the kernel about this network namespace;
+        // /sys/class/net shows whichever namespace sysfs was mounted in.
+        let name = std::ffi::CString::new(interface.as_str())
+            .with_context(|| format!("--interfaces: {interface:?} is not a name"))?;
+        // SAFETY: a valid NUL-terminated string.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            bail!("--interfaces: no interface {interface:?} in this network namespace");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

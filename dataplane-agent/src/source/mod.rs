@@ -6,6 +6,17 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use crate::model::ClusterState;
+
+/// One read of the cluster, what a sync computes the model from.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub cluster: ClusterState,
+    /// What a source could not read and skipped (manifest documents; the
+    /// API source decodes through kube-rs and reports nothing here).
+    pub problems: Vec<manifests::ParseProblem>,
+}
+
 /// How a source says "something changed": wakes the sync loop, and first
 /// runs a hook at arrival (health's "an update is queued"), so a stuck sync
 /// loop still shows in /healthz, as kube-proxy's informer handlers do.

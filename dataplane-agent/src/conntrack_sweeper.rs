@@ -1,0 +1,109 @@
+//! The conntrack sweeper task: every `--conntrack-sweep-period` it expires
+//! idle flows (and UDP flows to backends their frontend no longer uses)
+//! from the pinned CONNTRACK map, trims PORTS, and reports to the metrics.
+//! The sync loop tells it, one way, which backends are live.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use anyhow::Result;
+use dataplane_common::Stat;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::{
+    config::ExternalConfig,
+    dataplane::{
+        conntrack::{self, LiveBackend},
+        maps,
+        pins::PinLayout,
+        ports::PortFilter,
+    },
+    metrics::Metrics,
+};
+
+/// The backends each frontend id uses after the last sync; None while a
+/// sync changes the maps (the sweeper then cuts no UDP flow).
+pub type LiveBackendsSender = watch::Sender<Option<BTreeSet<LiveBackend>>>;
+
+/// PORTS: the sync loop sets the bits of new frontends, the sweeper clears
+/// those no frontend and no flow uses.
+pub type SharedPortFilter = Arc<Mutex<PortFilter>>;
+
+/// Starts the sweeper; it runs as long as the process, each pass off the
+/// async workers.
+pub fn spawn(
+    layout: PinLayout,
+    external: ExternalConfig,
+    metrics: Metrics,
+    live_backends: watch::Receiver<Option<BTreeSet<LiveBackend>>>,
+    port_filter: Option<SharedPortFilter>,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(external.conntrack_sweep_period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let layout_for_stats = layout.clone();
+        loop {
+            tick.tick().await;
+            let layout = layout.clone();
+            let timeouts = external.conntrack;
+            let live_backends = live_backends.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                conntrack::sweep(&layout, &timeouts, maps::monotonic_now_ns(), || {
+                    live_backends.borrow().clone()
+                })
+            })
+            .await;
+            match swept {
+                Ok(Ok(report)) => {
+                    let evicted = record_evictions(&layout_for_stats, &report)
+                        .inspect_err(|error| {
+                            warn!(
+                                error = format!("{error:#}"),
+                                "conntrack eviction count not updated"
+                            );
+                        })
+                        .ok();
+                    metrics.record_conntrack_sweep(
+                        report.entries,
+                        external.conntrack_max_entries,
+                        report.expired,
+                        evicted,
+                    );
+                    if let Some(filter) = &port_filter
+                        && let Err(error) = lock(filter).retain(&report.ports_in_use)
+                    {
+                        warn!(error = format!("{error:#}"), "PORTS not trimmed");
+                    }
+                }
+                Ok(Err(error)) => warn!(error = format!("{error:#}"), "conntrack sweep failed"),
+                Err(error) => warn!(%error, "conntrack sweep task failed"),
+            }
+        }
+    });
+}
+
+/// Adds the sweep's expirations to the pinned counter and returns how many
+/// entries the LRU evicted since the maps were created: every entry written
+/// is still there, was expired by a sweep, or was evicted.
+fn record_evictions(layout: &PinLayout, report: &conntrack::SweepReport) -> Result<u64> {
+    maps::add_conntrack_expired(layout, report.expired as u64)?;
+    let stats = maps::read_stats(layout)?;
+    let stat = |wanted| {
+        stats
+            .iter()
+            .find(|(s, _)| *s == wanted)
+            .map_or(0, |(_, v)| *v)
+    };
+    Ok(stat(Stat::ExtConntrackCreated)
+        .saturating_sub(stat(Stat::ConntrackExpired))
+        .saturating_sub(report.entries as u64))
+}
+
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
