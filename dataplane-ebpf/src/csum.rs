@@ -1,4 +1,4 @@
-//! Internet checksums (RFC 1071) of headers built from scratch. Rewrites of
+//! Headers built from scratch and their Internet checksums (RFC 1071). Rewrites of
 //! existing packets use the kernel's incremental helpers instead (nat.rs).
 
 use crate::packet::IPV4_MIN_HLEN;
@@ -23,10 +23,34 @@ pub fn fold(mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
-/// The checksum of a 20-byte IPv4 header whose checksum field is 0.
+/// The TTL of packets this node originates (tunnel, answers).
+const TTL: u8 = 64;
+/// IPv4 "don't fragment".
+const IP_DF: u16 = 0x4000;
+
+/// A 20-byte IPv4 header from this node, with its checksum: the tunnel's
+/// outer header and the answers (RST, ICMP) the programs send.
 #[inline(always)]
-pub fn ipv4_header(header: &[u8; IPV4_MIN_HLEN]) -> u16 {
-    fold(sum_words(header))
+pub fn ipv4_header(
+    src_be: u32,
+    dst_be: u32,
+    protocol: u8,
+    total_len: u16,
+    dont_fragment: bool,
+) -> [u8; IPV4_MIN_HLEN] {
+    let mut header = [0u8; IPV4_MIN_HLEN];
+    header[0] = 0x45;
+    header[2..4].copy_from_slice(&total_len.to_be_bytes());
+    if dont_fragment {
+        header[6..8].copy_from_slice(&IP_DF.to_be_bytes());
+    }
+    header[8] = TTL;
+    header[9] = protocol;
+    header[12..16].copy_from_slice(&src_be.to_ne_bytes());
+    header[16..20].copy_from_slice(&dst_be.to_ne_bytes());
+    let checksum = fold(sum_words(&header));
+    header[10..12].copy_from_slice(&checksum.to_be_bytes());
+    header
 }
 
 /// The unfolded sum of the TCP/UDP pseudo header.

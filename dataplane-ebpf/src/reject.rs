@@ -25,7 +25,6 @@ use crate::{
 const ICMP_DEST_UNREACHABLE: u8 = 3;
 pub const ICMP_PORT_UNREACHABLE: u8 = 3;
 pub const ICMP_FRAG_NEEDED: u8 = 4;
-const REPLY_TTL: u8 = 64;
 /// The original IPv4 header plus the first 8 bytes of its payload
 /// (RFC 792), for a header without options.
 const QUOTED_LEN: usize = IPV4_MIN_HLEN + UDP_HLEN;
@@ -74,7 +73,13 @@ pub fn tcp_reset(ctx: &TcContext, ip: &Ipv4, flow: &Flow) -> Result<(), NoAnswer
     let sum = csum::pseudo_header(flow.dst_be, flow.src_be, IPPROTO_TCP, TCP_MIN_HLEN as u16)
         + csum::sum_words(&tcp);
     tcp[16..18].copy_from_slice(&csum::fold(sum).to_be_bytes());
-    let ip_header = reply_ip_header(flow.dst_be, flow.src_be, IPPROTO_TCP, TCP_MIN_HLEN);
+    let ip_header = csum::ipv4_header(
+        flow.dst_be,
+        flow.src_be,
+        IPPROTO_TCP,
+        (IPV4_MIN_HLEN + TCP_MIN_HLEN) as u16,
+        false,
+    );
     rewrite_as(ctx, &ip_header, &tcp)
 }
 
@@ -102,7 +107,13 @@ pub fn icmp_unreachable(
     icmp[ICMP_HLEN..].copy_from_slice(&quoted);
     let checksum = csum::fold(csum::sum_words(&icmp));
     icmp[2..4].copy_from_slice(&checksum.to_be_bytes());
-    let ip_header = reply_ip_header(from_be, ip.src_be, IPPROTO_ICMP, icmp.len());
+    let ip_header = csum::ipv4_header(
+        from_be,
+        ip.src_be,
+        IPPROTO_ICMP,
+        (IPV4_MIN_HLEN + icmp.len()) as u16,
+        false,
+    );
     rewrite_as(ctx, &ip_header, &icmp)
 }
 
@@ -114,20 +125,6 @@ pub fn bounce(ctx: &TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: helper without preconditions.
     unsafe { bpf_redirect(ifindex, 0) as i32 }
-}
-
-#[inline(always)]
-fn reply_ip_header(src_be: u32, dst_be: u32, protocol: u8, payload: usize) -> [u8; IPV4_MIN_HLEN] {
-    let mut header = [0u8; IPV4_MIN_HLEN];
-    header[0] = 0x45;
-    header[2..4].copy_from_slice(&((IPV4_MIN_HLEN + payload) as u16).to_be_bytes());
-    header[8] = REPLY_TTL;
-    header[9] = protocol;
-    header[12..16].copy_from_slice(&src_be.to_ne_bytes());
-    header[16..20].copy_from_slice(&dst_be.to_ne_bytes());
-    let checksum = csum::ipv4_header(&header);
-    header[10..12].copy_from_slice(&checksum.to_be_bytes());
-    header
 }
 
 /// Makes the packet exactly Ethernet + `ip_header` + `payload`, with the

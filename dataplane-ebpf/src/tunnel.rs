@@ -28,11 +28,6 @@ const VXLAN_FLAG_VNI: u8 = 0x08;
 /// ECMP and RSS on the node network see them as different flows.
 const SOURCE_PORT_BASE: u32 = 49_152;
 const SOURCE_PORT_SPAN: u32 = 16_384;
-const OUTER_TTL: u8 = 64;
-/// Don't Fragment on the outer header: a fragmented VXLAN packet could not
-/// be decapsulated before reassembly. Packets too big for the tunnel get
-/// ICMP "fragmentation needed" instead (see [`fits`]).
-const IP_DF: u16 = 0x4000;
 
 /// `bpf_adj_room` flag carrying the inner L2 header length.
 const fn encap_l2_len(len: usize) -> u64 {
@@ -120,16 +115,16 @@ pub fn encapsulate(
 
     let outer_len = inner_len + OVERHEAD as u32;
     let udp_len = outer_len - IPV4_MIN_HLEN as u32;
-    let mut ip = [0u8; IPV4_MIN_HLEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
-    ip[6..8].copy_from_slice(&IP_DF.to_be_bytes());
-    ip[8] = OUTER_TTL;
-    ip[9] = IPPROTO_UDP;
-    ip[12..16].copy_from_slice(&config.node_ip_be.to_ne_bytes());
-    ip[16..20].copy_from_slice(&remote_be.to_ne_bytes());
-    let checksum = csum::ipv4_header(&ip);
-    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    // Don't Fragment on the outer header: a fragmented VXLAN packet could
+    // not be decapsulated before reassembly. Packets too big for the tunnel
+    // get ICMP "fragmentation needed" instead (see [`fits`]).
+    let ip = csum::ipv4_header(
+        config.node_ip_be,
+        remote_be,
+        IPPROTO_UDP,
+        outer_len as u16,
+        true,
+    );
 
     let mut udp_and_vxlan = [0u8; UDP_HLEN + VXLAN_HLEN + ETH_HLEN];
     let source_port = (SOURCE_PORT_BASE + hash % SOURCE_PORT_SPAN) as u16;
