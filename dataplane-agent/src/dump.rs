@@ -11,12 +11,7 @@ use dataplane_common::{
 use serde::Serialize;
 
 use crate::{
-    dataplane::{
-        maps,
-        names::FrontendName,
-        pins::PinLayout,
-        state::{self, PinnedState},
-    },
+    dataplane::{codec, maps, names::FrontendName, pins::PinLayout, state::PinnedState},
     model::Protocol,
 };
 
@@ -52,7 +47,7 @@ pub fn service_rows(
         .iter()
         .map(|(key, value)| {
             let frontend =
-                state::frontend_of(key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
+                codec::frontend_of(key).map_or_else(|| format!("{key:?}"), |f| f.to_string());
             (frontend, value)
         })
         .map(|(frontend, value)| ServiceRow {
@@ -71,7 +66,7 @@ pub fn service_rows(
             backends: state
                 .current_backends(value)
                 .iter()
-                .map(|b| state::backend_of(b).to_string())
+                .map(|b| codec::backend_of(b).to_string())
                 .collect(),
         })
         .collect()
@@ -86,7 +81,7 @@ pub fn backend_rows(state: &PinnedState) -> Vec<BackendRow> {
             service_id: key.service_id,
             generation: key.generation,
             index: key.index,
-            backend: state::backend_of(value).to_string(),
+            backend: codec::backend_of(value).to_string(),
             live: !unreachable.contains(key),
         })
         .collect()
@@ -138,11 +133,11 @@ pub fn affinity_rows(layout: &PinLayout) -> Result<Vec<AffinityRow>> {
         rows.push(AffinityRow {
             service_id: key.service_id,
             client: if key.client_kind == AFFINITY_CLIENT_IPV4 {
-                state::ipv4_of_be(key.client as u32).to_string()
+                codec::ipv4_of_be(key.client as u32).to_string()
             } else {
                 format!("netns:{}", key.client)
             },
-            backend: state::backend_of(&value.backend).to_string(),
+            backend: codec::backend_of(&value.backend).to_string(),
             idle_s: now_ns.saturating_sub(value.last_seen_ns) as f64 / 1e9,
         });
     }
@@ -180,13 +175,13 @@ pub struct ConntrackRow {
 pub fn conntrack_rows(layout: &PinLayout) -> Result<Vec<ConntrackRow>> {
     let now_ns = maps::monotonic_now_ns();
     let endpoint = |ip_be: u32, port_be: u16| {
-        format!("{}:{}", state::ipv4_of_be(ip_be), u16::from_be(port_be))
+        format!("{}:{}", codec::ipv4_of_be(ip_be), u16::from_be(port_be))
     };
     let mut rows = Vec::new();
     for (key, value) in maps::read_conntrack(layout)? {
         let nat = endpoint(value.nat_ip_be, value.nat_port_be);
         let snat = endpoint(value.snat_ip_be, value.snat_port_be);
-        let tunnel = state::ipv4_of_be(value.tunnel_ip_be);
+        let tunnel = codec::ipv4_of_be(value.tunnel_ip_be);
         let snat_on = value.flags & CT_FLAG_SNAT != 0;
         let (kind, translation) = match value.kind {
             CT_FORWARD if snat_on => ("forward", format!("{snat} -> {nat}")),

@@ -14,7 +14,10 @@ use k8s_openapi::api::{
 use proptest::prelude::*;
 
 use crate::{
-    dataplane::state::{Limits, PinnedState, fake::FakeMaps, frontend_of, member_key},
+    dataplane::{
+        codec::{frontend_of, member_key},
+        state::{Limits, PinnedState, fake::FakeMaps},
+    },
     model::{
         ClusterState, NodeInfo, desired,
         fixtures::{self, meta},

@@ -8,10 +8,11 @@
 use std::net::Ipv4Addr;
 
 use dataplane_agent::dataplane::{
+    codec::{backend_value, service_key},
     loader::LoadedObject,
     maps::{self, KernelMaps},
     pins::{self, PinLayout},
-    state::{MapStore, backend_value, service_key},
+    state::MapStore,
 };
 use dataplane_agent::model::{Backend, Frontend, Protocol};
 use dataplane_common::{BackendKey, ServiceValue, Stat};

@@ -18,9 +18,10 @@ use dataplane_common::{
 };
 
 use super::{
+    codec::{ipv4_be, ipv4_of_be},
     failpoint::MapWriteFailpoint,
     pins::PinLayout,
-    state::{MapStore, PinnedState, ipv4_be, ipv4_of_be},
+    state::{MapStore, PinnedState},
 };
 use crate::model::SourceRange;
 

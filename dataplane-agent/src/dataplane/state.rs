@@ -4,19 +4,15 @@
 //! Pure apart from the [`MapStore`] it writes through, so the ordering rules
 //! are unit-tested with a fake store.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::{
-    BACKEND_FLAG_REMOTE, BackendKey, BackendValue, MemberKey, SERVICE_FLAG_AFFINITY,
-    SERVICE_FLAG_DROP_WITHOUT_BACKENDS, SERVICE_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
+    BackendKey, BackendValue, MemberKey, SERVICE_FLAG_AFFINITY, SERVICE_FLAG_DROP_WITHOUT_BACKENDS,
+    SERVICE_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
 };
 
-use crate::model::{
-    Backend, DesiredDataplane, Frontend, FrontendEntry, Protocol, Scope, SourceRange,
-};
+use super::codec::{backend_value, frontend_of, member_key, service_key};
+use crate::model::{DesiredDataplane, Frontend, FrontendEntry, SourceRange};
 
 /// A mirror of SERVICES, BACKENDS and MEMBERS. The agent is their only
 /// writer, so after reading them once at start it keeps this copy exact by
@@ -49,16 +45,6 @@ pub trait MapStore {
     ) -> Result<(), Self::Error>;
 }
 
-/// The MEMBERS key of a backend slot.
-pub fn member_key(slot: &BackendKey, backend: &BackendValue) -> MemberKey {
-    MemberKey {
-        service_id: slot.service_id,
-        generation: slot.generation,
-        port_be: backend.port_be,
-        ip_be: backend.ip_be,
-    }
-}
-
 /// The SERVICES value for a frontend's id, generation and settings.
 fn service_value(
     service_id: u32,
@@ -82,55 +68,6 @@ fn service_value(
 
 fn flag_if(condition: bool, flag: u32) -> u32 {
     if condition { flag } else { 0 }
-}
-
-pub fn service_key(frontend: &Frontend) -> ServiceKey {
-    ServiceKey {
-        vip_be: ipv4_be(frontend.ip),
-        port_be: frontend.port.to_be(),
-        protocol: frontend.protocol.number(),
-        scope: frontend.scope.number(),
-    }
-}
-
-pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
-    Some(Frontend {
-        ip: ipv4_of_be(key.vip_be),
-        port: u16::from_be(key.port_be),
-        protocol: Protocol::from_number(key.protocol)?,
-        scope: Scope::from_number(key.scope)?,
-    })
-}
-
-pub fn backend_value(backend: &Backend) -> BackendValue {
-    BackendValue {
-        ip_be: ipv4_be(backend.ip),
-        node_ip_be: backend.remote_node.map_or(0, ipv4_be),
-        port_be: backend.port.to_be(),
-        flags: if backend.remote_node.is_some() {
-            BACKEND_FLAG_REMOTE
-        } else {
-            0
-        },
-    }
-}
-
-pub fn backend_of(value: &BackendValue) -> Backend {
-    Backend {
-        ip: ipv4_of_be(value.ip_be),
-        port: u16::from_be(value.port_be),
-        remote_node: (value.flags & BACKEND_FLAG_REMOTE != 0).then(|| ipv4_of_be(value.node_ip_be)),
-    }
-}
-
-/// The address as the kernel stores it in `user_ip4`: the wire bytes in
-/// memory order.
-pub fn ipv4_be(ip: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(ip.octets())
-}
-
-pub fn ipv4_of_be(ip_be: u32) -> Ipv4Addr {
-    Ipv4Addr::from(ip_be.to_ne_bytes())
 }
 
 /// Why one frontend could not be programmed. Every other frontend is

@@ -9,7 +9,8 @@ use dataplane_common::{
     BackendKey, BackendValue, MemberKey, SERVICE_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
 };
 
-use super::{MapStore, PinnedState, backend_of, frontend_of, member_key};
+use super::{MapStore, PinnedState};
+use crate::dataplane::codec::{backend_of, frontend_of, member_key};
 use crate::model::{Backend, SourceRange};
 
 /// The one fake kernel of the map-writer tests (unit and property): the

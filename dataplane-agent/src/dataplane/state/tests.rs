@@ -1,5 +1,7 @@
 use super::{fake::FakeMaps, *};
-use crate::model::{FrontendEntry, ObjectName};
+use std::net::Ipv4Addr;
+
+use crate::model::{Backend, FrontendEntry, ObjectName, Protocol};
 use dataplane_common::MemberKey;
 
 fn frontend(last_octet: u8) -> Frontend {
