@@ -38,10 +38,16 @@ pub(crate) fn bpf_builders_in_closure(metadata: &Value, root: &str) -> Result<Ve
         .iter()
         .filter_map(|node| Some((node["id"].as_str()?, node)))
         .collect();
-    let root_id = packages
+    let root_id = metadata["workspace_members"]
+        .as_array()
+        .ok_or("cargo metadata has no workspace members")?
         .iter()
-        .find(|(_, package)| package["name"] == root)
-        .map(|(id, _)| *id)
+        .filter_map(Value::as_str)
+        .find(|id| {
+            packages
+                .get(id)
+                .is_some_and(|package| package["name"] == root)
+        })
         .ok_or_else(|| format!("{root} is not in the workspace"))?;
 
     let mut seen = BTreeSet::from([root_id]);
@@ -163,6 +169,7 @@ mod tests {
     #[test]
     fn a_transitive_bpf_build_script_is_found_and_dev_edges_of_dependencies_are_not() {
         let metadata = json!({
+            "workspace_members": ["xtask"],
             "packages": [
                 package("xtask", &[]),
                 package("helper", &[]),
@@ -183,7 +190,7 @@ mod tests {
 
     #[test]
     fn an_unknown_root_is_an_error() {
-        let metadata = json!({"packages": [], "resolve": {"nodes": []}});
+        let metadata = json!({"workspace_members": [], "packages": [], "resolve": {"nodes": []}});
         assert!(bpf_builders_in_closure(&metadata, "xtask").is_err());
     }
 }
