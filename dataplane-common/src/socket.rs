@@ -15,6 +15,8 @@ pub struct AffinityKey {
     pub service_id: u32,
     /// [`AFFINITY_CLIENT_NETNS`] or [`AFFINITY_CLIENT_IPV4`].
     pub client_kind: u32,
+    /// The network namespace cookie (host order), or the IPv4 address in
+    /// network order (as the `_be` fields) in the low 32 bits.
     pub client: u64,
 }
 
