@@ -34,7 +34,7 @@ pub struct BackendRow {
     pub index: u16,
     pub backend: String,
     /// Whether the Service entry currently selects this slot (false for a
-    /// retired generation awaiting the sweep).
+    /// retired generation awaiting its release).
     pub live: bool,
 }
 

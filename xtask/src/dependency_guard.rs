@@ -114,13 +114,9 @@ mod tests {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
         let output = Command::new(cargo)
-            .args([
-                "metadata",
-                "--format-version",
-                "1",
-                "--manifest-path",
-                manifest,
-            ])
+            // Every feature on: an optional dependency counts too.
+            .args(["metadata", "--format-version", "1", "--all-features"])
+            .args(["--manifest-path", manifest])
             .output()
             .expect("running cargo metadata");
         assert!(

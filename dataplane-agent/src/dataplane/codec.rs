@@ -1,5 +1,5 @@
-//! The model's types as the maps hold them, and back: the one place that
-//! knows the byte order of every field the agent writes or reads.
+//! The model's types as the maps hold them, and back, with their byte
+//! order (SOURCE_RANGES' LPM keys are built beside the trie, in maps.rs).
 
 use std::net::Ipv4Addr;
 

@@ -1,5 +1,6 @@
 //! Which Service each frontend belongs to: the maps hold only addresses,
-//! so the agent records the names beside the pins for `dump`.
+//! so the agent records the names for `dump`, in a file under /run
+//! named after the pin directory.
 
 use std::{
     collections::BTreeMap,

@@ -465,7 +465,7 @@ pub struct Limits {
     pub max_backends_per_service: usize,
     /// Backends over all frontends. Half the BACKENDS map by default: an
     /// update writes a frontend's new generation before the old one is
-    /// swept, so a sync that changes everything needs room for both.
+    /// freed, so a sync that changes everything needs room for both.
     pub max_backends: usize,
 }
 

@@ -23,7 +23,7 @@ pub(crate) struct FakeMaps {
     pub(crate) log: Vec<String>,
     /// Fail writes of backends with this IP (a "full map" for that Service).
     pub(crate) fail_backend_ip: Option<Ipv4Addr>,
-    /// Fail every delete (services and backends).
+    /// Fail every delete.
     pub(crate) fail_deletes: bool,
     /// After every write: the backend set each frontend would balance over.
     pub(crate) visible_history: Vec<BTreeMap<ServiceKey, BTreeSet<Backend>>>,

@@ -122,7 +122,7 @@ fn an_unchanged_desired_state_writes_nothing() {
 }
 
 #[test]
-fn removed_frontends_are_deleted_and_their_slots_swept() {
+fn removed_frontends_are_deleted_and_their_slots_freed() {
     let mut mirror = PinnedState::default();
     let mut maps = FakeMaps::default();
     converge(
@@ -192,7 +192,7 @@ fn a_failing_frontend_keeps_its_old_backends_and_others_still_update() {
     assert_eq!(visible[&service_key(&frontend(11))], set(&[3]));
     assert_eq!(
         mirror, maps.state,
-        "partial slots of the failed update were swept"
+        "partial slots of the failed update were freed"
     );
 }
 
@@ -275,7 +275,7 @@ fn a_failed_release_keeps_the_slots_in_the_mirror() {
     assert_eq!(
         mirror.unreachable_backends(),
         retired,
-        "still known, swept later"
+        "still known, freed later"
     );
     assert_eq!(mirror, maps.state);
 }
@@ -411,7 +411,7 @@ fn members_follow_their_slots_through_updates_and_releases() {
 }
 
 #[test]
-fn orphan_members_are_swept() {
+fn orphan_members_are_freed() {
     let mut mirror = PinnedState::default();
     let mut maps = FakeMaps::default();
     converge(&mut mirror, &mut maps, &desired(&[(10, &[1])]));
