@@ -76,6 +76,23 @@ pub fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(|_| ())
 }
 
+/// `count` client UDP ports no other exchange of this test process uses.
+/// With ports the kernel picks at random, two exchanges to different
+/// frontends that share a backend can meet on one reply tuple while the
+/// first flow is live, and the datapath refuses the second flow
+/// (`ext_conntrack_clash`): a test failing by chance. The ports are below
+/// the kernel's ephemeral range, so no TCP connection takes them either.
+fn udp_source_ports(count: usize) -> u16 {
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let count = count as u32;
+    let start = NEXT.fetch_add(count, Ordering::Relaxed) % SPAN;
+    // A batch never straddles the end of the span.
+    let start = if start + count > SPAN { 0 } else { start };
+    (FIRST + start) as u16
+}
+
 /// A binary built next to the running executable (target/<profile>/ or its
 /// deps/ subdirectory), refused if older than the sources it is built from:
 /// a plain `cargo test` does not rebuild other packages' binaries.
@@ -436,10 +453,16 @@ impl Testbed {
         count: usize,
         mode: &str,
     ) -> Result<Vec<Attempt>> {
-        let output = run(self
-            .command_in(netns, in_cgroup, sibling_binary("dataplane-probe")?)?
+        let mut command = self.command_in(netns, in_cgroup, sibling_binary("dataplane-probe")?)?;
+        command
             .args(["connect", "--to", to, "--count", &count.to_string()])
-            .args(["--timeout-ms", "2000", "--mode", mode]))?;
+            .args(["--timeout-ms", "2000", "--mode", mode]);
+        if mode.starts_with("udp") {
+            command
+                .arg("--udp-source-port")
+                .arg(udp_source_ports(count).to_string());
+        }
+        let output = run(&mut command)?;
         let attempts = parse_attempts(&String::from_utf8_lossy(&output.stdout))?;
         if attempts.len() != count {
             bail!("the probe reported {} of {count} attempts", attempts.len());

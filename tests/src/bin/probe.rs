@@ -105,6 +105,10 @@ enum Command {
         timeout_ms: u64,
         #[arg(long, value_enum, default_value_t = Mode::Tcp)]
         mode: Mode,
+        /// UDP: the n-th attempt sends from this port + n (default: a port
+        /// the kernel picks).
+        #[arg(long)]
+        udp_source_port: Option<u16>,
     },
 }
 
@@ -187,8 +191,13 @@ fn exchange_tcp(to: SocketAddr, timeout: Duration) -> std::io::Result<Exchange> 
     })
 }
 
-fn exchange_udp(to: SocketAddr, timeout: Duration, connected: bool) -> std::io::Result<Exchange> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+fn exchange_udp(
+    to: SocketAddr,
+    timeout: Duration,
+    connected: bool,
+    source_port: u16,
+) -> std::io::Result<Exchange> {
+    let socket = UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, source_port))?;
     socket.set_read_timeout(Some(timeout))?;
     let mut buffer = [0u8; 1500];
     let (received, peer) = if connected {
@@ -206,12 +215,12 @@ fn exchange_udp(to: SocketAddr, timeout: Duration, connected: bool) -> std::io::
     Ok(Exchange { line, local, peer })
 }
 
-fn attempt(to: SocketAddr, timeout: Duration, mode: Mode) -> Attempt {
+fn attempt(to: SocketAddr, timeout: Duration, mode: Mode, udp_source_port: u16) -> Attempt {
     let started = Instant::now();
     let result = match mode {
         Mode::Tcp => exchange_tcp(to, timeout),
-        Mode::Udp => exchange_udp(to, timeout, true),
-        Mode::UdpUnconnected => exchange_udp(to, timeout, false),
+        Mode::Udp => exchange_udp(to, timeout, true, udp_source_port),
+        Mode::UdpUnconnected => exchange_udp(to, timeout, false, udp_source_port),
     };
     let micros = started.elapsed().as_micros() as u64;
     match result {
@@ -606,14 +615,16 @@ fn main() -> Result<()> {
             count,
             timeout_ms,
             mode,
+            udp_source_port,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             let mut out = std::io::stdout().lock();
-            for _ in 0..count {
+            for n in 0..count {
+                let source_port = udp_source_port.map_or(0, |first| first.wrapping_add(n as u16));
                 writeln!(
                     out,
                     "{}",
-                    serde_json::to_string(&attempt(to, timeout, mode))?
+                    serde_json::to_string(&attempt(to, timeout, mode, source_port))?
                 )?;
             }
             Ok(())
