@@ -599,17 +599,8 @@ impl Testbed {
         if agent.is_some() {
             bail!("an agent is already running in this testbed; stop it first");
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.agent_log_path())?;
         let ready_marks_before = self.agent_log().matches(READY_MARK).count();
-        let child = command
-            .env("NO_COLOR", "1")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting dataplane-agent")?;
+        let child = self.spawn_agent_logged(&mut command)?;
         let child = agent.insert(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.agent_log().matches(READY_MARK).count() == ready_marks_before {
@@ -627,6 +618,20 @@ impl Testbed {
         Ok(())
     }
 
+    /// Starts `command` with its output appended to the agent log.
+    fn spawn_agent_logged(&self, command: &mut Command) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log_path())?;
+        command
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting dataplane-agent")
+    }
+
     /// Runs an agent that is expected to end by itself (a failpoint kills
     /// it, or it refuses to start), logging to the agent log, and returns
     /// how it ended. Fails if it is still running after `timeout`.
@@ -638,16 +643,7 @@ impl Testbed {
         if self.agent_slot().is_some() {
             bail!("an agent is already running in this testbed; stop it first");
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.agent_log_path())?;
-        let mut child = command
-            .env("NO_COLOR", "1")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting dataplane-agent")?;
+        let mut child = self.spawn_agent_logged(&mut command)?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
