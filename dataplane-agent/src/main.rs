@@ -334,7 +334,7 @@ fn print_dump(what: DumpWhat, output: Output, bpffs_dir: PathBuf) -> Result<()> 
         DumpWhat::Services => {
             let rows = dump::service_rows(
                 &maps::read_pinned_state(&layout)?,
-                &names::read_names(&layout.dir),
+                &names::read_names(&layout.base),
             );
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),

@@ -29,6 +29,7 @@ use crate::{
         pins::{self, PinLayout},
         ports::{self, PortFilter},
         state::PinnedState,
+        upgrade,
     },
     health::{self, Health},
     metrics::{self, Metrics, SyncOutcome},
@@ -374,7 +375,8 @@ async fn bind_retrying(address: SocketAddr, what: &str) -> tokio::net::TcpListen
 pub async fn run(config: RunConfig) -> Result<()> {
     crate::dataplane::capabilities::check(config.external.is_some())?;
     let layout = PinLayout::new(&config.bpffs_dir);
-    pins::ensure_bpffs_dir(&layout.dir)?;
+    pins::ensure_bpffs_dir(&layout)?;
+    let previous_layouts = layout.others()?;
     pins::ensure_cgroup2(&config.cgroup)?;
 
     let conntrack_entries = config
@@ -443,6 +445,27 @@ pub async fn run(config: RunConfig) -> Result<()> {
     // Converge before attaching, so the first connect() through the new
     // programs already sees every Service.
     agent.sync()?;
+    // Flows an agent of another pin layout left: carried over before the
+    // new programs attach, so they find them at once.
+    for previous in &previous_layouts {
+        if upgrade::entries_readable(previous.version) {
+            let carried = upgrade::carry_state(previous, &loaded.layout).with_context(|| {
+                format!("carrying state over from pin layout v{}", previous.version)
+            })?;
+            info!(
+                from = previous.version,
+                to = loaded.layout.version,
+                ?carried,
+                "carried state over from another pin layout"
+            );
+        } else {
+            warn!(
+                from = previous.version,
+                to = loaded.layout.version,
+                "pins of a newer layout (a rollback?): their flows cannot be read and are not carried over; established north-south flows may be reset"
+            );
+        }
+    }
     loaded.attach_socket_lb(&agent.config.cgroup)?;
     if let Some(external) = &agent.config.external {
         loaded.attach_interfaces(&external.interfaces)?;
@@ -453,6 +476,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
             agent.metrics.clone(),
             agent.live_backends.subscribe(),
             agent.port_filter.clone(),
+        );
+    }
+    for previous in &previous_layouts {
+        let carried = upgrade::retire(previous, &loaded.layout)
+            .with_context(|| format!("retiring pin layout v{}", previous.version))?;
+        info!(
+            from = previous.version,
+            ?carried,
+            "programs of the other pin layout detached and its pins removed"
         );
     }
     info!(cgroup = %agent.config.cgroup.display(), "socket load balancing attached; ready");

@@ -18,6 +18,13 @@ pub use service::*;
 pub use socket::*;
 pub use stats::*;
 
+/// The layout of the pinned maps. Bump it in the change that alters any
+/// pinned map's key, value, type or meaning (or adds or removes one): the
+/// agent then pins into a new directory and carries the state of the
+/// previous layout over (dataplane-agent's `dataplane/upgrade.rs` must
+/// learn to read the old entries).
+pub const PIN_LAYOUT_VERSION: u32 = 1;
+
 /// Names of the pinned maps, as the programs declare them and as they appear
 /// under the agent's bpffs directory.
 pub mod map_names {

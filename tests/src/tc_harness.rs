@@ -133,7 +133,7 @@ impl Place {
             );
         }
         place.original_netns = Some(original);
-        ensure_bpffs_dir(&place.layout.dir)?;
+        ensure_bpffs_dir(&place.layout)?;
         Ok(place)
     }
 }
@@ -159,7 +159,7 @@ impl TcHarness {
         peers: &BTreeSet<Ipv4Addr>,
     ) -> Result<Self> {
         let place = Place::new()?;
-        let mut loaded = LoadedObject::load(PinLayout::new(&place.layout.dir))?;
+        let mut loaded = LoadedObject::load(place.layout.clone())?;
         let mut maps: KernelMaps = loaded.take_maps()?;
         let mut mirror = PinnedState::default();
         let report = mirror.apply(&desired, &mut maps, &Limits::default());

@@ -836,9 +836,16 @@ impl Drop for Testbed {
     }
 }
 
-/// Ids of the programs behind the link pins in `pin_dir/links`.
+/// Ids of the programs behind the link pins of this build's pin layout
+/// under `pin_dir`.
 pub fn pinned_program_ids(pin_dir: &Path) -> Result<Vec<u32>> {
-    let layout = dataplane_agent::dataplane::pins::PinLayout::new(pin_dir);
+    pinned_program_ids_of(&dataplane_agent::dataplane::pins::PinLayout::new(pin_dir))
+}
+
+/// Ids of the programs behind the link pins of `layout`.
+pub fn pinned_program_ids_of(
+    layout: &dataplane_agent::dataplane::pins::PinLayout,
+) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(layout.links_dir())? {
         let path = entry.context("listing link pins")?.path();

@@ -9,11 +9,13 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
+use dataplane_agent::dataplane::{failpoint, pins::PinLayout};
 use dataplane_testbed::{
     Host,
-    cluster::Cluster,
+    cluster::{Cluster, NODE_INTERFACE},
     manifests::{Ep, Svc, join, node_with_ip, slice},
     probe::{Attempt, tally},
+    testbed::{AgentSource, loaded_program_ids, pinned_program_ids_of},
 };
 
 const NODE_PORT: u16 = 30080;
@@ -436,6 +438,122 @@ fn ten_agent_restarts_keep_established_external_connections_and_take_new_ones() 
     );
     // New connections work after the restart too.
     assert_all_ok(&c.exchange(&setup.client, &dialled, 10, "tcp").unwrap());
+}
+
+/// The rolling update of a release that changed the pinned maps' layout:
+/// the previous agents (pins straight in the bpffs directory, layout 0, as
+/// the first releases pin) serve held connections, stop, and agents of
+/// this build take over.
+#[test]
+fn an_upgrade_to_a_new_pin_layout_keeps_established_connections_and_removes_the_old_pins() {
+    let mut setup = two_nodes();
+    let app = setup.cluster.nodes[0].host("app").unwrap();
+    let c = &setup.cluster;
+    c.write_manifest(
+        "web.yaml",
+        &manifests(&setup, web("NodePort"), &both_pods(&setup)),
+    )
+    .unwrap();
+    let legacy: Vec<PinLayout> = c
+        .nodes
+        .iter()
+        .map(|node| PinLayout::of_version(&node.pin_dir, 0))
+        .collect();
+    for node in &c.nodes {
+        let mut command = node
+            .agent_command(&AgentSource::Manifests, &["--interfaces", NODE_INTERFACE])
+            .unwrap();
+        command.env(failpoint::PIN_LAYOUT_VERSION, "0");
+        node.launch_agent(command).unwrap();
+    }
+    for layout in &legacy {
+        assert!(layout.map("CONNTRACK").exists(), "{layout:?}");
+        assert!(!PinLayout::new(&layout.base).dir.exists(), "{layout:?}");
+    }
+    let legacy_programs: Vec<u32> = legacy
+        .iter()
+        .flat_map(|layout| pinned_program_ids_of(layout).unwrap())
+        .collect();
+
+    // North-south flows to both pods (node-1 translates, node-2 carries the
+    // tunnel's return path) and east-west ones from a pod through socket LB.
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    let mut external = c.hold(&setup.client, &dialled, 20, 300).unwrap();
+    assert_eq!(external.opened().unwrap(), 20);
+    let mut internal = c.nodes[0].hold(&app, "10.96.0.10:80", 20, 300).unwrap();
+    assert_eq!(internal.opened().unwrap(), 20);
+
+    for node in &c.nodes {
+        node.stop_agent(libc::SIGTERM).unwrap();
+    }
+    c.start_agents(&[]).unwrap();
+
+    // Node-1 carried both entries of each of the 20 flows (and its own
+    // flows' tunnel entries are node-2's).
+    let carried = carried_flows(&c.nodes[0].agent_log());
+    assert!(carried >= 40, "node-1 carried {carried} flow entries");
+    assert!(
+        carried_flows(&c.nodes[1].agent_log()) > 0,
+        "node-2 carried none"
+    );
+    // Only this build's pins are left, and the old programs are unloaded.
+    for node in &c.nodes {
+        let left: BTreeSet<String> = std::fs::read_dir(&node.pin_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let current = PinLayout::new(&node.pin_dir);
+        let current_name = current.dir.file_name().unwrap().to_string_lossy();
+        assert_eq!(left, BTreeSet::from([current_name.into_owned()]));
+    }
+    let loaded = loaded_program_ids().unwrap();
+    assert!(
+        legacy_programs.iter().all(|id| !loaded.contains(id)),
+        "the old programs were unloaded"
+    );
+    // The held flows now run through the new programs and their carried
+    // conntrack entries (the new layout's counters start at zero).
+    c.nodes[0]
+        .wait_until(
+            "held flows through the new programs",
+            Duration::from_secs(10),
+            || Ok(stat(c, 0, "ext_established") > 80),
+        )
+        .unwrap();
+
+    let summary = external.summary().unwrap();
+    assert_eq!(summary.open, 20, "{summary:?}");
+    assert!(summary.failures.is_empty(), "{summary:?}");
+    assert_eq!(
+        summary.backends.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["pod1".to_string(), "pod2".to_string()]),
+        "{summary:?}"
+    );
+    let summary = internal.summary().unwrap();
+    assert_eq!(summary.open, 20, "{summary:?}");
+    assert!(summary.failures.is_empty(), "{summary:?}");
+    assert_all_ok(&c.exchange(&setup.client, &dialled, 10, "tcp").unwrap());
+    assert_all_ok(
+        &c.nodes[0]
+            .exchange(&app, "10.96.0.10:80", 10, "tcp")
+            .unwrap(),
+    );
+}
+
+/// The flow entries an agent's log says it carried over from another pin
+/// layout, over both passes and the retirement.
+fn carried_flows(log: &str) -> usize {
+    log.lines()
+        .filter(|line| line.contains("pin layout"))
+        .filter_map(|line| {
+            let after = line.split_once("flows: ")?.1;
+            after
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
 }
 
 #[test]

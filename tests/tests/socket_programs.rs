@@ -35,8 +35,9 @@ fn attached() -> Programs {
     let pod2 = tb.host("pod2").unwrap();
     tb.serve(&pod1, 8080).unwrap();
     tb.serve(&pod2, 8080).unwrap();
-    pins::ensure_bpffs_dir(&tb.pin_dir).unwrap();
-    let mut loaded = LoadedObject::load(PinLayout::new(&tb.pin_dir)).unwrap();
+    let layout = PinLayout::new(&tb.pin_dir);
+    pins::ensure_bpffs_dir(&layout).unwrap();
+    let mut loaded = LoadedObject::load(layout).unwrap();
     let maps = loaded.take_maps().unwrap();
     loaded.attach_socket_lb(&tb.cgroup).unwrap();
     Programs {

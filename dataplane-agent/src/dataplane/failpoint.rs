@@ -1,9 +1,10 @@
-//! Fault injection for the crash tests: an agent that kills itself right
-//! after its N-th map write, so a test can crash it in the middle of a diff
-//! every time instead of guessing when a diff is running.
+//! Fault injection for the tests: an agent that kills itself right after
+//! its N-th map write, so a test can crash it in the middle of a diff every
+//! time instead of guessing when a diff is running; and an agent that pins
+//! in an older layout, so a test can upgrade from it.
 //!
 //! Only builds with debug assertions (what the tests run) read the
-//! variable; a release build, what the image and the DaemonSet ship,
+//! variables; a release build, what the image and the DaemonSet ship,
 //! compiles the reading out.
 
 /// Set to N: SIGKILL right after the N-th map write (put or delete) of
@@ -48,4 +49,23 @@ impl MapWriteFailpoint {
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
     }
+}
+
+/// Set to N: pin in layout version N instead of this build's, to stand in
+/// for an agent of an older release in the upgrade test.
+pub const PIN_LAYOUT_VERSION: &str = "DATAPLANE_FAILPOINT_PIN_LAYOUT_VERSION";
+
+/// The layout version [`PIN_LAYOUT_VERSION`] asks for, in builds with debug
+/// assertions only.
+pub fn pin_layout_version_override() -> Option<u32> {
+    #[cfg(debug_assertions)]
+    if let Ok(value) = std::env::var(PIN_LAYOUT_VERSION) {
+        match value.parse::<u32>() {
+            Ok(version) => return Some(version),
+            Err(_) => {
+                tracing::error!("{PIN_LAYOUT_VERSION}={value:?} is not a number; ignored");
+            }
+        }
+    }
+    None
 }

@@ -11,3 +11,4 @@ pub mod names;
 pub mod pins;
 pub mod ports;
 pub mod state;
+pub mod upgrade;

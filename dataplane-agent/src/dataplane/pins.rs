@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use dataplane_common::map_names;
+use dataplane_common::{PIN_LAYOUT_VERSION, map_names};
 
 /// `statfs(2)` magic numbers (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -18,16 +18,37 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 pub const FALLBACK_CGROUP2: &str = "/run/dataplane/cgroupv2";
 
-/// Layout of the agent's bpffs directory: one pin per map by name, one per
-/// program link under `links/`.
-#[derive(Clone, Debug)]
+/// Layout of the agent's bpffs directory (`--bpffs-dir`, the *base*): the
+/// pins of each layout version live in their own directory under it, one
+/// pin per map by name and one per program link under `links/`.
+///
+/// Version 0 is the layout of the first releases, with the pins straight
+/// in the base; version N > 0 lives in `<base>/v<N>`. A release that
+/// changes what a pinned map holds bumps [`PIN_LAYOUT_VERSION`], so it never
+/// misreads an older agent's pins: it builds its own next to them and
+/// carries their state over (`upgrade.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PinLayout {
+    pub base: PathBuf,
+    pub version: u32,
     pub dir: PathBuf,
 }
 
 impl PinLayout {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+    /// The layout this agent pins in under `base`.
+    pub fn new(base: impl Into<PathBuf>) -> Self {
+        let version = super::failpoint::pin_layout_version_override().unwrap_or(PIN_LAYOUT_VERSION);
+        Self::of_version(base, version)
+    }
+
+    pub fn of_version(base: impl Into<PathBuf>, version: u32) -> Self {
+        let base = base.into();
+        let dir = if version == 0 {
+            base.clone()
+        } else {
+            base.join(format!("v{version}"))
+        };
+        Self { base, version, dir }
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
@@ -41,6 +62,45 @@ impl PinLayout {
     pub fn link(&self, program: &str) -> PathBuf {
         self.links_dir().join(program)
     }
+
+    /// Whether any pin of this layout exists.
+    pub fn exists(&self) -> bool {
+        self.links_dir().exists() || map_names::ALL.iter().any(|name| self.map(name).exists())
+    }
+
+    /// The layouts other than `self` that have pins under the same base:
+    /// an older agent's (an upgrade) or a newer one's (a rollback).
+    pub fn others(&self) -> Result<Vec<PinLayout>> {
+        let mut found = Vec::new();
+        let legacy = Self::of_version(&self.base, 0);
+        if self.version != 0 && legacy.exists() {
+            found.push(legacy);
+        }
+        if !self.base.exists() {
+            return Ok(found);
+        }
+        for entry in std::fs::read_dir(&self.base)
+            .with_context(|| format!("listing {}", self.base.display()))?
+        {
+            let entry = entry.with_context(|| format!("listing {}", self.base.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(version) = layout_version_of_dir(&name) else {
+                continue;
+            };
+            let layout = Self::of_version(&self.base, version);
+            if version != self.version && layout.exists() {
+                found.push(layout);
+            }
+        }
+        found.sort_by_key(|layout| layout.version);
+        Ok(found)
+    }
+}
+
+/// `v<N>` with N > 0: the directory of layout version N.
+fn layout_version_of_dir(name: &str) -> Option<u32> {
+    let version: u32 = name.strip_prefix('v')?.parse().ok()?;
+    (version > 0 && name == format!("v{version}")).then_some(version)
 }
 
 fn filesystem_magic(path: &Path) -> Result<i64> {
@@ -79,28 +139,32 @@ fn mount(fstype: &str, target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Makes sure `dir` can hold pins: its nearest existing ancestor must be on
-/// bpffs. If it is not and `dir` lies under /sys/fs/bpf, mounts bpffs there
-/// (hosts often do not mount it at boot). Then creates `dir`.
-pub fn ensure_bpffs_dir(dir: &Path) -> Result<()> {
-    let ancestor = dir
+/// Makes sure the layout's directory can hold pins: the nearest existing
+/// ancestor of the base must be on bpffs. If it is not and the base lies
+/// under /sys/fs/bpf, mounts bpffs there (hosts often do not mount it at
+/// boot). Then creates the base and the layout's directory.
+pub fn ensure_bpffs_dir(layout: &PinLayout) -> Result<()> {
+    let base = &layout.base;
+    let ancestor = base
         .ancestors()
         .find(|a| a.exists())
         .context("no existing ancestor of the bpffs directory")?;
     if filesystem_magic(ancestor)? != BPF_FS_MAGIC {
-        if !dir.starts_with(DEFAULT_BPFFS) {
+        if !base.starts_with(DEFAULT_BPFFS) {
             bail!(
                 "{} is not on a bpffs mount; mount one (mount -t bpf bpf <dir>) or pick a directory under {DEFAULT_BPFFS}",
-                dir.display()
+                base.display()
             );
         }
         ensure_bpffs_mount(Path::new(DEFAULT_BPFFS))?;
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Only root may open the pins: whoever can write SERVICES decides where
-    // every connection of the node goes (docs/security.md).
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .with_context(|| format!("restricting {} to its owner", dir.display()))?;
+    for dir in [base, &layout.dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Only root may open the pins: whoever can write SERVICES decides
+        // where every connection of the node goes (docs/security.md).
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("restricting {} to its owner", dir.display()))?;
+    }
     Ok(())
 }
 
@@ -150,37 +214,67 @@ pub struct CleanupReport {
 }
 
 /// Detaches every program (by removing the link pins, their last
-/// reference) and removes every map pin and the directory.
+/// reference) and removes every map pin and directory under the layout's
+/// base, of every layout version.
 pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
     let mut report = CleanupReport::default();
-    let links_dir = layout.links_dir();
-    if links_dir.exists() {
-        for entry in std::fs::read_dir(&links_dir)
-            .with_context(|| format!("listing {}", links_dir.display()))?
-        {
-            let path = entry
-                .with_context(|| format!("listing {}", links_dir.display()))?
-                .path();
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing link pin {}", path.display()))?;
-            report.links.push(path.display().to_string());
-        }
-        std::fs::remove_dir(&links_dir)
-            .with_context(|| format!("removing {}", links_dir.display()))?;
+    let current = PinLayout::of_version(&layout.base, PIN_LAYOUT_VERSION);
+    let mut layouts = current.others()?;
+    layouts.push(current);
+    for layout in &layouts {
+        report.links.extend(remove_links(layout)?);
+        report.maps.extend(remove_maps(layout)?);
     }
+    let names = super::names::names_path(&layout.base);
+    if names.exists() {
+        std::fs::remove_file(&names).with_context(|| format!("removing {}", names.display()))?;
+    }
+    if layout.base.exists() {
+        std::fs::remove_dir(&layout.base).with_context(|| {
+            format!(
+                "removing {}: it holds files the agent did not create",
+                layout.base.display()
+            )
+        })?;
+    }
+    Ok(report)
+}
+
+/// Removes the link pins of one layout, which detaches its programs
+/// unless a running process still holds the links. Returns their paths.
+pub fn remove_links(layout: &PinLayout) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let links_dir = layout.links_dir();
+    if !links_dir.exists() {
+        return Ok(removed);
+    }
+    for entry in
+        std::fs::read_dir(&links_dir).with_context(|| format!("listing {}", links_dir.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("listing {}", links_dir.display()))?
+            .path();
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing link pin {}", path.display()))?;
+        removed.push(path.display().to_string());
+    }
+    std::fs::remove_dir(&links_dir).with_context(|| format!("removing {}", links_dir.display()))?;
+    Ok(removed)
+}
+
+/// Removes the map pins of one layout and, for a versioned layout, its
+/// directory. Returns the removed pins' paths.
+pub fn remove_maps(layout: &PinLayout) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
     for name in map_names::ALL {
         let path = layout.map(name);
         if path.exists() {
             std::fs::remove_file(&path)
                 .with_context(|| format!("removing map pin {}", path.display()))?;
-            report.maps.push(path.display().to_string());
+            removed.push(path.display().to_string());
         }
     }
-    let names = super::names::names_path(&layout.dir);
-    if names.exists() {
-        std::fs::remove_file(&names).with_context(|| format!("removing {}", names.display()))?;
-    }
-    if layout.dir.exists() {
+    if layout.dir != layout.base && layout.dir.exists() {
         std::fs::remove_dir(&layout.dir).with_context(|| {
             format!(
                 "removing {}: it holds files the agent did not create",
@@ -188,5 +282,34 @@ pub fn cleanup(layout: &PinLayout) -> Result<CleanupReport> {
             )
         })?;
     }
-    Ok(report)
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_zero_pins_in_the_base_and_later_versions_in_their_own_directory() {
+        let legacy = PinLayout::of_version("/sys/fs/bpf/dataplane", 0);
+        assert_eq!(legacy.dir, Path::new("/sys/fs/bpf/dataplane"));
+        assert_eq!(
+            legacy.map("SERVICES"),
+            Path::new("/sys/fs/bpf/dataplane/SERVICES")
+        );
+        let v3 = PinLayout::of_version("/sys/fs/bpf/dataplane", 3);
+        assert_eq!(
+            v3.link("tc_ingress_eth0"),
+            Path::new("/sys/fs/bpf/dataplane/v3/links/tc_ingress_eth0")
+        );
+    }
+
+    #[test]
+    fn only_canonical_version_directories_are_layouts() {
+        assert_eq!(layout_version_of_dir("v1"), Some(1));
+        assert_eq!(layout_version_of_dir("v12"), Some(12));
+        for not_a_layout in ["v0", "v01", "v", "vx", "links", "SERVICES", "v-1"] {
+            assert_eq!(layout_version_of_dir(not_a_layout), None, "{not_a_layout}");
+        }
+    }
 }
