@@ -1,12 +1,11 @@
 //! The conntrack sweeper task: every `--conntrack-sweep-period` it expires
 //! idle flows (and UDP flows to backends their frontend no longer uses)
-//! from the pinned CONNTRACK map, trims PORTS, and reports to the metrics.
-//! The sync loop tells it, one way, which backends are live.
+//! from the pinned CONNTRACK map and reports to the metrics. Two one-way
+//! channels connect it to the sync loop: the loop tells it which backends
+//! are live, it tells the loop which ports the remaining flows use (the
+//! loop owns PORTS and trims it).
 
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::collections::BTreeSet;
 
 use anyhow::Result;
 use dataplane_common::Stat;
@@ -19,7 +18,7 @@ use crate::{
         conntrack::{self, LiveBackend},
         maps,
         pins::PinLayout,
-        ports::PortFilter,
+        ports,
     },
     metrics::Metrics,
 };
@@ -28,9 +27,9 @@ use crate::{
 /// sync changes the maps (the sweeper then cuts no UDP flow).
 pub type LiveBackendsSender = watch::Sender<Option<BTreeSet<LiveBackend>>>;
 
-/// PORTS: the sync loop sets the bits of new frontends, the sweeper clears
-/// those no frontend and no flow uses.
-pub type SharedPortFilter = Arc<Mutex<PortFilter>>;
+/// The ports the flows left after the last sweep use; None before the
+/// first sweep.
+pub type FlowPortsSender = watch::Sender<Option<ports::Bitmap>>;
 
 /// Starts the sweeper; it runs as long as the process, each pass off the
 /// async workers.
@@ -39,7 +38,7 @@ pub fn spawn(
     external: ExternalConfig,
     metrics: Metrics,
     live_backends: watch::Receiver<Option<BTreeSet<LiveBackend>>>,
-    port_filter: Option<SharedPortFilter>,
+    flow_ports: FlowPortsSender,
 ) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(external.conntrack_sweep_period);
@@ -72,11 +71,7 @@ pub fn spawn(
                         report.expired,
                         evicted,
                     );
-                    if let Some(filter) = &port_filter
-                        && let Err(error) = lock(filter).retain(&report.ports_in_use)
-                    {
-                        warn!(error = format!("{error:#}"), "PORTS not trimmed");
-                    }
+                    flow_ports.send_replace(Some(report.ports_in_use));
                 }
                 Ok(Err(error)) => warn!(error = format!("{error:#}"), "conntrack sweep failed"),
                 Err(error) => warn!(%error, "conntrack sweep task failed"),
@@ -100,10 +95,4 @@ fn record_evictions(layout: &PinLayout, report: &conntrack::SweepReport) -> Resu
     Ok(stat(Stat::ExtConntrackCreated)
         .saturating_sub(stat(Stat::ConntrackExpired))
         .saturating_sub(report.entries as u64))
-}
-
-pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -19,7 +19,7 @@ use tracing::{error, info, info_span, warn};
 
 use crate::{
     config::{ExternalConfig, ExternalMode, RunConfig, SourceConfig},
-    conntrack_sweeper::{self, LiveBackendsSender, SharedPortFilter, lock},
+    conntrack_sweeper::{self, LiveBackendsSender},
     dataplane::{
         codec::ipv4_be,
         interfaces,
@@ -101,8 +101,10 @@ struct Agent {
     /// The backends each frontend id uses after the last sync, for the
     /// conntrack sweep's stale-UDP check; None until the first sync.
     live_backends: LiveBackendsSender,
-    /// PORTS, when the interface programs run.
-    port_filter: Option<SharedPortFilter>,
+    /// PORTS, when the interface programs run: the sync sets the bits of
+    /// new frontends, [`Agent::trim_ports`] clears those no frontend and no
+    /// flow uses.
+    port_filter: Option<PortFilter>,
     /// The address tunnel packets leave from, when the programs run.
     tunnel_source: Option<Ipv4Addr>,
     warned_tunnel_source: Option<Ipv4Addr>,
@@ -134,10 +136,10 @@ impl Agent {
         // While the maps change, which backends are live is unknown to the
         // conntrack sweep: it cuts no UDP flow until the sync publishes.
         self.live_backends.send_replace(None);
-        if let Some(filter) = &self.port_filter {
+        if let Some(filter) = &mut self.port_filter {
             // Ports first, so the first packet of a new frontend is looked at.
             let wanted = ports::of_desired(&desired);
-            if let Err(error) = lock(filter).want(wanted) {
+            if let Err(error) = filter.want(wanted) {
                 error!(
                     error = format!("{error:#}"),
                     "PORTS not updated: new frontends may not see external traffic yet"
@@ -308,6 +310,16 @@ impl Agent {
             .map(|retired_at| *retired_at + self.config.retired_slot_grace)
     }
 
+    /// Clears the PORTS bits that neither the last sync's frontends nor the
+    /// `flows` the sweeper left use.
+    fn trim_ports(&mut self, flows: &ports::Bitmap) {
+        if let Some(filter) = &mut self.port_filter
+            && let Err(error) = filter.retain(flows)
+        {
+            warn!(error = format!("{error:#}"), "PORTS not trimmed");
+        }
+    }
+
     /// Deletes the slots whose grace period has passed.
     fn free_retired_slots(&mut self) {
         let now = Instant::now();
@@ -391,11 +403,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             let mut interface_maps = loaded.take_interface_maps()?;
             let tunnel_source = configure_interfaces(&mut interface_maps, external)?;
             let filter = PortFilter::open(&loaded.layout)?;
-            (
-                Some(interface_maps),
-                Some(Arc::new(std::sync::Mutex::new(filter))),
-                Some(tunnel_source),
-            )
+            (Some(interface_maps), Some(filter), Some(tunnel_source))
         }
         None => (None, None, None),
     };
@@ -467,6 +475,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }
     }
     loaded.attach_socket_lb(&agent.config.cgroup)?;
+    // Kept here when no sweeper runs, so the loop's receiver never closes.
+    let (flow_ports_sender, mut flow_ports) = watch::channel(None);
     if let Some(external) = &agent.config.external {
         loaded.attach_interfaces(&external.interfaces)?;
         info!(interfaces = ?external.interfaces, mode = ?external.mode, "node interfaces attached");
@@ -475,7 +485,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             external.clone(),
             agent.metrics.clone(),
             agent.live_backends.subscribe(),
-            agent.port_filter.clone(),
+            flow_ports_sender.clone(),
         );
     }
     for previous in &previous_layouts {
@@ -533,6 +543,12 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 }
             }
             () = sleep_until_or_forever(agent.next_slot_release()) => agent.free_retired_slots(),
+            Ok(()) = flow_ports.changed() => {
+                let flows = flow_ports.borrow_and_update().clone();
+                if let Some(flows) = flows {
+                    agent.trim_ports(&flows);
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }

@@ -9,7 +9,11 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use dataplane_agent::dataplane::{failpoint, pins::PinLayout};
+use aya::maps::{Array, MapData};
+use dataplane_agent::dataplane::{failpoint, maps, pins::PinLayout, ports};
+use dataplane_common::{
+    IPPROTO_TCP, IPPROTO_UDP, PORT_KIND_BACKEND, PORT_KIND_FRONTEND, PORTS_WORDS, map_names,
+};
 use dataplane_testbed::{
     Host,
     cluster::{Cluster, NODE_INTERFACE},
@@ -608,6 +612,53 @@ fn pods_reach_node_ports_on_their_own_node_and_on_others() {
         BTreeSet::from(["pod1".to_string(), "pod2".to_string()]),
         "node-2 itself via {dialled}"
     );
+}
+
+/// PORTS of node `index`, as the interface programs read it.
+fn ports_bitmap(cluster: &Cluster, index: usize) -> ports::Bitmap {
+    let layout = PinLayout::new(&cluster.nodes[index].pin_dir);
+    let map: Array<MapData, u64> = maps::open_pinned(&layout, map_names::PORTS).unwrap();
+    ports::Bitmap((0..PORTS_WORDS).map(|word| map.get(&word, 0).unwrap()).collect())
+}
+
+#[test]
+fn ports_of_a_removed_service_are_cleared_once_its_flows_are_gone() {
+    let setup = serving_both_pods(&[
+        "--conntrack-udp-timeout",
+        "2s",
+        "--conntrack-sweep-period",
+        "500ms",
+    ]);
+    let c = &setup.cluster;
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    assert_all_ok(&c.exchange(&setup.client, &dialled, 5, "udp").unwrap());
+    let in_use = [
+        (PORT_KIND_FRONTEND, IPPROTO_TCP, NODE_PORT),
+        (PORT_KIND_FRONTEND, IPPROTO_UDP, NODE_PORT),
+        (PORT_KIND_BACKEND, IPPROTO_UDP, 8080),
+    ];
+    let bitmap = ports_bitmap(c, 0);
+    for (kind, protocol, port) in in_use {
+        assert!(bitmap.contains(kind, protocol, port), "{kind} {protocol} {port}");
+    }
+
+    // Only the Node objects are left: the sync keeps the bits the UDP
+    // flows still need, the sweeper expires them and tells the loop, which
+    // clears every bit of the Service.
+    let nodes_only = join(
+        &(0..c.nodes.len())
+            .map(|i| node_with_ip(&c.nodes[i].node_name, c.node_ip(i)))
+            .collect::<Vec<_>>(),
+    );
+    c.write_manifest("web.yaml", &nodes_only).unwrap();
+    c.nodes[0]
+        .wait_until("the Service's ports cleared", Duration::from_secs(15), || {
+            let bitmap = ports_bitmap(c, 0);
+            Ok(in_use
+                .iter()
+                .all(|(kind, protocol, port)| !bitmap.contains(*kind, *protocol, *port)))
+        })
+        .unwrap();
 }
 
 #[test]

@@ -72,9 +72,9 @@ pub fn of_flows(entries: &BTreeMap<CtKey, CtValue>) -> Bitmap {
     bitmap
 }
 
-/// The pinned PORTS map and what the agent last wanted in it. Shared by
-/// the sync loop (which only adds) and the conntrack sweep (which clears
-/// what neither frontends nor flows use): one writer at a time.
+/// The pinned PORTS map and what the agent last wanted in it. Owned by the
+/// sync loop: a sync only adds bits; after each conntrack sweep the loop
+/// clears those that neither the frontends nor the remaining flows use.
 pub struct PortFilter {
     map: Array<MapData, u64>,
     current: Bitmap,
