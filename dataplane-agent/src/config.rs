@@ -40,7 +40,7 @@ pub struct RunConfig {
     /// Remove a parked kube-proxy's iptables chains and nftables tables at
     /// start.
     pub cleanup_kube_proxy_rules: bool,
-    /// The north-south datapath; None when no interface is configured.
+    /// The interface programs' settings; None when no interface is configured.
     pub external: Option<ExternalConfig>,
     /// Where healthCheckNodePorts are served (kube-proxy: every address).
     pub health_check_bind_ip: IpAddr,
@@ -55,7 +55,7 @@ pub enum ExternalMode {
     Snat,
 }
 
-/// The node-interface (north-south) datapath's settings.
+/// The interface programs' settings (external traffic).
 #[derive(Clone, Debug)]
 pub struct ExternalConfig {
     pub interfaces: Vec<String>,

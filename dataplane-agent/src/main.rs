@@ -86,10 +86,10 @@ struct RunArgs {
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// Node interfaces that external traffic (NodePort, load-balancer IPs,
-    /// externalIPs) arrives on; the north-south datapath attaches to their
+    /// externalIPs) arrives on; the interface programs attach to their
     /// TC ingress and egress. `auto`: the interfaces of the default routes
-    /// (none: no north-south datapath, with a warning). Empty: no
-    /// north-south datapath (socket load balancing needs none).
+    /// (none: no interface programs, with a warning). Empty: no
+    /// interface programs (socket load balancing needs none).
     #[arg(
         long,
         value_delimiter = ',',

@@ -470,7 +470,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             warn!(
                 from = previous.version,
                 to = loaded.layout.version,
-                "pins of a newer layout (a rollback?): their flows cannot be read and are not carried over; established north-south flows may be reset"
+                "pins of a newer layout (a rollback?): their flows cannot be read and are not carried over; established external flows may be reset"
             );
         }
     }
@@ -578,7 +578,7 @@ fn configure_interfaces(maps: &mut InterfaceMaps, external: &ExternalConfig) -> 
         snat_port_max: external.snat_ports.1,
         _pad: 0,
     })?;
-    info!(%node_ip, node_addresses = ?addresses, "north-south datapath configured");
+    info!(%node_ip, node_addresses = ?addresses, "interface programs configured");
     Ok(node_ip)
 }
 

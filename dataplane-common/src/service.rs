@@ -83,7 +83,7 @@ const _: () = assert!(size_of::<BackendKey>() == 8);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BackendValue {
     pub ip_be: u32,
-    /// The node that hosts the backend (for tunnelling north-south traffic);
+    /// The node that hosts the backend (for tunnelling external traffic);
     /// 0 when unknown.
     pub node_ip_be: u32,
     pub port_be: u16,

@@ -1,5 +1,5 @@
-//! North-south translation on the node interfaces (TC ingress and egress):
-//! NodePort, load-balancer IPs, externalIPs and ClusterIPs reached from
+//! The interface programs (TC ingress and egress on the node interfaces):
+//! external traffic to NodePort, load-balancer IPs, externalIPs and ClusterIPs reached from
 //! outside, with the client's source address kept whenever the operator
 //! did not choose SNAT.
 //!

@@ -1,5 +1,5 @@
 //! Several nodes on one "network" with clients outside the cluster: the
-//! topology for north-south traffic.
+//! topology for external traffic.
 //!
 //! ```text
 //!   client 192.0.2.100 --+

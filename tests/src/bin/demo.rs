@@ -146,7 +146,7 @@ fn run_demo(connections: usize, interrupt: &Interrupt) -> Result<()> {
     }
     drop(tb);
     check()?;
-    north_south(connections, interrupt)?;
+    external_traffic(connections, interrupt)?;
     println!("\ndemo: ok; removing the demo cluster");
     Ok(())
 }
@@ -156,9 +156,9 @@ const NODE_PORT: u16 = 30080;
 /// Two nodes, one pod on each, a client outside the cluster: connections to
 /// node-1's nodePort reach both pods, the one on node-2 through the tunnel,
 /// and both see the client's own address.
-fn north_south(connections: usize, interrupt: &Interrupt) -> Result<()> {
+fn external_traffic(connections: usize, interrupt: &Interrupt) -> Result<()> {
     println!(
-        "\ndemo: north-south: two nodes (192.0.2.11, 192.0.2.12) with a pod each, a client outside"
+        "\ndemo: external traffic: two nodes (192.0.2.11, 192.0.2.12) with a pod each, a client outside"
     );
     let mut cluster = Cluster::new(2)?;
     let client = cluster.client("client")?;

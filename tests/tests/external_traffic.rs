@@ -1,4 +1,4 @@
-//! North-south traffic: a client outside the cluster reaches Services
+//! External traffic: a client outside the cluster reaches Services
 //! through nodePorts, load-balancer IPs and externalIPs on two nodes that
 //! each run the real agent with its TC programs on their node interface.
 //! Every test asserts which pod answered, the source address the pod saw,
@@ -479,7 +479,7 @@ fn an_upgrade_to_a_new_pin_layout_keeps_established_connections_and_removes_the_
         .flat_map(|layout| pinned_program_ids_of(layout).unwrap())
         .collect();
 
-    // North-south flows to both pods (node-1 translates, node-2 carries the
+    // External flows to both pods (node-1 translates, node-2 carries the
     // tunnel's return path) and east-west ones from a pod through socket LB.
     let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
     let mut external = c.hold(&setup.client, &dialled, 20, 300).unwrap();
@@ -618,7 +618,11 @@ fn pods_reach_node_ports_on_their_own_node_and_on_others() {
 fn ports_bitmap(cluster: &Cluster, index: usize) -> ports::Bitmap {
     let layout = PinLayout::new(&cluster.nodes[index].pin_dir);
     let map: Array<MapData, u64> = maps::open_pinned(&layout, map_names::PORTS).unwrap();
-    ports::Bitmap((0..PORTS_WORDS).map(|word| map.get(&word, 0).unwrap()).collect())
+    ports::Bitmap(
+        (0..PORTS_WORDS)
+            .map(|word| map.get(&word, 0).unwrap())
+            .collect(),
+    )
 }
 
 #[test]
@@ -639,7 +643,10 @@ fn ports_of_a_removed_service_are_cleared_once_its_flows_are_gone() {
     ];
     let bitmap = ports_bitmap(c, 0);
     for (kind, protocol, port) in in_use {
-        assert!(bitmap.contains(kind, protocol, port), "{kind} {protocol} {port}");
+        assert!(
+            bitmap.contains(kind, protocol, port),
+            "{kind} {protocol} {port}"
+        );
     }
 
     // Only the Node objects are left: the sync keeps the bits the UDP
@@ -652,12 +659,16 @@ fn ports_of_a_removed_service_are_cleared_once_its_flows_are_gone() {
     );
     c.write_manifest("web.yaml", &nodes_only).unwrap();
     c.nodes[0]
-        .wait_until("the Service's ports cleared", Duration::from_secs(15), || {
-            let bitmap = ports_bitmap(c, 0);
-            Ok(in_use
-                .iter()
-                .all(|(kind, protocol, port)| !bitmap.contains(*kind, *protocol, *port)))
-        })
+        .wait_until(
+            "the Service's ports cleared",
+            Duration::from_secs(15),
+            || {
+                let bitmap = ports_bitmap(c, 0);
+                Ok(in_use
+                    .iter()
+                    .all(|(kind, protocol, port)| !bitmap.contains(*kind, *protocol, *port)))
+            },
+        )
         .unwrap();
 }
 
