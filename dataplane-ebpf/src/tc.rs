@@ -1,7 +1,7 @@
 //! The interface programs (TC ingress and egress on the node interfaces):
-//! external traffic to NodePort, load-balancer IPs, externalIPs and ClusterIPs reached from
-//! outside, with the client's source address kept whenever the operator
-//! did not choose SNAT.
+//! external traffic to nodePorts, load-balancer IPs, externalIPs and
+//! ClusterIPs reached from outside, with the client's source address kept
+//! whenever the operator did not choose SNAT.
 //!
 //! Ingress: known flow -> its conntrack entry decides; new flow to a
 //! frontend -> pick a backend, record both directions, then DNAT (backend
