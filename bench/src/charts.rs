@@ -15,16 +15,20 @@ const SIZE: (u32, u32) = (900, 560);
 /// `xtask/src/setup.rs`).
 const CHART_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-/// One chart: a figure of each row, as a y value.
+/// A point's value and, where it has one, its min..max over the rounds.
+type Point = (f64, Option<(f64, f64)>);
+
+/// One chart: a figure of each row, as a y value with its range over the
+/// rounds (drawn as an error bar) where it has one.
 struct Chart {
     file: &'static str,
     title: &'static str,
     y_label: &'static str,
-    value: fn(&Row) -> Option<f64>,
+    value: fn(&Row) -> Option<Point>,
 }
 
-fn rate(figure: Option<&Figure>) -> Option<f64> {
-    figure.map(|f| f.median.rate)
+fn rate(figure: Option<&Figure>) -> Option<Point> {
+    figure.map(|f| (f.median.probe.rate, Some((f.rate_min, f.rate_max))))
 }
 
 const CHARTS: [Chart; 4] = [
@@ -41,7 +45,7 @@ const CHARTS: [Chart; 4] = [
         value: |row| {
             row.short_connections
                 .as_ref()
-                .map(|f| f.median.p99_us as f64)
+                .map(|f| (f.median.probe.p99_us as f64, None))
         },
     },
     Chart {
@@ -54,7 +58,7 @@ const CHARTS: [Chart; 4] = [
         file: "program-seconds.png",
         title: "Time to program all Services (lower is better; peers cut off at the timeout)",
         y_label: "seconds",
-        value: |row| (row.dataplane() != Dataplane::Direct).then_some(row.program_seconds),
+        value: |row| (row.dataplane() != Dataplane::Direct).then_some((row.program_seconds, None)),
     },
 ];
 
@@ -89,12 +93,16 @@ fn draw_one(
     chart: &Chart,
     path: &Path,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let points: Vec<(Dataplane, usize, f64)> = results
+    let points: Vec<(Dataplane, usize, Point)> = results
         .rows
         .iter()
         .filter_map(|row| Some((row.dataplane(), row.services, (chart.value)(row)?)))
         .collect();
-    let max_y = points.iter().map(|p| p.2).fold(1.0, f64::max) * 1.15;
+    let max_y = points
+        .iter()
+        .map(|(_, _, (value, range))| range.map_or(*value, |(_, max)| max.max(*value)))
+        .fold(1.0, f64::max)
+        * 1.15;
     let min_x = results.rows.iter().map(|r| r.services).min().unwrap_or(100) as f64;
     let max_x = results
         .rows
@@ -122,7 +130,7 @@ fn draw_one(
         let series: Vec<(f64, f64)> = points
             .iter()
             .filter(|p| p.0 == dataplane)
-            .map(|p| (p.1 as f64, p.2))
+            .map(|(_, services, (value, _))| (*services as f64, *value))
             .collect();
         if series.is_empty() {
             continue;
@@ -136,6 +144,19 @@ fn draw_one(
                 .into_iter()
                 .map(|point| Circle::new(point, 4, color(dataplane).filled())),
         )?;
+        plot.draw_series(points.iter().filter(|p| p.0 == dataplane).filter_map(
+            |(_, services, (value, range))| {
+                let (min, max) = (*range)?;
+                Some(ErrorBar::new_vertical(
+                    *services as f64,
+                    min,
+                    *value,
+                    max,
+                    color(dataplane).stroke_width(2),
+                    10,
+                ))
+            },
+        ))?;
     }
     plot.configure_series_labels()
         .background_style(WHITE.mix(0.9))

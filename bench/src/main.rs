@@ -17,12 +17,13 @@
 mod charts;
 mod peers;
 mod program_cost;
+mod report;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
-use dataplane_testbed::{Host, Testbed, interrupt::Interrupt, manifests};
+use dataplane_testbed::{Host, Testbed, interrupt::Interrupt, manifests, probe::BenchRun};
 use serde::Serialize;
 
 /// Benchmarks: ours beside kube-proxy's iptables and nftables modes and
@@ -39,9 +40,10 @@ pub struct BenchArgs {
     /// Seconds per measurement.
     #[arg(long)]
     seconds: Option<f64>,
-    /// Repeats per measurement (the median is reported, with the spread).
+    /// Rounds: each measures every load of every dataplane once, the
+    /// dataplanes interleaved (the median is reported, with min..max).
     #[arg(long)]
-    repeats: Option<usize>,
+    rounds: Option<usize>,
     /// Longest a peer may take to load its rule set before it is reported
     /// as not loaded (kube-proxy's iptables mode takes minutes at 10,000
     /// Services).
@@ -226,27 +228,91 @@ impl Dataplane {
     }
 }
 
-/// One probe run.
+/// One probe run, with the machine's CPU time it took.
 #[derive(Clone, Debug, Default, serde::Deserialize, Serialize)]
 struct Run {
-    count: u64,
-    failures: u64,
-    rate: f64,
-    p50_us: u64,
-    p99_us: u64,
+    #[serde(flatten)]
+    probe: BenchRun,
     /// CPU time of the whole machine per 1,000 requests, in milliseconds.
     #[serde(default)]
     cpu_ms_per_1000: f64,
 }
 
-/// The median run (by rate) of several, with the spread of the rates.
+/// The median run (by rate) of the rounds, with the spread of the rates.
 #[derive(Clone, Debug, Serialize)]
 struct Figure {
     median: Run,
     rate_min: f64,
     rate_max: f64,
-    /// Failed requests over all runs.
+    /// Verified exchanges and failed ones over all rounds.
+    count: u64,
     failures: u64,
+}
+
+impl Figure {
+    /// More than 1% of the exchanges failed: the rate says nothing.
+    fn invalid(&self) -> bool {
+        self.failures * 100 > (self.count + self.failures).max(1)
+    }
+
+    /// `rate [min..max]`, with the failures beside it.
+    fn cell(&self, scale: f64, digits: usize) -> String {
+        let mut cell = format!(
+            "{:.digits$} [{:.digits$}..{:.digits$}]",
+            self.median.probe.rate * scale,
+            self.rate_min * scale,
+            self.rate_max * scale
+        );
+        if self.failures > 0 {
+            let _ = write!(cell, " ({} failed)", self.failures);
+        }
+        if self.invalid() {
+            cell = format!("invalid: {cell}");
+        }
+        cell
+    }
+}
+
+/// The five loads of every round, in the order a round measures them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Load {
+    ClusterShort,
+    ClusterKeepalive,
+    ClusterBulk,
+    NodePortShort,
+    NodePortKeepalive,
+}
+
+impl Load {
+    const ALL: [Load; 5] = [
+        Self::ClusterShort,
+        Self::ClusterKeepalive,
+        Self::ClusterBulk,
+        Self::NodePortShort,
+        Self::NodePortKeepalive,
+    ];
+
+    fn probe_load(self) -> &'static str {
+        match self {
+            Self::ClusterShort | Self::NodePortShort => "short",
+            Self::ClusterKeepalive | Self::NodePortKeepalive => "keepalive",
+            Self::ClusterBulk => "bulk",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::ClusterShort => "ClusterIP new connections",
+            Self::ClusterKeepalive => "ClusterIP keep-alive requests",
+            Self::ClusterBulk => "ClusterIP bulk",
+            Self::NodePortShort => "NodePort new connections",
+            Self::NodePortKeepalive => "NodePort keep-alive requests",
+        }
+    }
+
+    fn through_node_port(self) -> bool {
+        matches!(self, Self::NodePortShort | Self::NodePortKeepalive)
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -260,7 +326,7 @@ struct Row {
     /// Bytes per second on one connection.
     bulk: Option<Figure>,
     /// NodePort, from a client outside the cluster (the floor: the same
-    /// client to a pod's own address).
+    /// client to the pods' own addresses).
     node_port_short: Option<Figure>,
     node_port_keepalive: Option<Figure>,
     /// Time to program all Services: the agent from start to ready, the
@@ -277,15 +343,28 @@ impl Row {
     fn dataplane(&self) -> Dataplane {
         self.dataplane.unwrap_or(Dataplane::Direct)
     }
+
+    fn figure(&self, load: Load) -> Option<&Figure> {
+        match load {
+            Load::ClusterShort => self.short_connections.as_ref(),
+            Load::ClusterKeepalive => self.keepalive.as_ref(),
+            Load::ClusterBulk => self.bulk.as_ref(),
+            Load::NodePortShort => self.node_port_short.as_ref(),
+            Load::NodePortKeepalive => self.node_port_keepalive.as_ref(),
+        }
+    }
 }
 
 #[derive(Serialize)]
 struct Results {
     commit: String,
+    /// The agent's build: "release" unless the bench was built without
+    /// optimisations.
+    build: String,
     kernel: String,
     cores: usize,
     seconds_per_run: f64,
-    repeats: usize,
+    rounds: usize,
     rows: Vec<Row>,
     program_costs: Vec<program_cost::Cost>,
 }
@@ -307,7 +386,64 @@ fn busy_jiffies() -> Result<u64> {
         .sum())
 }
 
-fn measure(
+/// One dataplane's own node: a node namespace with the client and the ten
+/// pods, so every dataplane stays loaded while the rounds interleave.
+struct Site {
+    dataplane: Dataplane,
+    tb: Testbed,
+    client: Host,
+    pods: Vec<Host>,
+}
+
+impl Site {
+    fn new(dataplane: Dataplane) -> Result<Self> {
+        let mut tb = Testbed::new()?;
+        let client = tb.host("client")?;
+        let mut pods = Vec::new();
+        for i in 1..=ENDPOINTS_PER_SERVICE {
+            let pod = tb.host(&format!("pod{i}"))?;
+            tb.serve(&pod, 8080)?;
+            pods.push(pod);
+        }
+        Ok(Self {
+            dataplane,
+            tb,
+            client,
+            pods,
+        })
+    }
+
+    /// Where `load` dials: the hot Service, or (the floor) the same pods
+    /// the Service spreads over, in turn.
+    fn target(&self, load: Load) -> String {
+        match (self.dataplane, load.through_node_port()) {
+            (Dataplane::Direct, _) => self
+                .pods
+                .iter()
+                .map(|pod| format!("{}:8080", pod.ip))
+                .collect::<Vec<_>>()
+                .join(","),
+            (_, false) => format!("{HOT_VIP}:80"),
+            (_, true) => format!("{NODE_ADDRESS}:{HOT_NODE_PORT}"),
+        }
+    }
+
+    fn measure(&self, load: Load, seconds: f64) -> Result<Run> {
+        // ClusterIP traffic comes from a pod (in the cgroup socket LB
+        // serves); NodePort traffic from a client outside the cluster.
+        let in_cgroup = !load.through_node_port();
+        probe_run(
+            &self.tb,
+            &self.client,
+            in_cgroup,
+            &self.target(load),
+            load.probe_load(),
+            seconds,
+        )
+    }
+}
+
+fn probe_run(
     tb: &Testbed,
     client: &Host,
     in_cgroup: bool,
@@ -330,48 +466,76 @@ fn measure(
         ],
     )?;
     let jiffies = busy_jiffies()?.saturating_sub(before);
-    let mut run: Run =
+    let probe: BenchRun =
         serde_json::from_str(output.trim()).with_context(|| format!("probe said {output:?}"))?;
     // USER_HZ is 100: a jiffy is 10 ms.
-    run.cpu_ms_per_1000 = if run.count == 0 {
+    let cpu_ms_per_1000 = if probe.count == 0 {
         0.0
     } else {
-        jiffies as f64 * 10.0 / run.count as f64 * 1000.0
+        jiffies as f64 * 10.0 / probe.count as f64 * 1000.0
     };
-    // A few failures in tens of thousands (a SYN lost past the timeout) are
-    // reported with the figure; a run where more than 1% fail is no figure.
-    if run.failures * 100 > run.count.max(1) {
-        bail!(
-            "{} of the {} {load} requests to {target} failed",
-            run.failures,
-            run.count + run.failures
-        );
-    }
-    if run.failures > 0 {
+    if probe.failures > 0 {
         println!(
-            "bench:   note: {} of {} {load} requests to {target} failed",
-            run.failures,
-            run.count + run.failures
+            "bench:   note: {} of {} {load} exchanges with {target} failed",
+            probe.failures,
+            probe.count + probe.failures
         );
     }
-    Ok(run)
+    Ok(Run {
+        probe,
+        cpu_ms_per_1000,
+    })
+}
+
+/// The probe must count what is not a verified answer as a failure: runs
+/// against a server that closes every connection at once must fail whole.
+fn self_check(site: &mut Site) -> Result<()> {
+    let port = 8090;
+    let pod = site.pods[0].clone();
+    site.tb.serve_with(
+        &pod,
+        &["serve-closing", "--listen", &format!("0.0.0.0:{port}")],
+    )?;
+    for load in ["short", "keepalive"] {
+        let run = probe_run(
+            &site.tb,
+            &site.client,
+            false,
+            &format!("{}:{port}", pod.ip),
+            load,
+            0.3,
+        )?;
+        if run.probe.count != 0 || run.probe.failures == 0 {
+            bail!(
+                "self-check: a {load} run against a server that closes at once reported {} answers and {} failures; the probe does not verify answers",
+                run.probe.count,
+                run.probe.failures
+            );
+        }
+    }
+    println!(
+        "bench: self-check passed: runs against a server that answers nothing are 100% failures"
+    );
+    Ok(())
 }
 
 fn figure(mut runs: Vec<Run>) -> Figure {
-    runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    runs.sort_by(|a, b| a.probe.rate.total_cmp(&b.probe.rate));
     Figure {
-        failures: runs.iter().map(|r| r.failures).sum(),
-        rate_min: runs.first().map_or(0.0, |r| r.rate),
-        rate_max: runs.last().map_or(0.0, |r| r.rate),
+        count: runs.iter().map(|r| r.probe.count).sum(),
+        failures: runs.iter().map(|r| r.probe.failures).sum(),
+        rate_min: runs.first().map_or(0.0, |r| r.probe.rate),
+        rate_max: runs.last().map_or(0.0, |r| r.probe.rate),
         median: runs[runs.len() / 2].clone(),
     }
 }
 
 /// Loads a dataplane for `set`; returns how long programming took, or
 /// None if a peer's rule load did not finish within `timeout`.
-fn load(tb: &Testbed, dataplane: Dataplane, set: &ServiceSet, timeout: u64) -> Result<Option<f64>> {
+fn load(site: &Site, set: &ServiceSet, timeout: u64) -> Result<Option<f64>> {
+    let tb = &site.tb;
     let started = Instant::now();
-    let (tool, flag, file, rules) = match dataplane {
+    let (tool, flag, file, rules) = match site.dataplane {
         Dataplane::Direct => return Ok(Some(0.0)),
         Dataplane::Ours => {
             tb.write_manifest("bench.yaml", &set.filler_manifests())?;
@@ -414,8 +578,9 @@ fn load(tb: &Testbed, dataplane: Dataplane, set: &ServiceSet, timeout: u64) -> R
     }
 }
 
-fn unload(tb: &Testbed, dataplane: Dataplane) -> Result<()> {
-    match dataplane {
+fn unload(site: &Site) -> Result<()> {
+    let tb = &site.tb;
+    match site.dataplane {
         Dataplane::Direct => {}
         Dataplane::Ours => {
             tb.stop_agent(libc::SIGTERM)?;
@@ -444,6 +609,15 @@ fn main() -> Result<()> {
     interrupt.explain(run_bench(&args, &interrupt))
 }
 
+/// What one scale measured of one dataplane before its figures exist.
+struct Loaded<'a> {
+    site: &'a Site,
+    program_seconds: f64,
+    agent_rss_mib: Option<f64>,
+    change_latency: Option<(f64, f64)>,
+    runs: [Vec<Run>; 5],
+}
+
 fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     let scales = if !args.scales.is_empty() {
         args.scales.clone()
@@ -452,108 +626,120 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     } else {
         vec![100, 1_000, 10_000]
     };
-    // Five figures per dataplane and scale, three runs each: quick mode fits
-    // in five minutes, full mode in thirty.
+    // Five loads per dataplane, scale and round: quick mode fits in about
+    // six minutes, full mode in about forty.
     let seconds = args.seconds.unwrap_or(if args.full { 3.0 } else { 1.0 });
-    let repeats = args.repeats.unwrap_or(3).max(1);
+    let rounds = args.rounds.unwrap_or(5).max(1);
     let load_timeout = args
         .load_timeout_seconds
         .unwrap_or(if args.full { 180 } else { 30 });
 
-    let mut tb = Testbed::new()?;
-    let client = tb.host("client")?;
-    let mut pods = Vec::new();
-    for i in 1..=ENDPOINTS_PER_SERVICE {
-        let pod = tb.host(&format!("pod{i}"))?;
-        tb.serve(&pod, 8080)?;
-        pods.push(pod);
-    }
+    let mut sites = Dataplane::ALL
+        .into_iter()
+        .map(Site::new)
+        .collect::<Result<Vec<_>>>()?;
+    self_check(&mut sites[0])?;
     let mut rows = Vec::new();
     for &services in &scales {
-        let set = ServiceSet::new(services, &pods);
-        for dataplane in Dataplane::ALL {
-            let Some(program_seconds) = load(&tb, dataplane, &set, load_timeout)? else {
-                println!(
-                    "bench: {services:>6} Services  {:<20} did not load within {load_timeout} s",
-                    dataplane.label()
-                );
-                unload(&tb, dataplane)?;
-                rows.push(Row {
-                    services,
-                    dataplane: Some(dataplane),
-                    program_seconds: load_timeout as f64,
-                    ..Row::default()
-                });
-                continue;
-            };
-            let agent_rss_mib = tb.agent_pid().and_then(rss_mib);
-            let change_latency = if dataplane == Dataplane::Ours {
-                Some(endpoint_change_latency(&tb, &set, 20)?)
-            } else {
-                None
-            };
-            let (cluster_target, node_port_target) = match dataplane {
-                Dataplane::Direct => (
-                    format!("{}:8080", pods[0].ip),
-                    format!("{}:8080", pods[0].ip),
-                ),
-                _ => (
-                    format!("{HOT_VIP}:80"),
-                    format!("{NODE_ADDRESS}:{HOT_NODE_PORT}"),
-                ),
-            };
-            let in_cgroup = dataplane == Dataplane::Ours;
-            let mut runs: [Vec<Run>; 5] = Default::default();
-            for _ in 0..repeats {
-                interrupt.check()?;
-                let m = |target: &str, in_cgroup: bool, load: &str| {
-                    measure(&tb, &client, in_cgroup, target, load, seconds)
-                };
-                runs[0].push(m(&cluster_target, in_cgroup, "short")?);
-                runs[1].push(m(&cluster_target, in_cgroup, "keepalive")?);
-                runs[2].push(m(&cluster_target, in_cgroup, "bulk")?);
-                runs[3].push(m(&node_port_target, false, "short")?);
-                runs[4].push(m(&node_port_target, false, "keepalive")?);
+        let mut loaded = Vec::new();
+        for site in &sites {
+            let pods = &site.pods;
+            let set = ServiceSet::new(services, pods);
+            interrupt.check()?;
+            match load(site, &set, load_timeout)? {
+                Some(program_seconds) => {
+                    let change_latency = if site.dataplane == Dataplane::Ours {
+                        Some(endpoint_change_latency(&site.tb, &set, 20)?)
+                    } else {
+                        None
+                    };
+                    loaded.push(Loaded {
+                        site,
+                        program_seconds,
+                        agent_rss_mib: site.tb.agent_pid().and_then(rss_mib),
+                        change_latency,
+                        runs: Default::default(),
+                    });
+                }
+                None => {
+                    println!(
+                        "bench: {services:>6} Services  {:<20} did not load within {load_timeout} s",
+                        site.dataplane.label()
+                    );
+                    unload(site)?;
+                    rows.push(Row {
+                        services,
+                        dataplane: Some(site.dataplane),
+                        program_seconds: load_timeout as f64,
+                        ..Row::default()
+                    });
+                }
             }
-            unload(&tb, dataplane)?;
-            let [short, keepalive, bulk, np_short, np_keepalive] = runs.map(figure);
+        }
+        // Round by round, load by load, every dataplane in turn (starting
+        // with a different one each round), so drift of the machine spreads
+        // over all of them instead of favouring whichever ran first.
+        for round in 0..rounds {
+            for (index, load) in Load::ALL.into_iter().enumerate() {
+                let variants = loaded.len();
+                for turn in 0..variants {
+                    interrupt.check()?;
+                    let variant = &mut loaded[(turn + round) % variants];
+                    let run = variant.site.measure(load, seconds)?;
+                    variant.runs[index].push(run);
+                }
+            }
+            println!(
+                "bench: {services:>6} Services  round {} of {rounds} done",
+                round + 1
+            );
+        }
+        for variant in loaded {
+            unload(variant.site)?;
+            let [short, keepalive, bulk, np_short, np_keepalive] = variant.runs.map(figure);
             println!(
                 "bench: {services:>6} Services  {:<20} {:>7.0} conn/s  p99 {:>5} µs  {:>7.0} req/s  {:>5.1} Gbit/s  NodePort {:>7.0} conn/s  load {:.3} s",
-                dataplane.label(),
-                short.median.rate,
-                short.median.p99_us,
-                keepalive.median.rate,
-                bulk.median.rate * 8.0 / 1e9,
-                np_short.median.rate,
-                program_seconds
+                variant.site.dataplane.label(),
+                short.median.probe.rate,
+                short.median.probe.p99_us,
+                keepalive.median.probe.rate,
+                bulk.median.probe.rate * 8.0 / 1e9,
+                np_short.median.probe.rate,
+                variant.program_seconds
             );
             rows.push(Row {
                 services,
-                dataplane: Some(dataplane),
+                dataplane: Some(variant.site.dataplane),
                 short_connections: Some(short),
                 keepalive: Some(keepalive),
                 bulk: Some(bulk),
                 node_port_short: Some(np_short),
                 node_port_keepalive: Some(np_keepalive),
-                program_seconds,
-                agent_rss_mib,
-                endpoint_change_p50_ms: change_latency.map(|l| l.0),
-                endpoint_change_p99_ms: change_latency.map(|l| l.1),
+                program_seconds: variant.program_seconds,
+                agent_rss_mib: variant.agent_rss_mib,
+                endpoint_change_p50_ms: variant.change_latency.map(|l| l.0),
+                endpoint_change_p99_ms: variant.change_latency.map(|l| l.1),
             });
         }
     }
-    drop(tb);
+    drop(sites);
     interrupt.check()?;
     println!("bench: in-kernel cost per packet of the interface programs (BPF_PROG_TEST_RUN)");
     let program_costs = program_cost::measure(if args.full { 2_000_000 } else { 500_000 })?;
     let results = Results {
         commit: current_commit(),
+        build: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .to_owned(),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
             .trim()
             .to_owned(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         seconds_per_run: seconds,
-        repeats,
+        rounds,
         rows,
         program_costs,
     };
@@ -566,7 +752,7 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
         out_dir.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    let table = markdown(&results);
+    let table = report::markdown(&results);
     std::fs::write(out_dir.join("results.md"), &table)?;
     charts::draw(&results, &out_dir)?;
     println!("\n{table}\nbench: wrote {}", out_dir.display());
@@ -596,169 +782,4 @@ fn rss_mib(pid: u32) -> Option<f64> {
         .parse()
         .ok()?;
     Some(kib / 1024.0)
-}
-
-/// The Markdown report: every figure, and ratios to the floor and to each
-/// kube-proxy mode.
-fn markdown(results: &Results) -> String {
-    let mut out = format!(
-        "Machine: {} cores, kernel {}; commit {}; {} s per run, median of {} runs (rate min..max in brackets).\n\n",
-        results.cores, results.kernel, results.commit, results.seconds_per_run, results.repeats
-    );
-    out += "### ClusterIP, from a pod\n\n";
-    out += "| Services | dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | bulk Gbit/s | program s | agent RSS MiB | conn/s vs floor | vs iptables | vs nftables |\n";
-    out += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    for row in &results.rows {
-        let (Some(s), Some(k), Some(b)) = (&row.short_connections, &row.keepalive, &row.bulk)
-        else {
-            let _ = writeln!(
-                out,
-                "| {} | {} | did not load within {:.0} s | | | | | | | {:.0}+ | | | | |",
-                row.services,
-                row.dataplane().label(),
-                row.program_seconds,
-                row.program_seconds
-            );
-            continue;
-        };
-        let ratio = |dataplane| ratio(results, row, dataplane, |r| r.short_connections.as_ref());
-        let _ = writeln!(
-            out,
-            "| {} | {} | {:.0} [{:.0}..{:.0}] | {} | {} | {:.1} | {:.0} | {} | {:.2} [{:.2}..{:.2}] | {:.3} | {} | {} | {} | {} |",
-            row.services,
-            row.dataplane().label(),
-            s.median.rate,
-            s.rate_min,
-            s.rate_max,
-            s.median.p50_us,
-            s.median.p99_us,
-            s.median.cpu_ms_per_1000,
-            k.median.rate,
-            k.median.p99_us,
-            b.median.rate * 8.0 / 1e9,
-            b.rate_min * 8.0 / 1e9,
-            b.rate_max * 8.0 / 1e9,
-            row.program_seconds,
-            row.agent_rss_mib
-                .map_or_else(|| "".to_owned(), |m| format!("{m:.0}")),
-            ratio(Dataplane::Direct),
-            ratio(Dataplane::Iptables),
-            ratio(Dataplane::Nftables),
-        );
-    }
-    let failures: Vec<String> = results
-        .rows
-        .iter()
-        .flat_map(|row| {
-            [
-                ("ClusterIP short", &row.short_connections),
-                ("ClusterIP keep-alive", &row.keepalive),
-                ("NodePort short", &row.node_port_short),
-                ("NodePort keep-alive", &row.node_port_keepalive),
-            ]
-            .into_iter()
-            .filter_map(move |(what, figure)| {
-                let figure = figure.as_ref()?;
-                (figure.failures > 0).then(|| {
-                    format!(
-                        "{} Services, {}, {what}: {} failed",
-                        row.services,
-                        row.dataplane().label(),
-                        figure.failures
-                    )
-                })
-            })
-        })
-        .collect();
-    if !failures.is_empty() {
-        out += &format!("\nFailed requests (all runs): {}.\n", failures.join("; "));
-    }
-    out += "\n### NodePort, from a client outside the cluster (floor: the same client to a pod's address)\n\n";
-    out += "| Services | dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | conn/s vs floor | vs iptables | vs nftables |\n";
-    out += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    for row in &results.rows {
-        let (Some(s), Some(k)) = (&row.node_port_short, &row.node_port_keepalive) else {
-            let _ = writeln!(
-                out,
-                "| {} | {} | did not load | | | | | | | | |",
-                row.services,
-                row.dataplane().label()
-            );
-            continue;
-        };
-        let ratio = |dataplane| ratio(results, row, dataplane, |r| r.node_port_short.as_ref());
-        let _ = writeln!(
-            out,
-            "| {} | {} | {:.0} [{:.0}..{:.0}] | {} | {} | {:.1} | {:.0} | {} | {} | {} | {} |",
-            row.services,
-            row.dataplane().label(),
-            s.median.rate,
-            s.rate_min,
-            s.rate_max,
-            s.median.p50_us,
-            s.median.p99_us,
-            s.median.cpu_ms_per_1000,
-            k.median.rate,
-            k.median.p99_us,
-            ratio(Dataplane::Direct),
-            ratio(Dataplane::Iptables),
-            ratio(Dataplane::Nftables),
-        );
-    }
-    out += "\n### Control plane (ours)\n\n";
-    out += "| Services | all programmed from start, s | endpoint change to map, p50 ms | p99 ms | agent RSS MiB |\n";
-    out += "|---:|---:|---:|---:|---:|\n";
-    for row in results
-        .rows
-        .iter()
-        .filter(|r| r.dataplane() == Dataplane::Ours)
-    {
-        let ms = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.0}"));
-        let _ = writeln!(
-            out,
-            "| {} | {:.2} | {} | {} | {} |",
-            row.services,
-            row.program_seconds,
-            ms(row.endpoint_change_p50_ms),
-            ms(row.endpoint_change_p99_ms),
-            ms(row.agent_rss_mib),
-        );
-    }
-    out += "\n(Endpoint changes include the agent's 100 ms --min-sync-period; kube-proxy's iptables mode defaults to 1 s.)\n";
-    out += "\n### In-kernel cost of the interface programs (BPF_PROG_TEST_RUN, ns per packet)\n\n";
-    out += "| packet | program | timed as | ns/packet | no-op TC program ns/packet | above the floor |\n";
-    out += "|---|---|---|---:|---:|---:|\n";
-    for cost in &results.program_costs {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {:.1} | {:.1} | {:+.1} |",
-            cost.packet,
-            cost.program,
-            cost.method,
-            cost.ns_per_packet,
-            cost.floor_ns_per_packet,
-            cost.ns_per_packet - cost.floor_ns_per_packet
-        );
-    }
-    out
-}
-
-/// This row's rate over `dataplane`'s at the same scale, for one figure.
-fn ratio(
-    results: &Results,
-    row: &Row,
-    dataplane: Dataplane,
-    figure: impl Fn(&Row) -> Option<&Figure>,
-) -> String {
-    let ours = figure(row).map(|f| f.median.rate);
-    let theirs = results
-        .rows
-        .iter()
-        .find(|r| r.services == row.services && r.dataplane() == dataplane)
-        .and_then(&figure)
-        .map(|f| f.median.rate);
-    match (ours, theirs) {
-        (Some(ours), Some(theirs)) if theirs > 0.0 => format!("{:.2}", ours / theirs),
-        _ => "n/a".to_owned(),
-    }
 }

@@ -53,3 +53,68 @@ pub fn tally(attempts: &[Attempt]) -> BTreeMap<String, BackendTally> {
     }
     out
 }
+
+/// Whether `line` is a whole greeting of `dataplane-probe serve`: the
+/// server's name and the source address it saw, one space between, and
+/// the newline. Anything else (an end of stream, half a line, another
+/// server's banner) is not an answer.
+pub fn is_greeting(line: &str) -> bool {
+    let Some(body) = line.strip_suffix('\n') else {
+        return false;
+    };
+    let Some((name, source)) = body.split_once(' ') else {
+        return false;
+    };
+    !name.is_empty()
+        && !name.contains(char::is_whitespace)
+        && source.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// The request line of the `n`-th keep-alive exchange: numbered, so an
+/// echo of an earlier request (or another connection's) is not an answer.
+pub fn keepalive_request(n: u64) -> String {
+    format!("ping {n}\n")
+}
+
+/// One `dataplane-probe bench` run as it prints it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BenchRun {
+    /// Verified exchanges (bytes for the bulk load).
+    pub count: u64,
+    /// Exchanges that failed or were answered wrongly.
+    pub failures: u64,
+    pub seconds: f64,
+    /// Verified exchanges per second (bytes per second for bulk).
+    pub rate: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_greeting_is_an_answer() {
+        assert!(is_greeting("pod3 10.0.0.1\n"));
+        assert!(is_greeting("pod3 fd00::1\n"));
+        for wrong in [
+            "",
+            "\n",
+            "pod3 10.0.0.1",
+            "pod3\n",
+            "pod3 10.0.0\n",
+            " 10.0.0.1\n",
+            "pod 3 10.0.0.1\n",
+            "SSH-2.0-OpenSSH\r\n",
+        ] {
+            assert!(!is_greeting(wrong), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn keepalive_requests_are_numbered_lines() {
+        assert_eq!(keepalive_request(7), "ping 7\n");
+        assert_ne!(keepalive_request(1), keepalive_request(2));
+    }
+}

@@ -364,15 +364,16 @@ impl Testbed {
     /// Starts a TCP server in `host` that answers with its name and the
     /// source address it saw; returns once it listens.
     pub fn serve(&mut self, host: &Host, port: u16) -> Result<()> {
+        let listen = format!("0.0.0.0:{port}");
+        self.serve_with(host, &["serve", "--listen", &listen, "--name", &host.name])
+    }
+
+    /// Starts a probe server in `host` with `args` (`serve ...`,
+    /// `serve-closing ...`); returns once it listens.
+    pub fn serve_with(&mut self, host: &Host, args: &[&str]) -> Result<()> {
         let mut child = self
             .command_in(&host.netns, false, sibling_binary("dataplane-probe")?)?
-            .args([
-                "serve",
-                "--listen",
-                &format!("0.0.0.0:{port}"),
-                "--name",
-                &host.name,
-            ])
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the probe server")?;

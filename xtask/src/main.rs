@@ -64,28 +64,50 @@ enum Task {
     },
 }
 
+/// How `build` compiles: the tests and the demo use the debug build (the
+/// tests' failpoints live there), the benchmarks the release build the
+/// image ships.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Profile {
+    Debug,
+    Release,
+}
+
+impl Profile {
+    fn cargo_args(self) -> &'static [&'static str] {
+        match self {
+            Self::Debug => &[],
+            Self::Release => &["--release"],
+        }
+    }
+}
+
 /// The agent, the probe, the demo and the benchmarks: everything the tests
 /// and the long-running tasks start.
-fn build() -> Result<()> {
-    run(Command::new("cargo").args([
-        "build",
-        "-p",
-        "dataplane-agent",
-        "-p",
-        "dataplane-testbed",
-        "-p",
-        "dataplane-bench",
-        "--bins",
-    ]))
+fn build(profile: Profile) -> Result<()> {
+    run(Command::new("cargo")
+        .args([
+            "build",
+            "-p",
+            "dataplane-agent",
+            "-p",
+            "dataplane-testbed",
+            "-p",
+            "dataplane-bench",
+            "--bins",
+        ])
+        .args(profile.cargo_args()))
 }
 
 /// Runs one of the binaries `build` made, with its arguments. Ctrl-C
 /// reaches it too (same process group); xtask only waits, so the binary
 /// can remove its namespaces and pins before the shell prompt returns.
-fn run_binary(package: &str, binary: &str, args: &[String]) -> Result<()> {
+fn run_binary(profile: Profile, package: &str, binary: &str, args: &[String]) -> Result<()> {
     ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
     run(Command::new("cargo")
-        .args(["run", "--quiet", "-p", package, "--bin", binary, "--"])
+        .args(["run", "--quiet"])
+        .args(profile.cargo_args())
+        .args(["-p", package, "--bin", binary, "--"])
         .args(args))
 }
 
@@ -121,7 +143,7 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     println!("xtask: deploy/ manifests");
     deploy::validate()?;
     deploy::image(false)?;
-    build()?;
+    build(Profile::Debug)?;
     println!("xtask: cargo test (unit, program and integration tests)");
     run(Command::new("cargo")
         .args(["test", "--no-fail-fast", "--"])
@@ -134,15 +156,20 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Build => {
             setup::setup()?;
-            build()
+            build(Profile::Debug)
         }
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Bench { bench_args } => {
             require_root("cargo xtask bench")?;
             setup::setup()?;
             setup::ensure_chart_font()?;
-            build()?;
-            run_binary("dataplane-bench", "dataplane-bench", &bench_args)
+            build(Profile::Release)?;
+            run_binary(
+                Profile::Release,
+                "dataplane-bench",
+                "dataplane-bench",
+                &bench_args,
+            )
         }
         Task::ValidateDeploy => {
             setup::setup()?;
@@ -152,8 +179,13 @@ fn main() -> Result<()> {
         Task::Demo { demo_args } => {
             require_root("cargo xtask demo")?;
             setup::setup()?;
-            build()?;
-            run_binary("dataplane-testbed", "dataplane-demo", &demo_args)
+            build(Profile::Debug)?;
+            run_binary(
+                Profile::Debug,
+                "dataplane-testbed",
+                "dataplane-demo",
+                &demo_args,
+            )
         }
     }
 }

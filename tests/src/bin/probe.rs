@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use dataplane_testbed::probe::Attempt;
+use dataplane_testbed::probe::{Attempt, BenchRun, is_greeting, keepalive_request};
 
 #[derive(Parser)]
 struct Cli {
@@ -56,14 +56,22 @@ enum Command {
     /// read the greeting, close) or request/response on one kept-alive
     /// connection; prints count, rate and latency percentiles as JSON.
     Bench {
-        #[arg(long)]
-        to: SocketAddr,
+        /// One address, or several (comma-separated) that new connections
+        /// take in turn.
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<SocketAddr>,
         #[arg(long)]
         seconds: f64,
         /// `short` (a connection per request), `keepalive` or `bulk` (one
         /// connection streaming; the rate is bytes per second).
         #[arg(long)]
         load: String,
+    },
+    /// Accepts TCP connections and closes them at once (the bench's
+    /// self-check).
+    ServeClosing {
+        #[arg(long)]
+        listen: SocketAddr,
     },
     /// GET http://<to><path> and print the body (for metrics and health
     /// endpoints inside a namespace).
@@ -312,15 +320,24 @@ fn hold(to: SocketAddr, connections: usize, seconds: u64, interval: Duration) ->
     Ok(())
 }
 
-/// Connect, read the greeting, close with a reset: without TIME_WAIT, a
-/// long run never exhausts the client's ports or fills conntrack with dead
-/// flows, so every dataplane is measured from the same state.
+/// Connect, read and check the greeting, close with a reset: without
+/// TIME_WAIT, a long run never exhausts the client's ports or fills
+/// conntrack with dead flows, so every dataplane is measured from the same
+/// state.
 fn short_request(to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
     let stream = TcpStream::connect_timeout(&to, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
+    close_with_reset(&stream)?;
+    if !is_greeting(&line) {
+        return Err(not_an_answer(&line));
+    }
+    Ok(())
+}
+
+fn close_with_reset(stream: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -341,88 +358,152 @@ fn short_request(to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One benchmark run: latencies in microseconds, failures counted.
-fn bench(to: SocketAddr, seconds: f64, load: &str) -> Result<()> {
+fn not_an_answer(line: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("not the expected answer: {line:?}"),
+    )
+}
+
+/// A kept-alive connection whose greeting was checked.
+struct KeptAlive {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl KeptAlive {
+    fn open(to: SocketAddr, timeout: Duration) -> std::io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&to, timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        let writer = stream.try_clone()?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if !is_greeting(&line) {
+            return Err(not_an_answer(&line));
+        }
+        Ok(Self { writer, reader })
+    }
+
+    /// One request; the answer must be its exact echo.
+    fn exchange(&mut self, request: &str, answer: &mut String) -> std::io::Result<()> {
+        answer.clear();
+        self.writer.write_all(request.as_bytes())?;
+        self.reader.read_line(answer)?;
+        if answer != request {
+            return Err(not_an_answer(answer));
+        }
+        Ok(())
+    }
+}
+
+/// One benchmark run against `targets` (several: each new connection goes
+/// to the next, as a Service spreads over its backends): latencies in
+/// microseconds of verified exchanges only; anything else is a failure.
+fn bench(targets: &[SocketAddr], seconds: f64, load: &str) -> Result<()> {
+    anyhow::ensure!(!targets.is_empty(), "no target");
     let timeout = Duration::from_secs(2);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut latencies_us: Vec<u64> = Vec::new();
     let mut failures = 0u64;
+    // Where the first connection goes: random, so that runs of a one-
+    // connection load spread over the targets as a Service's would.
+    let mut next_target = rand::random_range(0..targets.len());
+    let mut pick = || {
+        let target = targets[next_target % targets.len()];
+        next_target += 1;
+        target
+    };
     match load {
         "short" => {
             while Instant::now() < deadline {
                 let begun = Instant::now();
-                match short_request(to, timeout) {
+                match short_request(pick(), timeout) {
                     Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
                     Err(_) => failures += 1,
                 }
             }
         }
         "keepalive" => {
-            let stream = TcpStream::connect_timeout(&to, timeout)?;
-            stream.set_read_timeout(Some(timeout))?;
-            stream.set_nodelay(true)?;
-            let mut writer = stream.try_clone()?;
-            let mut reader = BufReader::new(stream);
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
+            let mut connection: Option<KeptAlive> = None;
+            let mut answer = String::new();
+            let mut n = 0u64;
             while Instant::now() < deadline {
-                line.clear();
+                // A connection that cannot be opened, or breaks, is a
+                // failure; the next exchange opens a new one.
+                let open = match connection.as_mut() {
+                    Some(open) => open,
+                    None => match KeptAlive::open(pick(), timeout) {
+                        Ok(open) => connection.insert(open),
+                        Err(_) => {
+                            failures += 1;
+                            continue;
+                        }
+                    },
+                };
+                n += 1;
                 let begun = Instant::now();
-                // An answer, not an end of stream: a closed connection
-                // must count as failures, not as instant successes.
-                let result = writer.write_all(b"ping\n").and_then(|()| {
-                    match reader.read_line(&mut line)? {
-                        0 => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
-                        _ => Ok(()),
-                    }
-                });
-                match result {
+                match open.exchange(&keepalive_request(n), &mut answer) {
                     Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
-                    Err(_) => failures += 1,
+                    Err(_) => {
+                        failures += 1;
+                        connection = None;
+                    }
                 }
             }
         }
-        "bulk" => {
-            // One connection streaming for the whole run; the "latency" of
-            // a bulk run is the time per chunk, the rate bytes per second.
-            let mut stream = TcpStream::connect_timeout(&to, timeout)?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            let mut reader = BufReader::new(stream.try_clone()?);
-            let mut line = String::new();
-            reader.read_line(&mut line)?;
-            stream.write_all(SINK_REQUEST.as_bytes())?;
-            let chunk = vec![0x5au8; BULK_CHUNK];
-            let mut sent = 0u64;
-            while Instant::now() < deadline {
-                let begun = Instant::now();
-                stream.write_all(&chunk)?;
-                sent += chunk.len() as u64;
-                latencies_us.push(begun.elapsed().as_micros() as u64);
-            }
-            stream.shutdown(Shutdown::Write)?;
-            line.clear();
-            reader.read_line(&mut line)?;
-            let received: u64 = line.trim().parse().unwrap_or(0);
-            if received != sent {
-                failures += 1;
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            latencies_us.sort_unstable();
-            let summary = serde_json::json!({
-                "count": latencies_us.len(),
-                "failures": failures,
-                "seconds": elapsed,
-                "rate": received as f64 / elapsed,
-                "p50_us": latencies_us.get(latencies_us.len() / 2).copied().unwrap_or(0),
-                "p99_us": latencies_us.get(latencies_us.len() * 99 / 100).copied().unwrap_or(0),
-            });
-            println!("{summary}");
-            return Ok(());
-        }
+        "bulk" => return bulk(pick(), timeout, deadline, started),
         other => anyhow::bail!("unknown load {other:?}: short, keepalive or bulk"),
     }
+    print_run(
+        latencies_us,
+        failures,
+        started.elapsed().as_secs_f64(),
+        None,
+    );
+    Ok(())
+}
+
+/// One connection streaming for the whole run; the "latency" of a bulk
+/// run is the time per chunk, the rate bytes per second, and the run fails
+/// unless the server counted every byte sent.
+fn bulk(to: SocketAddr, timeout: Duration, deadline: Instant, started: Instant) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&to, timeout)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    anyhow::ensure!(is_greeting(&line), "not a greeting: {line:?}");
+    stream.write_all(SINK_REQUEST.as_bytes())?;
+    let chunk = vec![0x5au8; BULK_CHUNK];
+    let mut sent = 0u64;
+    let mut latencies_us = Vec::new();
+    while Instant::now() < deadline {
+        let begun = Instant::now();
+        stream.write_all(&chunk)?;
+        sent += chunk.len() as u64;
+        latencies_us.push(begun.elapsed().as_micros() as u64);
+    }
+    stream.shutdown(Shutdown::Write)?;
+    line.clear();
+    reader.read_line(&mut line)?;
+    let received: u64 = line.trim().parse().unwrap_or(0);
+    let failures = u64::from(received != sent);
     let elapsed = started.elapsed().as_secs_f64();
+    print_run(
+        latencies_us,
+        failures,
+        elapsed,
+        Some(received as f64 / elapsed),
+    );
+    Ok(())
+}
+
+/// Prints a [`BenchRun`]: the rate is verified exchanges per second unless
+/// given (bulk: bytes per second).
+fn print_run(mut latencies_us: Vec<u64>, failures: u64, seconds: f64, rate: Option<f64>) {
     latencies_us.sort_unstable();
     let percentile = |p: f64| {
         latencies_us
@@ -433,15 +514,26 @@ fn bench(to: SocketAddr, seconds: f64, load: &str) -> Result<()> {
             .copied()
             .unwrap_or(0)
     };
-    let summary = serde_json::json!({
-        "count": latencies_us.len(),
-        "failures": failures,
-        "seconds": elapsed,
-        "rate": latencies_us.len() as f64 / elapsed,
-        "p50_us": percentile(0.50),
-        "p99_us": percentile(0.99),
-    });
-    println!("{summary}");
+    let run = BenchRun {
+        count: latencies_us.len() as u64,
+        failures,
+        seconds,
+        rate: rate.unwrap_or(latencies_us.len() as f64 / seconds),
+        p50_us: percentile(0.50),
+        p99_us: percentile(0.99),
+    };
+    println!("{}", serde_json::to_string(&run).unwrap_or_default());
+}
+
+/// Accepts every connection and closes it at once: the bench's self-check
+/// that a dataplane answering nothing is measured as 100% failures.
+fn serve_closing(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding TCP {listen}"))?;
+    println!("listening on {listen}");
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        drop(stream);
+    }
     Ok(())
 }
 
@@ -603,7 +695,8 @@ fn main() -> Result<()> {
             bytes,
             timeout_s,
         } => transfer(to, bytes, Duration::from_secs(timeout_s)),
-        Command::Bench { to, seconds, load } => bench(to, seconds, &load),
+        Command::Bench { to, seconds, load } => bench(&to, seconds, &load),
+        Command::ServeClosing { listen } => serve_closing(listen),
         Command::Hold {
             to,
             connections,

@@ -1,0 +1,257 @@
+//! The Markdown report: every figure with its min..max and failures, and
+//! ratios that say "within noise" whenever the two ranges overlap.
+
+use std::fmt::Write as _;
+
+use super::{Dataplane, Figure, Load, Results, Row};
+
+/// How `ours` compares with `theirs`: the ratio of the medians with the
+/// range the two spreads allow, or "~1.0 (within noise)" when the ranges
+/// overlap (no round-to-round evidence that one is faster).
+pub(crate) fn compare(ours: &Figure, theirs: &Figure) -> String {
+    if ours.invalid() || theirs.invalid() {
+        return "n/a (failures)".to_owned();
+    }
+    let overlap = ours.rate_min <= theirs.rate_max && theirs.rate_min <= ours.rate_max;
+    if overlap || theirs.rate_min <= 0.0 {
+        return "~1.0 (within noise)".to_owned();
+    }
+    format!(
+        "{:.2} [{:.2}..{:.2}]",
+        ours.median.probe.rate / theirs.median.probe.rate,
+        ours.rate_min / theirs.rate_max,
+        ours.rate_max / theirs.rate_min
+    )
+}
+
+/// A figure above the floor's whole range: impossible for a dataplane that
+/// adds work to the floor's path, so the report flags it for explanation.
+pub(crate) fn above_floor(figure: &Figure, floor: &Figure) -> bool {
+    figure.rate_min > floor.rate_max
+}
+
+fn row_of(results: &Results, services: usize, dataplane: Dataplane) -> Option<&Row> {
+    results
+        .rows
+        .iter()
+        .find(|r| r.services == services && r.dataplane() == dataplane)
+}
+
+/// This row's figure compared with `dataplane`'s at the same scale.
+fn ratio(results: &Results, row: &Row, dataplane: Dataplane, load: Load) -> String {
+    let theirs = row_of(results, row.services, dataplane).and_then(|r| r.figure(load));
+    match (row.figure(load), theirs) {
+        (Some(ours), Some(theirs)) => compare(ours, theirs),
+        _ => "n/a".to_owned(),
+    }
+}
+
+/// Figures of non-floor rows that lie above the floor's range.
+pub(crate) fn anomalies(results: &Results) -> Vec<String> {
+    let mut found = Vec::new();
+    for row in results
+        .rows
+        .iter()
+        .filter(|r| r.dataplane() != Dataplane::Direct)
+    {
+        let Some(floor) = row_of(results, row.services, Dataplane::Direct) else {
+            continue;
+        };
+        for load in Load::ALL {
+            if let (Some(figure), Some(floor_figure)) = (row.figure(load), floor.figure(load))
+                && above_floor(figure, floor_figure)
+            {
+                found.push(format!(
+                    "{} Services, {}, {}: {:.0} [{:.0}..{:.0}] above the floor's {:.0} [{:.0}..{:.0}]",
+                    row.services,
+                    row.dataplane().label(),
+                    load.label(),
+                    figure.median.probe.rate,
+                    figure.rate_min,
+                    figure.rate_max,
+                    floor_figure.median.probe.rate,
+                    floor_figure.rate_min,
+                    floor_figure.rate_max,
+                ));
+            }
+        }
+    }
+    found
+}
+
+pub(crate) fn markdown(results: &Results) -> String {
+    let mut out = format!(
+        "Machine: {} cores, kernel {}; commit {}, {} build; {} s per run, {} rounds with the dataplanes interleaved; every rate is the median [min..max] of the rounds, with failed exchanges beside it (every exchange's answer is checked). A ratio is given only where the two ranges do not overlap; otherwise it reads \"~1.0 (within noise)\".\n\n",
+        results.cores,
+        results.kernel,
+        results.commit,
+        results.build,
+        results.seconds_per_run,
+        results.rounds
+    );
+    out += "### ClusterIP, from a pod (floor: the same pod to the Service's ten pods directly, in turn)\n\n";
+    out += "| Services | dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | bulk Gbit/s | program s | conn/s vs floor | vs iptables | vs nftables |\n";
+    out += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for row in &results.rows {
+        let (Some(s), Some(k), Some(b)) = (&row.short_connections, &row.keepalive, &row.bulk)
+        else {
+            let _ = writeln!(
+                out,
+                "| {} | {} | did not load within {:.0} s | | | | | | | {:.0}+ | | | |",
+                row.services,
+                row.dataplane().label(),
+                row.program_seconds,
+                row.program_seconds
+            );
+            continue;
+        };
+        let vs = |dataplane| ratio(results, row, dataplane, Load::ClusterShort);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {:.3} | {} | {} | {} |",
+            row.services,
+            row.dataplane().label(),
+            s.cell(1.0, 0),
+            s.median.probe.p50_us,
+            s.median.probe.p99_us,
+            s.median.cpu_ms_per_1000,
+            k.cell(1.0, 0),
+            k.median.probe.p99_us,
+            b.cell(8.0 / 1e9, 2),
+            row.program_seconds,
+            vs(Dataplane::Direct),
+            vs(Dataplane::Iptables),
+            vs(Dataplane::Nftables),
+        );
+    }
+    out += "\n### NodePort, from a client outside the cluster (floor: the same client to the pods' addresses, in turn)\n\n";
+    out += "| Services | dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | conn/s vs floor | vs iptables | vs nftables |\n";
+    out += "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for row in &results.rows {
+        let (Some(s), Some(k)) = (&row.node_port_short, &row.node_port_keepalive) else {
+            let _ = writeln!(
+                out,
+                "| {} | {} | did not load | | | | | | | | |",
+                row.services,
+                row.dataplane().label()
+            );
+            continue;
+        };
+        let vs = |dataplane| ratio(results, row, dataplane, Load::NodePortShort);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            row.services,
+            row.dataplane().label(),
+            s.cell(1.0, 0),
+            s.median.probe.p50_us,
+            s.median.probe.p99_us,
+            s.median.cpu_ms_per_1000,
+            k.cell(1.0, 0),
+            k.median.probe.p99_us,
+            vs(Dataplane::Direct),
+            vs(Dataplane::Iptables),
+            vs(Dataplane::Nftables),
+        );
+    }
+    let anomalies = anomalies(results);
+    if anomalies.is_empty() {
+        out += "\nNo figure lies above the floor's range.\n";
+    } else {
+        out += "\n**Above the floor's range (to be explained before anyone quotes them):**\n\n";
+        for anomaly in anomalies {
+            let _ = writeln!(out, "- {anomaly}");
+        }
+    }
+    out += "\n### Control plane (ours)\n\n";
+    out += "| Services | all programmed from start, s | endpoint change to map, p50 ms | p99 ms | agent RSS MiB |\n";
+    out += "|---:|---:|---:|---:|---:|\n";
+    for row in results
+        .rows
+        .iter()
+        .filter(|r| r.dataplane() == Dataplane::Ours)
+    {
+        let ms = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.0}"));
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} | {} | {} | {} |",
+            row.services,
+            row.program_seconds,
+            ms(row.endpoint_change_p50_ms),
+            ms(row.endpoint_change_p99_ms),
+            ms(row.agent_rss_mib),
+        );
+    }
+    out += "\n(Endpoint changes include the agent's 100 ms --min-sync-period; kube-proxy's iptables mode defaults to 1 s.)\n";
+    out += "\n### In-kernel cost of the interface programs (BPF_PROG_TEST_RUN, ns per packet)\n\n";
+    out += "| packet | program | timed as | ns/packet | no-op TC program ns/packet | above the floor |\n";
+    out += "|---|---|---|---:|---:|---:|\n";
+    for cost in &results.program_costs {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.1} | {:.1} | {:+.1} |",
+            cost.packet,
+            cost.program,
+            cost.method,
+            cost.ns_per_packet,
+            cost.floor_ns_per_packet,
+            cost.ns_per_packet - cost.floor_ns_per_packet
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Run;
+
+    fn figure(median: f64, min: f64, max: f64, failures: u64) -> Figure {
+        let mut run = Run::default();
+        run.probe.rate = median;
+        Figure {
+            median: run,
+            rate_min: min,
+            rate_max: max,
+            count: 10_000,
+            failures,
+        }
+    }
+
+    #[test]
+    fn overlapping_ranges_are_within_noise_whatever_the_medians() {
+        let ours = figure(11_200.0, 10_500.0, 11_900.0, 0);
+        let theirs = figure(10_000.0, 9_400.0, 10_600.0, 0);
+        assert_eq!(compare(&ours, &theirs), "~1.0 (within noise)");
+        assert_eq!(compare(&theirs, &ours), "~1.0 (within noise)");
+    }
+
+    #[test]
+    fn separate_ranges_give_the_ratio_and_its_bounds() {
+        let ours = figure(12_000.0, 11_000.0, 13_000.0, 0);
+        let theirs = figure(10_000.0, 9_000.0, 10_000.0, 0);
+        assert_eq!(compare(&ours, &theirs), "1.20 [1.10..1.44]");
+    }
+
+    #[test]
+    fn a_figure_with_many_failures_is_no_comparison() {
+        let broken = figure(50_000.0, 49_000.0, 51_000.0, 500);
+        let floor = figure(10_000.0, 9_000.0, 11_000.0, 0);
+        assert!(broken.invalid());
+        assert_eq!(compare(&broken, &floor), "n/a (failures)");
+        assert!(broken.cell(1.0, 0).starts_with("invalid: "));
+    }
+
+    #[test]
+    fn only_a_whole_range_above_the_floor_is_an_anomaly() {
+        let floor = figure(10_000.0, 9_000.0, 11_000.0, 0);
+        assert!(above_floor(
+            &figure(12_000.0, 11_500.0, 12_500.0, 0),
+            &floor
+        ));
+        assert!(!above_floor(
+            &figure(12_000.0, 10_900.0, 12_500.0, 0),
+            &floor
+        ));
+    }
+}
