@@ -44,6 +44,12 @@ pub struct BenchArgs {
     /// dataplanes interleaved (the median is reported, with min..max).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Clients running each short and keep-alive load at once (default:
+    /// two per core). One client alone measures the machine's wake-up
+    /// latency more than the dataplane: with idle cores, a ping-pong's
+    /// rate swings 1.5x with whatever else keeps a core awake.
+    #[arg(long)]
+    parallel: Option<usize>,
     /// Longest a peer may take to load its rule set before it is reported
     /// as not loaded (kube-proxy's iptables mode takes minutes at 10,000
     /// Services).
@@ -364,6 +370,8 @@ struct Results {
     kernel: String,
     cores: usize,
     seconds_per_run: f64,
+    /// Clients per short and keep-alive run.
+    parallel: usize,
     rounds: usize,
     rows: Vec<Row>,
     program_costs: Vec<program_cost::Cost>,
@@ -428,7 +436,7 @@ impl Site {
         }
     }
 
-    fn measure(&self, load: Load, seconds: f64) -> Result<Run> {
+    fn measure(&self, load: Load, seconds: f64, parallel: usize) -> Result<Run> {
         // ClusterIP traffic comes from a pod (in the cgroup socket LB
         // serves); NodePort traffic from a client outside the cluster.
         let in_cgroup = !load.through_node_port();
@@ -439,6 +447,7 @@ impl Site {
             &self.target(load),
             load.probe_load(),
             seconds,
+            parallel,
         )
     }
 }
@@ -450,6 +459,7 @@ fn probe_run(
     target: &str,
     load: &str,
     seconds: f64,
+    parallel: usize,
 ) -> Result<Run> {
     let before = busy_jiffies()?;
     let output = tb.probe(
@@ -463,6 +473,8 @@ fn probe_run(
             &seconds.to_string(),
             "--load",
             load,
+            "--parallel",
+            &parallel.to_string(),
         ],
     )?;
     let jiffies = busy_jiffies()?.saturating_sub(before);
@@ -504,6 +516,7 @@ fn self_check(site: &mut Site) -> Result<()> {
             &format!("{}:{port}", pod.ip),
             load,
             0.3,
+            1,
         )?;
         if run.probe.count != 0 || run.probe.failures == 0 {
             bail!(
@@ -526,7 +539,8 @@ fn figure(mut runs: Vec<Run>) -> Figure {
         failures: runs.iter().map(|r| r.probe.failures).sum(),
         rate_min: runs.first().map_or(0.0, |r| r.probe.rate),
         rate_max: runs.last().map_or(0.0, |r| r.probe.rate),
-        median: runs[runs.len() / 2].clone(),
+        // The lower middle of an even count: never the maximum of two.
+        median: runs[(runs.len() - 1) / 2].clone(),
     }
 }
 
@@ -630,6 +644,8 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     // six minutes, full mode in about forty.
     let seconds = args.seconds.unwrap_or(if args.full { 3.0 } else { 1.0 });
     let rounds = args.rounds.unwrap_or(5).max(1);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let parallel = args.parallel.unwrap_or(2 * cores).max(1);
     let load_timeout = args
         .load_timeout_seconds
         .unwrap_or(if args.full { 180 } else { 30 });
@@ -685,7 +701,7 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
                 for turn in 0..variants {
                     interrupt.check()?;
                     let variant = &mut loaded[(turn + round) % variants];
-                    let run = variant.site.measure(load, seconds)?;
+                    let run = variant.site.measure(load, seconds, parallel)?;
                     variant.runs[index].push(run);
                 }
             }
@@ -737,8 +753,9 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
             .trim()
             .to_owned(),
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cores,
         seconds_per_run: seconds,
+        parallel,
         rounds,
         rows,
         program_costs,

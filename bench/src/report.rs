@@ -81,12 +81,13 @@ pub(crate) fn anomalies(results: &Results) -> Vec<String> {
 
 pub(crate) fn markdown(results: &Results) -> String {
     let mut out = format!(
-        "Machine: {} cores, kernel {}; commit {}, {} build; {} s per run, {} rounds with the dataplanes interleaved; every rate is the median [min..max] of the rounds, with failed exchanges beside it (every exchange's answer is checked). A ratio is given only where the two ranges do not overlap; otherwise it reads \"~1.0 (within noise)\".\n\n",
+        "Machine: {} cores, kernel {}; commit {}, {} build; {} s per run, {} clients at once for new connections and keep-alive requests (latencies are under that load), {} rounds with the dataplanes interleaved; every rate is the median [min..max] of the rounds, with failed exchanges beside it (every exchange's answer is checked). A ratio is given only where the two ranges do not overlap; otherwise it reads \"~1.0 (within noise)\".\n\n",
         results.cores,
         results.kernel,
         results.commit,
         results.build,
         results.seconds_per_run,
+        results.parallel,
         results.rounds
     );
     out += "### ClusterIP, from a pod (floor: the same pod to the Service's ten pods directly, in turn)\n\n";

@@ -66,6 +66,9 @@ enum Command {
         /// connection streaming; the rate is bytes per second).
         #[arg(long)]
         load: String,
+        /// Clients running the load at once (short and keepalive).
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
     },
     /// Accepts TCP connections and closes them at once (the bench's
     /// self-check).
@@ -399,64 +402,36 @@ impl KeptAlive {
 }
 
 /// One benchmark run against `targets` (several: each new connection goes
-/// to the next, as a Service spreads over its backends): latencies in
-/// microseconds of verified exchanges only; anything else is a failure.
-fn bench(targets: &[SocketAddr], seconds: f64, load: &str) -> Result<()> {
+/// to the next, as a Service spreads over its backends) from `parallel`
+/// clients at once: latencies in microseconds of verified exchanges only;
+/// anything else is a failure.
+fn bench(targets: &[SocketAddr], seconds: f64, load: &str, parallel: usize) -> Result<()> {
     anyhow::ensure!(!targets.is_empty(), "no target");
     let timeout = Duration::from_secs(2);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
-    let mut latencies_us: Vec<u64> = Vec::new();
-    let mut failures = 0u64;
-    // Where the first connection goes: random, so that runs of a one-
-    // connection load spread over the targets as a Service's would.
-    let mut next_target = rand::random_range(0..targets.len());
-    let mut pick = || {
-        let target = targets[next_target % targets.len()];
-        next_target += 1;
-        target
-    };
-    match load {
-        "short" => {
-            while Instant::now() < deadline {
-                let begun = Instant::now();
-                match short_request(pick(), timeout) {
-                    Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
-                    Err(_) => failures += 1,
-                }
-            }
+    let client = match load {
+        "short" => short_client,
+        "keepalive" => keepalive_client,
+        "bulk" => {
+            let target = targets[rand::random_range(0..targets.len())];
+            return bulk(target, timeout, deadline, started);
         }
-        "keepalive" => {
-            let mut connection: Option<KeptAlive> = None;
-            let mut answer = String::new();
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                // A connection that cannot be opened, or breaks, is a
-                // failure; the next exchange opens a new one.
-                let open = match connection.as_mut() {
-                    Some(open) => open,
-                    None => match KeptAlive::open(pick(), timeout) {
-                        Ok(open) => connection.insert(open),
-                        Err(_) => {
-                            failures += 1;
-                            continue;
-                        }
-                    },
-                };
-                n += 1;
-                let begun = Instant::now();
-                match open.exchange(&keepalive_request(n), &mut answer) {
-                    Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
-                    Err(_) => {
-                        failures += 1;
-                        connection = None;
-                    }
-                }
-            }
-        }
-        "bulk" => return bulk(pick(), timeout, deadline, started),
         other => anyhow::bail!("unknown load {other:?}: short, keepalive or bulk"),
-    }
+    };
+    let (latencies_us, failures) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..parallel.max(1))
+            .map(|_| scope.spawn(|| client(targets, timeout, deadline)))
+            .collect();
+        clients
+            .into_iter()
+            .fold((Vec::new(), 0), |(mut all, failed), client| {
+                // A client thread cannot panic short of a bug; count it whole.
+                let (latencies, failures) = client.join().unwrap_or((Vec::new(), 1));
+                all.extend(latencies);
+                (all, failed + failures)
+            })
+    });
     print_run(
         latencies_us,
         failures,
@@ -464,6 +439,69 @@ fn bench(targets: &[SocketAddr], seconds: f64, load: &str) -> Result<()> {
         None,
     );
     Ok(())
+}
+
+/// The targets in turn, from a random one on: runs of a one-connection
+/// load, and parallel clients, spread over the targets as a Service's
+/// connections would.
+fn target_picker(targets: &[SocketAddr]) -> impl FnMut() -> SocketAddr + '_ {
+    let mut next = rand::random_range(0..targets.len());
+    move || {
+        let target = targets[next % targets.len()];
+        next += 1;
+        target
+    }
+}
+
+/// New connections, one after the other, until `deadline`.
+fn short_client(targets: &[SocketAddr], timeout: Duration, deadline: Instant) -> (Vec<u64>, u64) {
+    let mut pick = target_picker(targets);
+    let (mut latencies_us, mut failures) = (Vec::new(), 0);
+    while Instant::now() < deadline {
+        let begun = Instant::now();
+        match short_request(pick(), timeout) {
+            Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
+            Err(_) => failures += 1,
+        }
+    }
+    (latencies_us, failures)
+}
+
+/// Requests on one kept-alive connection until `deadline`.
+fn keepalive_client(
+    targets: &[SocketAddr],
+    timeout: Duration,
+    deadline: Instant,
+) -> (Vec<u64>, u64) {
+    let mut pick = target_picker(targets);
+    let (mut latencies_us, mut failures) = (Vec::new(), 0);
+    let mut connection: Option<KeptAlive> = None;
+    let mut answer = String::new();
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        // A connection that cannot be opened, or breaks, is a failure; the
+        // next exchange opens a new one.
+        let open = match connection.as_mut() {
+            Some(open) => open,
+            None => match KeptAlive::open(pick(), timeout) {
+                Ok(open) => connection.insert(open),
+                Err(_) => {
+                    failures += 1;
+                    continue;
+                }
+            },
+        };
+        n += 1;
+        let begun = Instant::now();
+        match open.exchange(&keepalive_request(n), &mut answer) {
+            Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
+            Err(_) => {
+                failures += 1;
+                connection = None;
+            }
+        }
+    }
+    (latencies_us, failures)
 }
 
 /// One connection streaming for the whole run; the "latency" of a bulk
@@ -695,7 +733,12 @@ fn main() -> Result<()> {
             bytes,
             timeout_s,
         } => transfer(to, bytes, Duration::from_secs(timeout_s)),
-        Command::Bench { to, seconds, load } => bench(&to, seconds, &load),
+        Command::Bench {
+            to,
+            seconds,
+            load,
+            parallel,
+        } => bench(&to, seconds, &load, parallel),
         Command::ServeClosing { listen } => serve_closing(listen),
         Command::Hold {
             to,
