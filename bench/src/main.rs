@@ -17,7 +17,9 @@
 mod charts;
 mod peers;
 mod program_cost;
+mod readme;
 mod report;
+mod tunnel;
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Instant};
 
@@ -374,6 +376,8 @@ struct Results {
     parallel: usize,
     rounds: usize,
     rows: Vec<Row>,
+    /// A nodePort whose pods are all on another node.
+    tunnel: Vec<tunnel::TunnelRow>,
     program_costs: Vec<program_cost::Cost>,
 }
 
@@ -508,6 +512,7 @@ fn self_check(site: &mut Site) -> Result<()> {
         &pod,
         &["serve-closing", "--listen", &format!("0.0.0.0:{port}")],
     )?;
+    println!("bench: self-check: runs against a server that closes every connection at once");
     for load in ["short", "keepalive"] {
         let run = probe_run(
             &site.tb,
@@ -738,8 +743,18 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
             });
         }
     }
+    // Per scale, in Dataplane::ALL's order (a peer that did not load was
+    // recorded before the others' rounds).
+    rows.sort_by_key(|row| {
+        (
+            row.services,
+            Dataplane::ALL.iter().position(|d| *d == row.dataplane()),
+        )
+    });
     drop(sites);
     interrupt.check()?;
+    println!("bench: the tunnel path (nodePort on node-1, every pod on node-2)");
+    let tunnel = tunnel::measure(rounds, seconds, parallel, interrupt)?;
     println!("bench: in-kernel cost per packet of the interface programs (BPF_PROG_TEST_RUN)");
     let program_costs = program_cost::measure(if args.full { 2_000_000 } else { 500_000 })?;
     let results = Results {
@@ -758,6 +773,7 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
         parallel,
         rounds,
         rows,
+        tunnel,
         program_costs,
     };
     let out_dir = args
@@ -771,6 +787,12 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     )?;
     let table = report::markdown(&results);
     std::fs::write(out_dir.join("results.md"), &table)?;
+    let summary = report::summary(&results);
+    std::fs::write(out_dir.join("summary.md"), &summary)?;
+    if readme::is_committed_results_dir(&out_dir) {
+        readme::update_readme(&summary)?;
+        println!("bench: README.md quotes the new summary");
+    }
     charts::draw(&results, &out_dir)?;
     println!("\n{table}\nbench: wrote {}", out_dir.display());
     Ok(())

@@ -81,6 +81,36 @@ fn measure_here(repeat: u32) -> Result<Vec<Cost>> {
     let established = packets::tcp(client(1000), node, TCP_ACK, &[0u8; 64]);
     harness.run(Hook::Ingress, &established)?;
     let reply = packets::tcp(pod, client(1000), TCP_ACK, &[0u8; 64]);
+    // The tunnel's two ends: this node as the one a flow arrives at (its
+    // only pod is remote: translate and wrap), and as the backend's node
+    // (unwrap what the peer sent, wrap the pod's replies back to it).
+    let remote = Endpoint {
+        ip: NODE,
+        port: REMOTE_NODE_PORT,
+    };
+    let to_remote = packets::tcp(client(1002), remote, TCP_ACK, &[0u8; 64]);
+    harness.run(
+        Hook::Ingress,
+        &packets::tcp(client(1002), remote, TCP_SYN, b""),
+    )?;
+    let from_peer = packets::vxlan(
+        PEER,
+        NODE,
+        TUNNEL_PORT,
+        VNI,
+        &packets::tcp(client(1003), pod, TCP_ACK, &[0u8; 64]),
+    );
+    harness.run(
+        Hook::Ingress,
+        &packets::vxlan(
+            PEER,
+            NODE,
+            TUNNEL_PORT,
+            VNI,
+            &packets::tcp(client(1003), pod, TCP_SYN, b""),
+        ),
+    )?;
+    let reply_into_tunnel = packets::tcp(pod, client(1003), TCP_ACK, &[0u8; 64]);
     for (name, hook, packet) in [
         (
             "established flow, client -> nodePort (DNAT)",
@@ -91,6 +121,21 @@ fn measure_here(repeat: u32) -> Result<Vec<Cost>> {
             "established flow, pod's reply (reverse NAT)",
             Hook::Egress,
             &reply,
+        ),
+        (
+            "established flow to a remote pod (DNAT, VXLAN wrap; no route in the harness: the FIB lookup fails)",
+            Hook::Ingress,
+            &to_remote,
+        ),
+        (
+            "tunnelled packet at the pod's node (VXLAN unwrap)",
+            Hook::Ingress,
+            &from_peer,
+        ),
+        (
+            "pod's reply at the pod's node (VXLAN wrap back to the peer)",
+            Hook::Egress,
+            &reply_into_tunnel,
         ),
     ] {
         let mut runs = Vec::with_capacity(usize::from(SINGLE_RUNS));

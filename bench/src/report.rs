@@ -3,7 +3,10 @@
 
 use std::fmt::Write as _;
 
-use super::{Dataplane, Figure, Load, Results, Row};
+use super::{
+    Dataplane, Figure, Load, Results, Row,
+    tunnel::{TunnelRow, TunnelVariant},
+};
 
 /// How `ours` compares with `theirs`: the ratio of the medians with the
 /// range the two spreads allow, or "~1.0 (within noise)" when the ranges
@@ -46,6 +49,45 @@ fn ratio(results: &Results, row: &Row, dataplane: Dataplane, load: Load) -> Stri
     }
 }
 
+fn tunnel_row(rows: &[TunnelRow], variant: TunnelVariant) -> Option<&TunnelRow> {
+    rows.iter().find(|row| row.variant == variant)
+}
+
+/// The tunnel path's table: every variant against the floor and the peers.
+fn tunnel_table(rows: &[TunnelRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = "\n### NodePort whose pods are all on another node (client outside -> node-1 -> node-2; floor: the client straight to node-2's pods)\n\n".to_owned();
+    out += "| dataplane | new conn/s | p50 µs | p99 µs | CPU ms/1k | keep-alive req/s | p99 µs | conn/s vs floor | vs iptables | vs nftables |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for row in rows {
+        let s = &row.short_connections;
+        let k = &row.keepalive;
+        let vs = |variant| {
+            tunnel_row(rows, variant).map_or_else(
+                || "n/a".to_owned(),
+                |theirs| compare(s, &theirs.short_connections),
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            row.variant.label(),
+            s.cell(1.0, 0),
+            s.median.probe.p50_us,
+            s.median.probe.p99_us,
+            s.median.cpu_ms_per_1000,
+            k.cell(1.0, 0),
+            k.median.probe.p99_us,
+            vs(TunnelVariant::Direct),
+            vs(TunnelVariant::Iptables),
+            vs(TunnelVariant::Nftables),
+        );
+    }
+    out
+}
+
 /// Figures of non-floor rows that lie above the floor's range.
 pub(crate) fn anomalies(results: &Results) -> Vec<String> {
     let mut found = Vec::new();
@@ -73,6 +115,35 @@ pub(crate) fn anomalies(results: &Results) -> Vec<String> {
                     floor_figure.rate_min,
                     floor_figure.rate_max,
                 ));
+            }
+        }
+    }
+    if let Some(floor) = tunnel_row(&results.tunnel, TunnelVariant::Direct) {
+        for row in results
+            .tunnel
+            .iter()
+            .filter(|r| r.variant != TunnelVariant::Direct)
+        {
+            for (what, figure, floor_figure) in [
+                (
+                    "new connections",
+                    &row.short_connections,
+                    &floor.short_connections,
+                ),
+                ("keep-alive requests", &row.keepalive, &floor.keepalive),
+            ] {
+                if above_floor(figure, floor_figure) {
+                    found.push(format!(
+                        "tunnel path, {}, {what}: {:.0} [{:.0}..{:.0}] above the floor's {:.0} [{:.0}..{:.0}]",
+                        row.variant.label(),
+                        figure.median.probe.rate,
+                        figure.rate_min,
+                        figure.rate_max,
+                        floor_figure.median.probe.rate,
+                        floor_figure.rate_min,
+                        floor_figure.rate_max,
+                    ));
+                }
             }
         }
     }
@@ -155,6 +226,7 @@ pub(crate) fn markdown(results: &Results) -> String {
             vs(Dataplane::Nftables),
         );
     }
+    out += &tunnel_table(&results.tunnel);
     let anomalies = anomalies(results);
     if anomalies.is_empty() {
         out += "\nNo figure lies above the floor's range.\n";
@@ -197,6 +269,127 @@ pub(crate) fn markdown(results: &Results) -> String {
             cost.ns_per_packet,
             cost.floor_ns_per_packet,
             cost.ns_per_packet - cost.floor_ns_per_packet
+        );
+    }
+    out
+}
+
+/// The README's paragraph of figures, generated from the results (the
+/// README quotes `summary.md` verbatim; a test keeps the two equal).
+pub(crate) fn summary(results: &Results) -> String {
+    let mut out = format!(
+        "Measured at commit {} ({} build) on {} cores, {} rounds of {} s with the dataplanes interleaved, {} clients at once; medians, ratios only where the ranges of the rounds do not overlap:\n\n",
+        results.commit,
+        results.build,
+        results.cores,
+        results.rounds,
+        results.seconds_per_run,
+        results.parallel
+    );
+    let mut scales: Vec<usize> = results.rows.iter().map(|r| r.services).collect();
+    scales.dedup();
+    for services in scales {
+        let Some(ours) = row_of(results, services, Dataplane::Ours) else {
+            continue;
+        };
+        let mut parts = Vec::new();
+        for (load, what) in [
+            (Load::ClusterShort, "ClusterIP new connections"),
+            (Load::NodePortShort, "NodePort new connections"),
+        ] {
+            let Some(figure) = ours.figure(load) else {
+                continue;
+            };
+            let versus: Vec<String> = [
+                (Dataplane::Direct, "the floor"),
+                (Dataplane::Iptables, "iptables"),
+                (Dataplane::Nftables, "nftables"),
+            ]
+            .into_iter()
+            .map(|(dataplane, name)| {
+                let theirs = row_of(results, services, dataplane);
+                match theirs.and_then(|row| row.figure(load)) {
+                    Some(theirs) => format!("{} {name}", compare(figure, theirs)),
+                    None if theirs.is_some() => format!("{name} did not load"),
+                    None => format!("{name} not measured"),
+                }
+            })
+            .collect();
+            parts.push(format!(
+                "{what} {:.0}/s ({})",
+                figure.median.probe.rate,
+                versus.join(", ")
+            ));
+        }
+        let peers_loaded: Vec<String> = [Dataplane::Iptables, Dataplane::Nftables]
+            .into_iter()
+            .filter_map(|dataplane| {
+                let row = row_of(results, services, dataplane)?;
+                Some(if row.short_connections.is_some() {
+                    format!("{} {:.1} s", dataplane.label(), row.program_seconds)
+                } else {
+                    format!(
+                        "{} not within {:.0} s",
+                        dataplane.label(),
+                        row.program_seconds
+                    )
+                })
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "- **{services} Services:** {}; all programmed in {:.1} s (peers' rule load: {}); an endpoint change reaches the map in {} ms (p50).",
+            parts.join("; "),
+            ours.program_seconds,
+            peers_loaded.join(", "),
+            ours.endpoint_change_p50_ms
+                .map_or_else(|| "n/a".to_owned(), |ms| format!("{ms:.0}")),
+        );
+    }
+    if let Some(tunnel) = tunnel_row(&results.tunnel, TunnelVariant::OursTunnel) {
+        let versus: Vec<String> = [
+            (TunnelVariant::Direct, "the floor"),
+            (TunnelVariant::Iptables, "iptables"),
+            (TunnelVariant::Nftables, "nftables"),
+        ]
+        .into_iter()
+        .filter_map(|(variant, name)| {
+            let theirs = tunnel_row(&results.tunnel, variant)?;
+            Some(format!(
+                "{} {name}",
+                compare(&tunnel.short_connections, &theirs.short_connections)
+            ))
+        })
+        .collect();
+        let _ = writeln!(
+            out,
+            "- **NodePort to a pod on another node (VXLAN tunnel, client address kept):** {:.0} new connections/s ({}).",
+            tunnel.short_connections.median.probe.rate,
+            versus.join(", ")
+        );
+    }
+    let costs: Vec<String> = results
+        .program_costs
+        .iter()
+        .map(|cost| {
+            format!(
+                "{} {:+.0} ns",
+                cost.packet,
+                cost.ns_per_packet - cost.floor_ns_per_packet
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "- **Interface programs, in-kernel per packet above a no-op program:** {}.",
+        costs.join("; ")
+    );
+    let anomalies = anomalies(results);
+    if !anomalies.is_empty() {
+        let _ = writeln!(
+            out,
+            "- **Above the floor's range (not to be quoted until explained):** {}.",
+            anomalies.join("; ")
         );
     }
     out
@@ -254,5 +447,56 @@ mod tests {
             &figure(12_000.0, 10_900.0, 12_500.0, 0),
             &floor
         ));
+    }
+
+    #[test]
+    fn the_summary_says_within_noise_and_names_peers_that_did_not_load() {
+        let row = |dataplane, rate: f64, min: f64, max: f64| Row {
+            services: 10_000,
+            dataplane: Some(dataplane),
+            short_connections: Some(figure(rate, min, max, 0)),
+            node_port_short: Some(figure(rate, min, max, 0)),
+            program_seconds: 2.0,
+            endpoint_change_p50_ms: Some(120.0),
+            ..Row::default()
+        };
+        let results = Results {
+            commit: "abc1234".into(),
+            build: "release".into(),
+            kernel: "6.18".into(),
+            cores: 2,
+            seconds_per_run: 3.0,
+            parallel: 4,
+            rounds: 5,
+            tunnel: Vec::new(),
+            rows: vec![
+                row(Dataplane::Direct, 6_000.0, 5_800.0, 6_200.0),
+                row(Dataplane::Ours, 6_100.0, 5_900.0, 6_300.0),
+                Row {
+                    services: 10_000,
+                    dataplane: Some(Dataplane::Iptables),
+                    program_seconds: 180.0,
+                    ..Row::default()
+                },
+                row(Dataplane::Nftables, 4_000.0, 3_900.0, 4_100.0),
+            ],
+            program_costs: Vec::new(),
+        };
+        let summary = summary(&results);
+        assert!(
+            summary.contains("commit abc1234 (release build)"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains(
+                "ClusterIP new connections 6100/s (~1.0 (within noise) the floor, iptables did not load, 1.52 [1.44..1.62] nftables)"
+            ),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("kube-proxy iptables not within 180 s"),
+            "{summary}"
+        );
+        assert!(!summary.contains("Above the floor"), "{summary}");
     }
 }
