@@ -27,9 +27,15 @@ use crate::{
 /// sync changes the maps (the sweeper then cuts no UDP flow).
 pub type LiveBackendsSender = watch::Sender<Option<BTreeSet<LiveBackend>>>;
 
-/// The ports the flows left after the last sweep use; None before the
-/// first sweep.
-pub type FlowPortsSender = watch::Sender<Option<ports::Bitmap>>;
+/// The ports the flows left after a sweep use, and when its walk began.
+#[derive(Clone, Debug)]
+pub struct FlowPorts {
+    pub walked_at: std::time::Instant,
+    pub ports: ports::Bitmap,
+}
+
+/// The last sweep's [`FlowPorts`]; None before the first sweep.
+pub type FlowPortsSender = watch::Sender<Option<FlowPorts>>;
 
 /// Starts the sweeper; it runs as long as the process, each pass off the
 /// async workers.
@@ -49,6 +55,7 @@ pub fn spawn(
             let layout = layout.clone();
             let timeouts = external.conntrack;
             let live_backends = live_backends.clone();
+            let walked_at = std::time::Instant::now();
             let swept = tokio::task::spawn_blocking(move || {
                 conntrack::sweep(&layout, &timeouts, maps::monotonic_now_ns(), || {
                     live_backends.borrow().clone()
@@ -71,7 +78,10 @@ pub fn spawn(
                         report.expired,
                         evicted,
                     );
-                    flow_ports.send_replace(Some(report.ports_in_use));
+                    flow_ports.send_replace(Some(FlowPorts {
+                        walked_at,
+                        ports: report.ports_in_use,
+                    }));
                 }
                 Ok(Err(error)) => warn!(error = format!("{error:#}"), "conntrack sweep failed"),
                 Err(error) => warn!(%error, "conntrack sweep task failed"),

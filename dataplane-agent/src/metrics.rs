@@ -79,6 +79,8 @@ pub struct Metrics {
     pub map_capacity: Family<MapLabels, Gauge>,
     /// Flows the conntrack sweep expired.
     pub conntrack_expired_total: Counter,
+    /// Completed passes of the conntrack sweeper.
+    pub conntrack_sweeps_total: Counter,
     /// Entries the conntrack LRU evicted under pressure since the maps
     /// were created.
     pub conntrack_evicted: Gauge,
@@ -107,6 +109,7 @@ impl Metrics {
                 .set(i64::try_from(evicted).unwrap_or(i64::MAX));
         }
         self.conntrack_expired_total.inc_by(expired as u64);
+        self.conntrack_sweeps_total.inc();
     }
 
     /// Records what one sync did.
@@ -189,6 +192,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             conntrack_expired_total: Counter::default(),
+            conntrack_sweeps_total: Counter::default(),
             conntrack_evicted: Gauge::default(),
         };
         let mut registry = Registry::default();
@@ -246,6 +250,11 @@ impl Metrics {
             "dataplane_conntrack_expired",
             "Conntrack entries of idle or closed flows removed by the agent's sweep",
             metrics.conntrack_expired_total.clone(),
+        );
+        registry.register(
+            "dataplane_conntrack_sweeps",
+            "Completed passes of the agent's conntrack sweep",
+            metrics.conntrack_sweeps_total.clone(),
         );
         registry.register(
             "dataplane_conntrack_evicted",

@@ -19,7 +19,7 @@ use tracing::{error, info, info_span, warn};
 
 use crate::{
     config::{ExternalConfig, ExternalMode, RunConfig, SourceConfig},
-    conntrack_sweeper::{self, LiveBackendsSender},
+    conntrack_sweeper::{self, FlowPorts, LiveBackendsSender},
     dataplane::{
         codec::ipv4_be,
         interfaces,
@@ -310,14 +310,26 @@ impl Agent {
             .map(|retired_at| *retired_at + self.config.retired_slot_grace)
     }
 
-    /// Clears the PORTS bits that neither the last sync's frontends nor the
-    /// `flows` the sweeper left use.
-    fn trim_ports(&mut self, flows: &ports::Bitmap) {
+    /// Clears the PORTS bits that neither the frontends (since the sweep's
+    /// walk) nor the flows the sweeper left use.
+    fn trim_ports(&mut self, flows: &FlowPorts) {
         if let Some(filter) = &mut self.port_filter
-            && let Err(error) = filter.retain(flows)
+            && let Err(error) = filter.retain(&flows.ports, flows.walked_at)
         {
             warn!(error = format!("{error:#}"), "PORTS not trimmed");
         }
+    }
+
+    /// Flows carried over from another pin layout may use ports no
+    /// frontend of this one needs: PORTS keeps them until a sweep has seen
+    /// those flows, or the new programs would skip their packets.
+    fn keep_ports_of_carried_flows(&mut self, flow_ports: &ports::Bitmap) -> Result<()> {
+        if let Some(filter) = &mut self.port_filter {
+            filter
+                .add(flow_ports)
+                .context("adding the carried flows' ports to PORTS")?;
+        }
+        Ok(())
     }
 
     /// Deletes the slots whose grace period has passed.
@@ -460,10 +472,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
             let carried = upgrade::carry_state(previous, &loaded.layout).with_context(|| {
                 format!("carrying state over from pin layout v{}", previous.version)
             })?;
+            agent.keep_ports_of_carried_flows(&carried.flow_ports)?;
             info!(
                 from = previous.version,
                 to = loaded.layout.version,
-                ?carried,
+                carried = ?carried.report,
                 "carried state over from another pin layout"
             );
         } else {
@@ -491,9 +504,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
     for previous in &previous_layouts {
         let carried = upgrade::retire(previous, &loaded.layout)
             .with_context(|| format!("retiring pin layout v{}", previous.version))?;
+        agent.keep_ports_of_carried_flows(&carried.flow_ports)?;
         info!(
             from = previous.version,
-            ?carried,
+            carried = ?carried.report,
             "programs of the other pin layout detached and its pins removed"
         );
     }

@@ -487,10 +487,26 @@ fn an_upgrade_to_a_new_pin_layout_keeps_established_connections_and_removes_the_
     let mut internal = c.nodes[0].hold(&app, "10.96.0.10:80", 20, 300).unwrap();
     assert_eq!(internal.opened().unwrap(), 20);
 
-    for node in &c.nodes {
-        node.stop_agent(libc::SIGTERM).unwrap();
-    }
-    c.start_agents(&[]).unwrap();
+    // New connections, external and in-cluster, all through the switch.
+    let switching = std::sync::atomic::AtomicBool::new(true);
+    let new_connections = std::thread::scope(|scope| {
+        let dialling = scope.spawn(|| {
+            let mut attempts = Vec::new();
+            while switching.load(std::sync::atomic::Ordering::Relaxed) {
+                attempts.extend(c.exchange(&setup.client, &dialled, 5, "tcp").unwrap());
+                attempts.extend(c.nodes[0].exchange(&app, "10.96.0.10:80", 5, "tcp").unwrap());
+            }
+            attempts
+        });
+        for node in &c.nodes {
+            node.stop_agent(libc::SIGTERM).unwrap();
+        }
+        c.start_agents(&[]).unwrap();
+        switching.store(false, std::sync::atomic::Ordering::Relaxed);
+        dialling.join().unwrap()
+    });
+    assert_all_ok(&new_connections);
+    assert!(new_connections.len() >= 10, "{}", new_connections.len());
 
     // Node-1 carried both entries of each of the 20 flows (and its own
     // flows' tunnel entries are node-2's).
@@ -510,11 +526,18 @@ fn an_upgrade_to_a_new_pin_layout_keeps_established_connections_and_removes_the_
         let current_name = current.dir.file_name().unwrap().to_string_lossy();
         assert_eq!(left, BTreeSet::from([current_name.into_owned()]));
     }
-    let loaded = loaded_program_ids().unwrap();
-    assert!(
-        legacy_programs.iter().all(|id| !loaded.contains(id)),
-        "the old programs were unloaded"
-    );
+    // The kernel releases a detached link's program from a worker, a moment
+    // after its last reference is gone.
+    c.nodes[0]
+        .wait_until(
+            "the old programs are unloaded",
+            Duration::from_secs(5),
+            || {
+                let loaded = loaded_program_ids()?;
+                Ok(legacy_programs.iter().all(|id| !loaded.contains(id)))
+            },
+        )
+        .unwrap();
     // The held flows now run through the new programs and their carried
     // conntrack entries (the new layout's counters start at zero).
     c.nodes[0]
@@ -626,50 +649,78 @@ fn ports_bitmap(cluster: &Cluster, index: usize) -> ports::Bitmap {
 }
 
 #[test]
-fn ports_of_a_removed_service_are_cleared_once_its_flows_are_gone() {
+fn ports_of_a_removed_service_stay_while_its_flows_live_and_are_cleared_after() {
     let setup = serving_both_pods(&[
         "--conntrack-udp-timeout",
         "2s",
+        "--conntrack-tcp-timeout-closing",
+        "1s",
         "--conntrack-sweep-period",
-        "500ms",
+        "300ms",
     ]);
     let c = &setup.cluster;
     let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    let mut held = c.hold(&setup.client, &dialled, 4, 60).unwrap();
+    assert_eq!(held.opened().unwrap(), 4);
     assert_all_ok(&c.exchange(&setup.client, &dialled, 5, "udp").unwrap());
-    let in_use = [
+    let tcp = [
         (PORT_KIND_FRONTEND, IPPROTO_TCP, NODE_PORT),
+        (PORT_KIND_BACKEND, IPPROTO_TCP, 8080),
+    ];
+    let udp = [
         (PORT_KIND_FRONTEND, IPPROTO_UDP, NODE_PORT),
         (PORT_KIND_BACKEND, IPPROTO_UDP, 8080),
     ];
-    let bitmap = ports_bitmap(c, 0);
-    for (kind, protocol, port) in in_use {
-        assert!(
-            bitmap.contains(kind, protocol, port),
-            "{kind} {protocol} {port}"
-        );
-    }
+    let set = |bits: &[(u8, u8, u16)]| {
+        let bitmap = ports_bitmap(c, 0);
+        bits.iter()
+            .filter(|(kind, protocol, port)| bitmap.contains(*kind, *protocol, *port))
+            .count()
+    };
+    assert_eq!(set(&tcp) + set(&udp), 4, "every bit of the Service");
 
-    // Only the Node objects are left: the sync keeps the bits the UDP
-    // flows still need, the sweeper expires them and tells the loop, which
-    // clears every bit of the Service.
+    // Only the Node objects are left. The held TCP flows go on (their
+    // conntrack entries translate them, as kube-proxy's do), so their bits
+    // stay through several sweeps; the UDP flows are stale at once (their
+    // frontend is gone), and so are their bits.
     let nodes_only = join(
         &(0..c.nodes.len())
             .map(|i| node_with_ip(&c.nodes[i].node_name, c.node_ip(i)))
             .collect::<Vec<_>>(),
     );
+    let sweeps_before = sweeps(c, 0);
     c.write_manifest("web.yaml", &nodes_only).unwrap();
     c.nodes[0]
-        .wait_until(
-            "the Service's ports cleared",
-            Duration::from_secs(15),
-            || {
-                let bitmap = ports_bitmap(c, 0);
-                Ok(in_use
-                    .iter()
-                    .all(|(kind, protocol, port)| !bitmap.contains(*kind, *protocol, *port)))
-            },
-        )
+        .wait_until("three sweeps after the removal", Duration::from_secs(15), || {
+            Ok(sweeps(c, 0) >= sweeps_before + 3)
+        })
         .unwrap();
+    c.nodes[0]
+        .wait_until("the UDP bits cleared", Duration::from_secs(15), || {
+            Ok(set(&udp) == 0)
+        })
+        .unwrap();
+    assert_eq!(set(&tcp), 2, "the held flows' bits stay");
+    let summary = held.summary().unwrap();
+    assert!(summary.failures.is_empty(), "{summary:?}");
+    assert!(summary.rounds >= 3, "{summary:?}");
+
+    // Closed, the flows expire, and the last bits go.
+    c.nodes[0]
+        .wait_until("the TCP bits cleared", Duration::from_secs(15), || {
+            Ok(set(&tcp) == 0)
+        })
+        .unwrap();
+}
+
+/// Completed conntrack sweeps of node `index`'s agent.
+fn sweeps(cluster: &Cluster, index: usize) -> u64 {
+    let metrics = cluster.nodes[index].metrics().expect("metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("dataplane_conntrack_sweeps_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[test]

@@ -63,8 +63,12 @@ impl PinLayout {
         self.links_dir().join(program)
     }
 
-    /// Whether any pin of this layout exists.
+    /// Whether this layout has pins: its directory (a versioned layout's is
+    /// the agent's alone), or for layout 0 any pin this build knows by name.
     pub fn exists(&self) -> bool {
+        if self.version != 0 {
+            return self.dir.exists();
+        }
         self.links_dir().exists() || map_names::ALL.iter().any(|name| self.map(name).exists())
     }
 
@@ -263,25 +267,39 @@ pub fn remove_links(layout: &PinLayout) -> Result<Vec<String>> {
 }
 
 /// Removes the map pins of one layout and, for a versioned layout, its
-/// directory. Returns the removed pins' paths.
+/// directory with everything in it (another release's layout may have maps
+/// this build does not know). Layout 0 shares the base with the other
+/// layouts' directories: only the map names this build knows are removed
+/// there. Returns the removed pins' paths.
 pub fn remove_maps(layout: &PinLayout) -> Result<Vec<String>> {
     let mut removed = Vec::new();
-    for name in map_names::ALL {
-        let path = layout.map(name);
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing map pin {}", path.display()))?;
-            removed.push(path.display().to_string());
+    if layout.dir == layout.base {
+        for name in map_names::ALL {
+            let path = layout.map(name);
+            if path.exists() {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing map pin {}", path.display()))?;
+                removed.push(path.display().to_string());
+            }
         }
+        return Ok(removed);
     }
-    if layout.dir != layout.base && layout.dir.exists() {
-        std::fs::remove_dir(&layout.dir).with_context(|| {
-            format!(
-                "removing {}: it holds files the agent did not create",
-                layout.dir.display()
-            )
-        })?;
+    if !layout.dir.exists() {
+        return Ok(removed);
     }
+    removed.extend(remove_links(layout)?);
+    for entry in std::fs::read_dir(&layout.dir)
+        .with_context(|| format!("listing {}", layout.dir.display()))?
+    {
+        let path = entry
+            .with_context(|| format!("listing {}", layout.dir.display()))?
+            .path();
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing pin {}", path.display()))?;
+        removed.push(path.display().to_string());
+    }
+    std::fs::remove_dir(&layout.dir)
+        .with_context(|| format!("removing {}", layout.dir.display()))?;
     Ok(removed)
 }
 

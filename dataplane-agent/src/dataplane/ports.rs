@@ -4,7 +4,7 @@
 //! frontend and no tracked flow uses it any more, so a packet that needs
 //! translating is never skipped.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Array, MapData};
@@ -37,7 +37,7 @@ impl Bitmap {
         port_bit(kind, protocol, port).is_some_and(|(word, mask)| self.0[word as usize] & mask != 0)
     }
 
-    fn union(&self, other: &Bitmap) -> Bitmap {
+    pub fn union(&self, other: &Bitmap) -> Bitmap {
         Bitmap(self.0.iter().zip(&other.0).map(|(a, b)| a | b).collect())
     }
 }
@@ -72,13 +72,59 @@ pub fn of_flows(entries: &BTreeMap<CtKey, CtValue>) -> Bitmap {
     bitmap
 }
 
-/// The pinned PORTS map and what the agent last wanted in it. Owned by the
-/// sync loop: a sync only adds bits; after each conntrack sweep the loop
-/// clears those that neither the frontends nor the remaining flows use.
+/// What the sync loop asked PORTS to hold, and since when. A sweep's
+/// report describes the flows as its walk found them; the bits to keep
+/// with it are those of every set in force at any time since that walk
+/// began (a sync may have added and removed a frontend since, and a flow
+/// of it may exist that the walk did not see).
+#[derive(Debug, Default)]
+pub struct WantedHistory {
+    /// Oldest first.
+    sets: Vec<(Instant, Bitmap)>,
+}
+
+impl WantedHistory {
+    pub fn push(&mut self, at: Instant, wanted: Bitmap) {
+        self.sets.push((at, wanted));
+    }
+
+    pub fn latest(&self) -> Option<&Bitmap> {
+        self.sets.last().map(|(_, set)| set)
+    }
+
+    /// The union of the sets in force at any time since `since`; None
+    /// before the first set.
+    pub fn in_force_since(&self, since: Instant) -> Option<Bitmap> {
+        let first = self.first_in_force_at(since);
+        let mut sets = self.sets.get(first..)?.iter().map(|(_, set)| set);
+        let first_set = sets.next()?.clone();
+        Some(sets.fold(first_set, |all, set| all.union(set)))
+    }
+
+    /// Forgets the sets no longer in force at `since`.
+    pub fn forget_before(&mut self, since: Instant) {
+        let first = self.first_in_force_at(since);
+        self.sets.drain(..first);
+    }
+
+    /// The index of the set in force at `since` (the last one set at or
+    /// before it; the first one if all came later).
+    fn first_in_force_at(&self, since: Instant) -> usize {
+        self.sets
+            .iter()
+            .rposition(|(at, _)| *at <= since)
+            .unwrap_or(0)
+    }
+}
+
+/// The pinned PORTS map and what the agent wanted in it. Owned by the sync
+/// loop: a sync or a carry over from another pin layout only adds bits;
+/// after each conntrack sweep the loop clears those that neither the
+/// frontends (since the sweep's walk) nor the remaining flows use.
 pub struct PortFilter {
     map: Array<MapData, u64>,
     current: Bitmap,
-    wanted: Option<Bitmap>,
+    wanted: WantedHistory,
 }
 
 impl PortFilter {
@@ -93,7 +139,7 @@ impl PortFilter {
         Ok(Self {
             map,
             current,
-            wanted: None,
+            wanted: WantedHistory::default(),
         })
     }
 
@@ -102,19 +148,31 @@ impl PortFilter {
     pub fn want(&mut self, wanted: Bitmap) -> Result<()> {
         let target = self.current.union(&wanted);
         self.write(&target)?;
-        self.wanted = Some(wanted);
+        self.wanted.push(Instant::now(), wanted);
         Ok(())
     }
 
-    /// Clears the bits that neither the last wanted set nor `flows` need.
-    /// Does nothing before the first [`PortFilter::want`]. Returns how many
-    /// words changed.
-    pub fn retain(&mut self, flows: &Bitmap) -> Result<usize> {
-        let Some(wanted) = &self.wanted else {
+    /// Adds `extra` to what is wanted (the ports of flows carried over from
+    /// another pin layout) until a sweep has seen those flows.
+    pub fn add(&mut self, extra: &Bitmap) -> Result<()> {
+        let wanted = self
+            .wanted
+            .latest()
+            .map_or_else(|| extra.clone(), |latest| latest.union(extra));
+        self.want(wanted)
+    }
+
+    /// Clears the bits that neither the sets wanted since `walked_at` nor
+    /// `flows` (what the sweep that began then found) need. Does nothing
+    /// before the first [`PortFilter::want`]. Returns how many words
+    /// changed.
+    pub fn retain(&mut self, flows: &Bitmap, walked_at: Instant) -> Result<usize> {
+        let Some(wanted) = self.wanted.in_force_since(walked_at) else {
             return Ok(0);
         };
-        let target = wanted.union(flows);
-        self.write(&target)
+        let changed = self.write(&wanted.union(flows))?;
+        self.wanted.forget_before(walked_at);
+        Ok(changed)
     }
 
     fn write(&mut self, target: &Bitmap) -> Result<usize> {
@@ -197,5 +255,43 @@ mod tests {
         assert!(bitmap.contains(PORT_KIND_BACKEND, IPPROTO_TCP, 8080));
         assert!(bitmap.contains(PORT_KIND_BACKEND, IPPROTO_TCP, 9090));
         assert!(!bitmap.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 40000));
+    }
+
+    #[test]
+    fn a_sweep_keeps_every_set_wanted_since_its_walk_began() {
+        let start = Instant::now();
+        let at = |ms| start + std::time::Duration::from_millis(ms);
+        let ports = |port| {
+            let mut bitmap = Bitmap::default();
+            bitmap.set(PORT_KIND_FRONTEND, IPPROTO_TCP, port);
+            bitmap
+        };
+        let mut history = WantedHistory::default();
+        assert_eq!(history.in_force_since(at(0)), None, "nothing wanted yet");
+        history.push(at(10), ports(80));
+        // A frontend on 443 comes and goes between the walk and the trim.
+        history.push(at(20), ports(80).union(&ports(443)));
+        history.push(at(30), ports(80));
+        let kept = history.in_force_since(at(15)).unwrap();
+        assert!(kept.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 443));
+        assert!(kept.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 80));
+        // A walk after the removal needs only what is in force since.
+        let later = history.in_force_since(at(35)).unwrap();
+        assert!(!later.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 443));
+        // A walk before the first set: everything since.
+        assert!(
+            history
+                .in_force_since(at(0))
+                .unwrap()
+                .contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 443)
+        );
+        history.forget_before(at(25));
+        assert_eq!(history.sets.len(), 2, "the set in force at 25 and later");
+        assert!(
+            history
+                .in_force_since(at(25))
+                .unwrap()
+                .contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 443)
+        );
     }
 }

@@ -10,29 +10,38 @@
 //! 1. load and sync the new layout; [`carry_state`] (existing flows);
 //! 2. attach the new programs next to the old ones (make-before-break: the
 //!    old programs run first and keep serving their flows);
-//! 3. [`retire`]: carry again (flows the old programs created meanwhile),
-//!    detach the old programs, carry a last time (flows created between
-//!    the second pass and the detach), remove the old pins.
+//! 3. [`retire`]: empty the old SERVICES, so the old programs stop taking
+//!    new flows (they pass them, untouched, to the new programs) while
+//!    they keep translating the flows they track; carry again (the flows
+//!    they created meanwhile); detach them; carry a last time (what they
+//!    updated until the detach); remove the old pins.
 //!
-//! Entries are inserted only where the new map has none, so a flow the new
-//! programs already track is never overwritten with an older view.
+//! From step 3 on, every new flow is the new programs' own, so by the
+//! detach the new maps hold every flow: no flow ever meets a program that
+//! does not know it. A carried entry never overwrites a different flow the
+//! new programs track; for the same flow, the later `last_seen_ns` and
+//! the FIN/RST flags seen by either side are kept.
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData, MapError};
 use dataplane_common::{
-    AffinityKey, AffinityValue, CtKey, CtValue, PIN_LAYOUT_VERSION, ServiceKey, ServiceValue,
-    SockRevKey, SockRevValue, map_names,
+    AffinityKey, AffinityValue, CT_FLAG_FIN_SEEN, CT_FLAG_RST_SEEN, CtKey, CtValue,
+    PIN_LAYOUT_VERSION, ServiceKey, ServiceValue, SockRevKey, SockRevValue, map_names,
 };
 
 use super::{
     maps::open_pinned,
     pins::{self, PinLayout},
+    ports,
 };
 
-/// `BPF_NOEXIST`: insert only if the key is absent.
-const BPF_NOEXIST: u64 = 1;
+/// The frontend id of carried flows whose frontend the new layout does not
+/// have (a Service deleted while no agent ran): they keep their
+/// translation until they end, as after a sync that removes a Service;
+/// the sweep treats their UDP flows as stale.
+pub const ORPHANED_SERVICE_ID: u32 = u32::MAX;
 
 /// The oldest layout whose map entries this build reads as its own types.
 /// Layouts 0 and 1 differ only in where the pins live. A change to an
@@ -76,9 +85,9 @@ impl FrontendIds {
     }
 }
 
-/// The flows to carry over, with their frontend ids translated, and how
-/// many belong to frontends the new layout does not have (left behind:
-/// their Service is gone, as after a sync that removed it).
+/// The flows to carry over, with their frontend ids translated; flows of
+/// frontends the new layout does not have get [`ORPHANED_SERVICE_ID`].
+/// Returns how many those are.
 pub fn carried_flows(
     flows: impl IntoIterator<Item = (CtKey, CtValue)>,
     ids: &FrontendIds,
@@ -86,21 +95,47 @@ pub fn carried_flows(
     let mut orphaned = 0;
     let carried = flows
         .into_iter()
-        .filter_map(|(key, value)| match ids.translate(value.service_id) {
-            Some(service_id) => Some((
-                key,
-                CtValue {
-                    service_id,
-                    ..value
-                },
-            )),
-            None => {
+        .map(|(key, value)| {
+            let service_id = ids.translate(value.service_id).unwrap_or_else(|| {
                 orphaned += 1;
-                None
-            }
+                ORPHANED_SERVICE_ID
+            });
+            (key, CtValue { service_id, ..value })
         })
         .collect();
     (carried, orphaned)
+}
+
+/// What the new map should hold for a flow both layouts track: the same
+/// flow (same translation) keeps the later activity and every FIN/RST
+/// either side saw; a different flow on the same key is the new programs'
+/// and stays. None: nothing to write.
+pub fn merged_flow(old: &CtValue, new: &CtValue) -> Option<CtValue> {
+    let same_flow = (
+        old.kind,
+        old.nat_ip_be,
+        old.nat_port_be,
+        old.snat_ip_be,
+        old.snat_port_be,
+        old.tunnel_ip_be,
+    ) == (
+        new.kind,
+        new.nat_ip_be,
+        new.nat_port_be,
+        new.snat_ip_be,
+        new.snat_port_be,
+        new.tunnel_ip_be,
+    );
+    if !same_flow {
+        return None;
+    }
+    let closing = (old.flags | new.flags) & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN);
+    let merged = CtValue {
+        last_seen_ns: old.last_seen_ns.max(new.last_seen_ns),
+        flags: new.flags | closing,
+        ..*new
+    };
+    (merged != *new).then_some(merged)
 }
 
 /// The sessionAffinity entries to carry over, as [`carried_flows`].
@@ -122,53 +157,165 @@ pub fn carried_affinity(
     (carried, orphaned)
 }
 
-/// What one carry pass inserted into the new layout's maps.
+/// What carry passes wrote into the new layout's maps.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CarryReport {
+    /// Flow entries inserted.
     pub flows: usize,
+    /// Flow entries the new programs already had, brought up to date.
+    pub flows_merged: usize,
     pub affinity: usize,
     pub socket_reverse: usize,
-    /// Entries of frontends the new layout does not have.
+    /// Flows of frontends the new layout does not have (carried under
+    /// [`ORPHANED_SERVICE_ID`]) and affinity entries of them (dropped).
     pub orphaned: usize,
+    /// Entries that could not be written (a full map): their flows are
+    /// the new programs' to re-balance.
+    pub failed: usize,
+    /// Maps the old layout does not have (older releases had fewer).
+    pub missing_maps: usize,
 }
 
 impl std::ops::AddAssign for CarryReport {
     fn add_assign(&mut self, other: Self) {
         self.flows += other.flows;
+        self.flows_merged += other.flows_merged;
         self.affinity += other.affinity;
         self.socket_reverse += other.socket_reverse;
         self.orphaned += other.orphaned;
+        self.failed += other.failed;
+        self.missing_maps += other.missing_maps;
+    }
+}
+
+/// One or more carry passes: the report, and the ports the carried flows
+/// use (PORTS must have them, or the new programs skip their packets).
+#[derive(Debug, Default)]
+pub struct Carried {
+    pub report: CarryReport,
+    pub flow_ports: ports::Bitmap,
+}
+
+impl Carried {
+    fn add(&mut self, other: Carried) {
+        self.report += other.report;
+        self.flow_ports = self.flow_ports.union(&other.flow_ports);
     }
 }
 
 /// One carry pass from `old` into `new` (both must be readable by this
 /// build: [`entries_readable`]).
-pub fn carry_state(old: &PinLayout, new: &PinLayout) -> Result<CarryReport> {
-    let ids = FrontendIds::between(frontend_ids(old)?, frontend_ids(new)?);
+pub fn carry_state(old: &PinLayout, new: &PinLayout) -> Result<Carried> {
     let mut report = CarryReport::default();
+    let old_services = entries_or_none::<ServiceKey, ServiceValue>(old, map_names::SERVICES)?;
+    let ids = FrontendIds::between(
+        frontend_ids(old_services.unwrap_or_default()),
+        frontend_ids(entries(new, map_names::SERVICES)?),
+    );
 
-    let (flows, orphaned_flows) = carried_flows(entries(old, map_names::CONNTRACK)?, &ids);
-    report.flows = insert_absent::<CtKey, CtValue>(new, map_names::CONNTRACK, flows)?;
-    let (affinity, orphaned_affinity) = carried_affinity(entries(old, map_names::AFFINITY)?, &ids);
-    report.affinity =
+    let old_flows = entries_or_none::<CtKey, CtValue>(old, map_names::CONNTRACK)?;
+    report.missing_maps += usize::from(old_flows.is_none());
+    let (flows, orphaned_flows) = carried_flows(old_flows.unwrap_or_default(), &ids);
+    let flow_ports = ports::of_flows(&flows.iter().copied().collect());
+    carry_flows(new, flows, &mut report)?;
+
+    let old_affinity =
+        entries_or_none::<AffinityKey, AffinityValue>(old, map_names::AFFINITY)?;
+    report.missing_maps += usize::from(old_affinity.is_none());
+    let (affinity, orphaned_affinity) = carried_affinity(old_affinity.unwrap_or_default(), &ids);
+    let (inserted, failed) =
         insert_absent::<AffinityKey, AffinityValue>(new, map_names::AFFINITY, affinity)?;
-    report.socket_reverse = insert_absent::<SockRevKey, SockRevValue>(
+    report.affinity = inserted;
+    report.failed += failed;
+
+    let old_socket_reverse =
+        entries_or_none::<SockRevKey, SockRevValue>(old, map_names::SOCK_REV)?;
+    report.missing_maps += usize::from(old_socket_reverse.is_none());
+    let (inserted, failed) = insert_absent::<SockRevKey, SockRevValue>(
         new,
         map_names::SOCK_REV,
-        entries(old, map_names::SOCK_REV)?,
+        old_socket_reverse.unwrap_or_default(),
     )?;
+    report.socket_reverse = inserted;
+    report.failed += failed;
     report.orphaned = orphaned_flows + orphaned_affinity;
-    Ok(report)
+    Ok(Carried { report, flow_ports })
+}
+
+/// Inserts the flows the new CONNTRACK lacks and brings up to date those
+/// it tracks too ([`merged_flow`]).
+fn carry_flows(
+    layout: &PinLayout,
+    flows: Vec<(CtKey, CtValue)>,
+    report: &mut CarryReport,
+) -> Result<()> {
+    let mut map: HashMap<MapData, CtKey, CtValue> = open_pinned(layout, map_names::CONNTRACK)?;
+    for (key, old) in flows {
+        let (value, flags) = match map.get(&key, 0) {
+            Ok(new) => match merged_flow(&old, &new) {
+                Some(merged) => (merged, BPF_EXIST),
+                None => continue,
+            },
+            Err(MapError::KeyNotFound) => (old, BPF_NOEXIST),
+            Err(error) => {
+                return Err(error).context("reading the new CONNTRACK");
+            }
+        };
+        match map.insert(key, value, flags) {
+            Ok(()) if flags == BPF_EXIST => report.flows_merged += 1,
+            Ok(()) => report.flows += 1,
+            // The new programs created or ended the entry meanwhile:
+            // theirs stands.
+            Err(MapError::SyscallError(error))
+                if matches!(
+                    error.io_error.raw_os_error(),
+                    Some(libc::EEXIST | libc::ENOENT)
+                ) => {}
+            Err(_) => report.failed += 1,
+        }
+    }
+    Ok(())
+}
+
+/// `BPF_NOEXIST`: insert only if the key is absent; `BPF_EXIST`: update
+/// only if it is present.
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+
+/// Makes the old programs stop taking new flows: with no frontend in
+/// their SERVICES they pass every new connection on, untouched, to the
+/// programs attached after them, and keep translating the flows their
+/// CONNTRACK tracks. Returns how many frontends were removed.
+pub fn stop_new_flows(old: &PinLayout) -> Result<usize> {
+    let Some(services) = entries_or_none::<ServiceKey, ServiceValue>(old, map_names::SERVICES)?
+    else {
+        return Ok(0);
+    };
+    let mut map: HashMap<MapData, ServiceKey, ServiceValue> =
+        open_pinned(old, map_names::SERVICES)?;
+    let mut removed = 0;
+    for (key, _) in services {
+        match map.remove(&key) {
+            Ok(()) => removed += 1,
+            Err(MapError::KeyNotFound) => {}
+            Err(error) => {
+                return Err(error).context("emptying the old SERVICES");
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Hands over from `old` to `new` once the new programs are attached:
-/// carries state (when `old` is readable), detaches the old programs,
-/// carries once more and removes the old pins.
-pub fn retire(old: &PinLayout, new: &PinLayout) -> Result<CarryReport> {
+/// stops the old programs' new flows and carries state (when `old` is
+/// readable), detaches the old programs, carries once more and removes the
+/// old pins.
+pub fn retire(old: &PinLayout, new: &PinLayout) -> Result<Carried> {
     let readable = entries_readable(old.version);
-    let mut report = CarryReport::default();
+    let mut carried = Carried::default();
     if readable {
-        report += carry_state(old, new).context("carrying state before the detach")?;
+        stop_new_flows(old).context("stopping the old programs' new flows")?;
+        carried.add(carry_state(old, new).context("carrying state before the detach")?);
     }
     pins::remove_links(old).with_context(|| {
         format!(
@@ -178,7 +325,7 @@ pub fn retire(old: &PinLayout, new: &PinLayout) -> Result<CarryReport> {
         )
     })?;
     if readable {
-        report += carry_state(old, new).context("carrying state after the detach")?;
+        carried.add(carry_state(old, new).context("carrying state after the detach")?);
     }
     pins::remove_maps(old).with_context(|| {
         format!(
@@ -187,15 +334,14 @@ pub fn retire(old: &PinLayout, new: &PinLayout) -> Result<CarryReport> {
             old.dir.display()
         )
     })?;
-    Ok(report)
+    Ok(carried)
 }
 
-fn frontend_ids(layout: &PinLayout) -> Result<Vec<(ServiceKey, u32)>> {
-    let services: Vec<(ServiceKey, ServiceValue)> = entries(layout, map_names::SERVICES)?;
-    Ok(services
+fn frontend_ids(services: Vec<(ServiceKey, ServiceValue)>) -> Vec<(ServiceKey, u32)> {
+    services
         .into_iter()
         .map(|(key, value)| (key, value.service_id))
-        .collect())
+        .collect()
 }
 
 /// Every entry of a pinned hash map (entries that vanish during the walk
@@ -205,27 +351,36 @@ fn entries<K: aya::Pod, V: aya::Pod>(layout: &PinLayout, name: &str) -> Result<V
     Ok(map.iter().filter_map(Result::ok).collect())
 }
 
-/// Inserts the entries `map` does not hold yet; returns how many.
+/// [`entries`], or None when the layout has no such map (releases before
+/// the map existed).
+fn entries_or_none<K: aya::Pod, V: aya::Pod>(
+    layout: &PinLayout,
+    name: &str,
+) -> Result<Option<Vec<(K, V)>>> {
+    if !layout.map(name).exists() {
+        return Ok(None);
+    }
+    entries(layout, name).map(Some)
+}
+
+/// Inserts the entries `map` does not hold yet; returns how many were
+/// inserted and how many could not be (a full map).
 fn insert_absent<K: aya::Pod, V: aya::Pod>(
     layout: &PinLayout,
     name: &str,
     entries: Vec<(K, V)>,
-) -> Result<usize> {
+) -> Result<(usize, usize)> {
     let mut map: HashMap<MapData, K, V> = open_pinned(layout, name)?;
-    let mut inserted = 0;
+    let (mut inserted, mut failed) = (0, 0);
     for (key, value) in entries {
         match map.insert(key, value, BPF_NOEXIST) {
             Ok(()) => inserted += 1,
             Err(MapError::SyscallError(error))
                 if error.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(error) => {
-                return Err(error).with_context(|| {
-                    format!("carrying an entry into {name} of {}", layout.dir.display())
-                });
-            }
+            Err(_) => failed += 1,
         }
     }
-    Ok(inserted)
+    Ok((inserted, failed))
 }
 
 #[cfg(test)]

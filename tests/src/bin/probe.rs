@@ -76,6 +76,12 @@ enum Command {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Greets, then answers every line with another one (the bench's
+    /// self-check of keep-alive echoes).
+    ServeWrongEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// GET http://<to><path> and print the body (for metrics and health
     /// endpoints inside a namespace).
     HttpGet {
@@ -432,12 +438,10 @@ fn bench(targets: &[SocketAddr], seconds: f64, load: &str, parallel: usize) -> R
                 (all, failed + failures)
             })
     });
-    print_run(
-        latencies_us,
-        failures,
-        started.elapsed().as_secs_f64(),
-        None,
-    );
+    // The rate is over the measured time: exchanges still running at the
+    // deadline were not counted.
+    let measured = deadline.saturating_duration_since(started).as_secs_f64();
+    print_run(latencies_us, failures, measured, None);
     Ok(())
 }
 
@@ -459,7 +463,12 @@ fn short_client(targets: &[SocketAddr], timeout: Duration, deadline: Instant) ->
     let (mut latencies_us, mut failures) = (Vec::new(), 0);
     while Instant::now() < deadline {
         let begun = Instant::now();
-        match short_request(pick(), timeout) {
+        let result = short_request(pick(), timeout);
+        // What ends after the deadline is outside the measured time.
+        if Instant::now() > deadline {
+            break;
+        }
+        match result {
             Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
             Err(_) => failures += 1,
         }
@@ -493,7 +502,11 @@ fn keepalive_client(
         };
         n += 1;
         let begun = Instant::now();
-        match open.exchange(&keepalive_request(n), &mut answer) {
+        let result = open.exchange(&keepalive_request(n), &mut answer);
+        if Instant::now() > deadline {
+            break;
+        }
+        match result {
             Ok(()) => latencies_us.push(begun.elapsed().as_micros() as u64),
             Err(_) => {
                 failures += 1;
@@ -561,6 +574,38 @@ fn print_run(mut latencies_us: Vec<u64>, failures: u64, seconds: f64, rate: Opti
         p99_us: percentile(0.99),
     };
     println!("{}", serde_json::to_string(&run).unwrap_or_default());
+}
+
+/// Greets like `serve`, then answers every line with another one: the
+/// self-check that keep-alive echoes are compared, not just counted.
+fn serve_wrong_echo(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding TCP {listen}"))?;
+    println!("listening on {listen}");
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        std::thread::spawn(move || {
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            if writeln!(stream, "wrong-echo {peer}").is_err() {
+                return;
+            }
+            let Ok(reader) = stream.try_clone() else {
+                return;
+            };
+            let mut reader = BufReader::new(reader);
+            let mut line = String::new();
+            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                if writeln!(stream, "pong").is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Accepts every connection and closes it at once: the bench's self-check
@@ -740,6 +785,7 @@ fn main() -> Result<()> {
             parallel,
         } => bench(&to, seconds, &load, parallel),
         Command::ServeClosing { listen } => serve_closing(listen),
+        Command::ServeWrongEcho { listen } => serve_wrong_echo(listen),
         Command::Hold {
             to,
             connections,
