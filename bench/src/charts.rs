@@ -27,8 +27,12 @@ struct Chart {
     value: fn(&Row) -> Option<Point>,
 }
 
+/// A figure's rate with its range; none for a figure with too many
+/// failures to mean anything.
 fn rate(figure: Option<&Figure>) -> Option<Point> {
-    figure.map(|f| (f.median.probe.rate, Some((f.rate_min, f.rate_max))))
+    figure
+        .filter(|f| !f.invalid())
+        .map(|f| (f.median.probe.rate, Some((f.rate_min, f.rate_max))))
 }
 
 const CHARTS: [Chart; 4] = [

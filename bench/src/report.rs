@@ -8,12 +8,18 @@ use super::{
     tunnel::{TunnelRow, TunnelVariant},
 };
 
+pub(crate) const MIN_RUNS_FOR_A_RATIO: usize = 3;
+
 /// How `ours` compares with `theirs`: the ratio of the medians with the
 /// range the two spreads allow, or "~1.0 (within noise)" when the ranges
 /// overlap (no round-to-round evidence that one is faster).
 pub(crate) fn compare(ours: &Figure, theirs: &Figure) -> String {
     if ours.invalid() || theirs.invalid() {
         return "n/a (failures)".to_owned();
+    }
+    // Fewer runs than this give no range worth the name.
+    if ours.runs.min(theirs.runs) < MIN_RUNS_FOR_A_RATIO {
+        return format!("n/a (fewer than {MIN_RUNS_FOR_A_RATIO} rounds)");
     }
     let overlap = ours.rate_min <= theirs.rate_max && theirs.rate_min <= ours.rate_max;
     if overlap || theirs.rate_min <= 0.0 {
@@ -315,11 +321,16 @@ pub(crate) fn summary(results: &Results) -> String {
                 }
             })
             .collect();
-            parts.push(format!(
-                "{what} {:.0}/s ({})",
-                figure.median.probe.rate,
-                versus.join(", ")
-            ));
+            let rate = if figure.invalid() {
+                format!(
+                    "invalid ({} of {} failed)",
+                    figure.failures,
+                    figure.count + figure.failures
+                )
+            } else {
+                format!("{:.0}/s", figure.median.probe.rate)
+            };
+            parts.push(format!("{what} {rate} ({})", versus.join(", ")));
         }
         let peers_loaded: Vec<String> = [Dataplane::Iptables, Dataplane::Nftables]
             .into_iter()
@@ -409,6 +420,8 @@ mod tests {
             rate_max: max,
             count: 10_000,
             failures,
+            runs: 5,
+            lossless: false,
         }
     }
 
@@ -434,6 +447,17 @@ mod tests {
         assert!(broken.invalid());
         assert_eq!(compare(&broken, &floor), "n/a (failures)");
         assert!(broken.cell(1.0, 0).starts_with("invalid: "));
+    }
+
+    #[test]
+    fn one_or_two_rounds_give_no_ratio_and_bulk_loses_no_byte() {
+        let mut ours = figure(12_000.0, 12_000.0, 12_000.0, 0);
+        ours.runs = 1;
+        let theirs = figure(10_000.0, 10_000.0, 10_000.0, 0);
+        assert_eq!(compare(&ours, &theirs), "n/a (fewer than 3 rounds)");
+        let mut bulk = figure(1e9, 1e9, 1e9, 1);
+        bulk.lossless = true;
+        assert!(bulk.invalid(), "one run lost bytes");
     }
 
     #[test]

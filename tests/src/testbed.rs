@@ -676,17 +676,24 @@ impl Testbed {
     /// Stops the agent: SIGKILL models a crash, SIGTERM a normal stop. An
     /// agent that ignores SIGTERM for 5 s is killed.
     pub fn stop_agent(&self, signal: i32) -> Result<()> {
+        self.stop_agent_within(signal, Duration::from_secs(5))
+    }
+
+    /// [`Testbed::stop_agent`], allowing the agent `grace` to stop (a sync
+    /// of tens of thousands of Services finishes before the signal is
+    /// handled).
+    pub fn stop_agent_within(&self, signal: i32, grace: Duration) -> Result<()> {
         let Some(mut agent) = self.agent_slot().take() else {
             return Ok(());
         };
         // SAFETY: kill on our own, not yet reaped, child's pid.
         unsafe { libc::kill(agent.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + grace;
         while agent.try_wait().context("waiting for the agent")?.is_none() {
             if Instant::now() > deadline {
                 agent.kill().context("killing a stuck agent")?;
                 agent.wait().context("reaping the agent")?;
-                bail!("the agent did not stop within 5 s of signal {signal}");
+                bail!("the agent did not stop within {grace:?} of signal {signal}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }

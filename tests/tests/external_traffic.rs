@@ -494,7 +494,11 @@ fn an_upgrade_to_a_new_pin_layout_keeps_established_connections_and_removes_the_
             let mut attempts = Vec::new();
             while switching.load(std::sync::atomic::Ordering::Relaxed) {
                 attempts.extend(c.exchange(&setup.client, &dialled, 5, "tcp").unwrap());
-                attempts.extend(c.nodes[0].exchange(&app, "10.96.0.10:80", 5, "tcp").unwrap());
+                attempts.extend(
+                    c.nodes[0]
+                        .exchange(&app, "10.96.0.10:80", 5, "tcp")
+                        .unwrap(),
+                );
             }
             attempts
         });
@@ -691,9 +695,11 @@ fn ports_of_a_removed_service_stay_while_its_flows_live_and_are_cleared_after() 
     let sweeps_before = sweeps(c, 0);
     c.write_manifest("web.yaml", &nodes_only).unwrap();
     c.nodes[0]
-        .wait_until("three sweeps after the removal", Duration::from_secs(15), || {
-            Ok(sweeps(c, 0) >= sweeps_before + 3)
-        })
+        .wait_until(
+            "three sweeps after the removal",
+            Duration::from_secs(15),
+            || Ok(sweeps(c, 0) >= sweeps_before + 3),
+        )
         .unwrap();
     c.nodes[0]
         .wait_until("the UDP bits cleared", Duration::from_secs(15), || {

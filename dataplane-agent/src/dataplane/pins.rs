@@ -294,8 +294,7 @@ pub fn remove_maps(layout: &PinLayout) -> Result<Vec<String>> {
         let path = entry
             .with_context(|| format!("listing {}", layout.dir.display()))?
             .path();
-        std::fs::remove_file(&path)
-            .with_context(|| format!("removing pin {}", path.display()))?;
+        std::fs::remove_file(&path).with_context(|| format!("removing pin {}", path.display()))?;
         removed.push(path.display().to_string());
     }
     std::fs::remove_dir(&layout.dir)

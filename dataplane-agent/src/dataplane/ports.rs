@@ -279,19 +279,17 @@ mod tests {
         let later = history.in_force_since(at(35)).unwrap();
         assert!(!later.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 443));
         // A walk before the first set: everything since.
-        assert!(
-            history
-                .in_force_since(at(0))
-                .unwrap()
-                .contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 443)
-        );
+        assert!(history.in_force_since(at(0)).unwrap().contains(
+            PORT_KIND_FRONTEND,
+            IPPROTO_TCP,
+            443
+        ));
         history.forget_before(at(25));
         assert_eq!(history.sets.len(), 2, "the set in force at 25 and later");
-        assert!(
-            history
-                .in_force_since(at(25))
-                .unwrap()
-                .contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 443)
-        );
+        assert!(history.in_force_since(at(25)).unwrap().contains(
+            PORT_KIND_FRONTEND,
+            IPPROTO_TCP,
+            443
+        ));
     }
 }

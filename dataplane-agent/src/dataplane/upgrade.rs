@@ -100,7 +100,13 @@ pub fn carried_flows(
                 orphaned += 1;
                 ORPHANED_SERVICE_ID
             });
-            (key, CtValue { service_id, ..value })
+            (
+                key,
+                CtValue {
+                    service_id,
+                    ..value
+                },
+            )
         })
         .collect();
     (carried, orphaned)
@@ -219,8 +225,7 @@ pub fn carry_state(old: &PinLayout, new: &PinLayout) -> Result<Carried> {
     let flow_ports = ports::of_flows(&flows.iter().copied().collect());
     carry_flows(new, flows, &mut report)?;
 
-    let old_affinity =
-        entries_or_none::<AffinityKey, AffinityValue>(old, map_names::AFFINITY)?;
+    let old_affinity = entries_or_none::<AffinityKey, AffinityValue>(old, map_names::AFFINITY)?;
     report.missing_maps += usize::from(old_affinity.is_none());
     let (affinity, orphaned_affinity) = carried_affinity(old_affinity.unwrap_or_default(), &ids);
     let (inserted, failed) =
@@ -228,8 +233,7 @@ pub fn carry_state(old: &PinLayout, new: &PinLayout) -> Result<Carried> {
     report.affinity = inserted;
     report.failed += failed;
 
-    let old_socket_reverse =
-        entries_or_none::<SockRevKey, SockRevValue>(old, map_names::SOCK_REV)?;
+    let old_socket_reverse = entries_or_none::<SockRevKey, SockRevValue>(old, map_names::SOCK_REV)?;
     report.missing_maps += usize::from(old_socket_reverse.is_none());
     let (inserted, failed) = insert_absent::<SockRevKey, SockRevValue>(
         new,
@@ -430,7 +434,7 @@ mod tests {
     }
 
     #[test]
-    fn flows_are_carried_with_the_new_ids_and_those_of_gone_frontends_stay_behind() {
+    fn flows_are_carried_with_the_new_ids_and_those_of_gone_frontends_as_orphans() {
         let ids = FrontendIds::between([(frontend(80), 1), (frontend(53), 3)], [(frontend(80), 5)]);
         let (carried, orphaned) = carried_flows(
             [
@@ -441,12 +445,49 @@ mod tests {
             &ids,
         );
         assert_eq!(orphaned, 1);
-        let expected_first = flow(1000, 5, CT_FORWARD);
         assert_eq!(
             carried,
-            vec![expected_first, flow(1001, 0, CT_TUNNEL_RETURN)]
+            vec![
+                flow(1000, 5, CT_FORWARD),
+                flow(1001, 0, CT_TUNNEL_RETURN),
+                flow(1002, ORPHANED_SERVICE_ID, CT_FORWARD),
+            ]
         );
         assert_eq!(carried[0].1.last_seen_ns, 42, "the flow's age is kept");
+    }
+
+    #[test]
+    fn the_same_flow_keeps_the_later_activity_and_every_close_and_another_flow_stays() {
+        let (_, old) = flow(1000, 1, CT_FORWARD);
+        let newer = CtValue {
+            last_seen_ns: 50,
+            service_id: 5,
+            ..old
+        };
+        assert_eq!(
+            merged_flow(&old, &newer),
+            None,
+            "nothing to bring up to date"
+        );
+        let older = CtValue {
+            last_seen_ns: 10,
+            service_id: 5,
+            ..old
+        };
+        let closing_old = CtValue {
+            flags: CT_FLAG_FIN_SEEN,
+            ..old
+        };
+        let merged = merged_flow(&closing_old, &older).unwrap();
+        assert_eq!(merged.last_seen_ns, 42);
+        assert_eq!(merged.flags, CT_FLAG_FIN_SEEN);
+        assert_eq!(merged.service_id, 5, "the new layout's id");
+        let other_backend = CtValue {
+            nat_ip_be: 99,
+            last_seen_ns: 1,
+            ..old
+        };
+        assert_eq!(merged_flow(&old, &other_backend), None, "another flow");
     }
 
     #[test]
