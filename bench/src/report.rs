@@ -94,6 +94,21 @@ fn tunnel_table(rows: &[TunnelRow]) -> String {
     out
 }
 
+/// `what` with both ranges, if `figure` lies above the floor's range.
+fn anomaly(what: &str, figure: &Figure, floor: &Figure) -> Option<String> {
+    above_floor(figure, floor).then(|| {
+        format!(
+            "{what}: {:.0} [{:.0}..{:.0}] above the floor's {:.0} [{:.0}..{:.0}]",
+            figure.median.probe.rate,
+            figure.rate_min,
+            figure.rate_max,
+            floor.median.probe.rate,
+            floor.rate_min,
+            floor.rate_max,
+        )
+    })
+}
+
 /// Figures of non-floor rows that lie above the floor's range.
 pub(crate) fn anomalies(results: &Results) -> Vec<String> {
     let mut found = Vec::new();
@@ -106,21 +121,14 @@ pub(crate) fn anomalies(results: &Results) -> Vec<String> {
             continue;
         };
         for load in Load::ALL {
-            if let (Some(figure), Some(floor_figure)) = (row.figure(load), floor.figure(load))
-                && above_floor(figure, floor_figure)
-            {
-                found.push(format!(
-                    "{} Services, {}, {}: {:.0} [{:.0}..{:.0}] above the floor's {:.0} [{:.0}..{:.0}]",
+            if let (Some(figure), Some(floor_figure)) = (row.figure(load), floor.figure(load)) {
+                let what = format!(
+                    "{} Services, {}, {}",
                     row.services,
                     row.dataplane().label(),
-                    load.label(),
-                    figure.median.probe.rate,
-                    figure.rate_min,
-                    figure.rate_max,
-                    floor_figure.median.probe.rate,
-                    floor_figure.rate_min,
-                    floor_figure.rate_max,
-                ));
+                    load.label()
+                );
+                found.extend(anomaly(&what, figure, floor_figure));
             }
         }
     }
@@ -138,18 +146,8 @@ pub(crate) fn anomalies(results: &Results) -> Vec<String> {
                 ),
                 ("keep-alive requests", &row.keepalive, &floor.keepalive),
             ] {
-                if above_floor(figure, floor_figure) {
-                    found.push(format!(
-                        "tunnel path, {}, {what}: {:.0} [{:.0}..{:.0}] above the floor's {:.0} [{:.0}..{:.0}]",
-                        row.variant.label(),
-                        figure.median.probe.rate,
-                        figure.rate_min,
-                        figure.rate_max,
-                        floor_figure.median.probe.rate,
-                        floor_figure.rate_min,
-                        floor_figure.rate_max,
-                    ));
-                }
+                let what = format!("tunnel path, {}, {what}", row.variant.label());
+                found.extend(anomaly(&what, figure, floor_figure));
             }
         }
     }

@@ -19,7 +19,7 @@ use dataplane_testbed::{
     cluster::{Cluster, NODE_INTERFACE},
     manifests::{Ep, Svc, join, node_with_ip, slice},
     probe::{Attempt, tally},
-    testbed::{AgentSource, loaded_program_ids, pinned_program_ids_of},
+    testbed::{AgentSource, Hold, loaded_program_ids, pinned_program_ids_of},
 };
 
 const NODE_PORT: u16 = 30080;
@@ -333,6 +333,19 @@ fn a_service_without_endpoints_rejects_external_tcp_and_udp_at_once() {
     }
 }
 
+/// `hold` ended with all `open` connections open, none failed, and both
+/// pods served some.
+fn assert_held_on_both_pods(hold: Hold, open: usize) {
+    let summary = hold.summary().unwrap();
+    assert_eq!(summary.open, open, "{summary:?}");
+    assert!(summary.failures.is_empty(), "{summary:?}");
+    assert_eq!(
+        summary.backends.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from(["pod1".to_string(), "pod2".to_string()]),
+        "{summary:?}"
+    );
+}
+
 /// A datapath counter of node `index` (`dataplane-agent dump stats`).
 fn stat(cluster: &Cluster, index: usize, name: &str) -> u64 {
     let output = cluster.nodes[index]
@@ -432,14 +445,7 @@ fn ten_agent_restarts_keep_established_external_connections_and_take_new_ones() 
         assert_all_ok(&c.exchange(&setup.client, &dialled, 4, "tcp").unwrap());
         c.start_agents(&[]).unwrap();
     }
-    let summary = hold.summary().unwrap();
-    assert_eq!(summary.open, 20, "{summary:?}");
-    assert!(summary.failures.is_empty(), "{summary:?}");
-    assert_eq!(
-        summary.backends.keys().cloned().collect::<BTreeSet<_>>(),
-        BTreeSet::from(["pod1".to_string(), "pod2".to_string()]),
-        "{summary:?}"
-    );
+    assert_held_on_both_pods(hold, 20);
     // New connections work after the restart too.
     assert_all_ok(&c.exchange(&setup.client, &dialled, 10, "tcp").unwrap());
 }
@@ -552,14 +558,7 @@ fn an_upgrade_to_a_new_pin_layout_keeps_established_connections_and_removes_the_
         )
         .unwrap();
 
-    let summary = external.summary().unwrap();
-    assert_eq!(summary.open, 20, "{summary:?}");
-    assert!(summary.failures.is_empty(), "{summary:?}");
-    assert_eq!(
-        summary.backends.keys().cloned().collect::<BTreeSet<_>>(),
-        BTreeSet::from(["pod1".to_string(), "pod2".to_string()]),
-        "{summary:?}"
-    );
+    assert_held_on_both_pods(external, 20);
     let summary = internal.summary().unwrap();
     assert_eq!(summary.open, 20, "{summary:?}");
     assert!(summary.failures.is_empty(), "{summary:?}");
