@@ -19,23 +19,27 @@ use prometheus_client::{
 
 use dataplane_common::{BACKENDS_MAX_ENTRIES, SERVICES_MAX_ENTRIES, map_names};
 
+use std::collections::BTreeMap;
+
 use crate::{
     dataplane::{
         maps,
         pins::PinLayout,
-        state::{ApplyReport, PinnedState},
+        state::{FrontendError, PinnedState},
     },
-    model::DesiredDataplane,
+    model::Frontend,
 };
 
 /// What one sync did, for [`Metrics::record_sync`].
 pub struct SyncOutcome<'a> {
-    pub desired: &'a DesiredDataplane,
-    pub report: &'a ApplyReport,
+    /// Frontends not programmed now: (reason, Service).
+    pub failing: &'a BTreeMap<Frontend, (&'static str, String)>,
+    /// What failed in this sync (each failure is counted once).
+    pub new_failures: &'a [(Frontend, FrontendError)],
     /// The maps as the sync left them.
     pub programmed: &'a PinnedState,
-    /// Objects the source could not read.
-    pub parse_problems: usize,
+    /// Objects the source could not read or the model could not use.
+    pub invalid_objects: usize,
     pub elapsed: std::time::Duration,
 }
 
@@ -115,10 +119,10 @@ impl Metrics {
     /// Records what one sync did.
     pub fn record_sync(&self, outcome: &SyncOutcome<'_>) {
         let SyncOutcome {
-            desired,
-            report,
+            failing,
+            new_failures,
             programmed,
-            parse_problems,
+            invalid_objects,
             elapsed,
         } = outcome;
         let m = self;
@@ -127,21 +131,18 @@ impl Metrics {
         m.frontends_programmed.set(gauge(programmed.services.len()));
         m.backends_programmed
             .set(gauge(programmed.live_backend_count()));
-        m.invalid_objects
-            .set(gauge(parse_problems + desired.skipped.len()));
+        m.invalid_objects.set(gauge(*invalid_objects));
         m.frontend_errors.clear();
-        for (frontend, error) in &report.failed {
-            let service = desired
-                .frontends
-                .get(frontend)
-                .map(|e| e.service.to_string());
+        for (frontend, (reason, service)) in failing.iter() {
             m.frontend_errors
                 .get_or_create(&FrontendErrorLabels {
-                    service: service.unwrap_or_default(),
+                    service: service.clone(),
                     frontend: frontend.to_string(),
-                    reason: error.reason().into(),
+                    reason: (*reason).into(),
                 })
                 .set(1);
+        }
+        for (_, error) in new_failures.iter() {
             m.frontend_errors_total
                 .get_or_create(&ReasonLabels {
                     reason: error.reason().into(),

@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec},
+    core::v1::{Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec},
     discovery::v1::{
         Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
     },
@@ -19,7 +19,8 @@ use crate::{
         state::{Limits, PinnedState, fake::FakeMaps},
     },
     model::{
-        ClusterState, NodeInfo, desired,
+        ClusterState, Model, NodeInfo, NodeRecord, ObjectName, ServiceRecord, SliceRecord, Update,
+        desired,
         fixtures::{self, meta},
     },
 };
@@ -63,30 +64,89 @@ fn service() -> impl Strategy<Value = Service> {
             Just(Some("ClientIP".to_owned())),
             Just(Some("Bogus".to_owned()))
         ],
-        prop_oneof![Just(None), Just(Some("ExternalName".to_owned()))],
+        prop_oneof![
+            3 => Just(None),
+            1 => Just(Some("ExternalName".to_owned())),
+            2 => Just(Some("NodePort".to_owned())),
+            2 => Just(Some("LoadBalancer".to_owned())),
+        ],
+        // externalTrafficPolicy Local, with a health check port of a few
+        // (so that two Services may ask for the same one).
+        prop::option::of(32_000i32..32_002),
     )
-        .prop_map(|(name, ip, ports, local, affinity, type_)| Service {
-            metadata: meta(&format!("svc-{name}"), &[]),
-            spec: Some(ServiceSpec {
-                cluster_ip: Some(ip),
-                type_,
-                session_affinity: affinity,
-                internal_traffic_policy: local.then(|| "Local".to_owned()),
-                ports: Some(
-                    ports
-                        .into_iter()
-                        .map(|(name, port, protocol)| ServicePort {
-                            name,
-                            port,
-                            protocol,
-                            ..Default::default()
-                        })
-                        .collect(),
-                ),
+        .prop_map(
+            |(name, ip, ports, local, affinity, type_, external_local)| Service {
+                metadata: meta(&format!("svc-{name}"), &[]),
+                spec: Some(ServiceSpec {
+                    cluster_ip: Some(ip),
+                    type_,
+                    session_affinity: affinity,
+                    internal_traffic_policy: local.then(|| "Local".to_owned()),
+                    external_traffic_policy: external_local.map(|_| "Local".to_owned()),
+                    health_check_node_port: external_local,
+                    ports: Some(
+                        ports
+                            .into_iter()
+                            .map(|(name, port, protocol)| ServicePort {
+                                name,
+                                port,
+                                protocol,
+                                // A few node ports, so that Services collide.
+                                node_port: Some(30_000 + port.rem_euclid(3)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
+            },
+        )
+}
+
+/// A Node of the two the endpoints run on: its zone and InternalIP.
+fn node_object() -> impl Strategy<Value = Node> {
+    (
+        prop_oneof![Just("node-a"), Just("node-b")],
+        prop::option::of(prop_oneof![Just("zone-a"), Just("zone-b")]),
+        prop::option::of((1u8..3).prop_map(|o| format!("192.0.2.{o}"))),
+    )
+        .prop_map(|(name, zone, ip)| {
+            let mut node = fixtures::node_object(name, zone);
+            node.status = ip.map(|address| NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address,
+                }]),
+                ..Default::default()
+            });
+            node
         })
+}
+
+/// One change a source may report.
+#[derive(Clone, Debug)]
+enum Change {
+    Service(Box<Service>),
+    DeleteService(usize),
+    Slice(Box<EndpointSlice>),
+    DeleteSlice(usize),
+    Node(Box<Node>),
+    DeleteNode(&'static str),
+    /// The model recomputes here (a sync).
+    Sync,
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        3 => service().prop_map(|s| Change::Service(Box::new(s))),
+        1 => (0usize..6).prop_map(Change::DeleteService),
+        3 => slice().prop_map(|s| Change::Slice(Box::new(s))),
+        1 => (0usize..8).prop_map(Change::DeleteSlice),
+        1 => node_object().prop_map(|n| Change::Node(Box::new(n))),
+        1 => prop_oneof![Just("node-a"), Just("node-b")].prop_map(Change::DeleteNode),
+        2 => Just(Change::Sync),
+    ]
 }
 
 fn endpoint() -> impl Strategy<Value = Endpoint> {
@@ -176,14 +236,77 @@ fn assert_consistent(state: &PinnedState) {
     }
 }
 
+/// Feeds one change to the model; returns the frontends a sync must look
+/// at when it is a sync.
+fn feed(model: &mut Model, change: &Change) -> Option<BTreeSet<crate::model::Frontend>> {
+    let named = |kind: &str, index: &usize| ObjectName::new("default", format!("{kind}-{index}"));
+    match change {
+        Change::Service(service) => {
+            let name = ObjectName::of(&service.metadata);
+            let record = ServiceRecord::new(&name, service);
+            model.update(Update::Service(name, Some(record)));
+        }
+        Change::DeleteService(index) => {
+            model.update(Update::Service(named("svc", index), None));
+        }
+        Change::Slice(slice) => {
+            model.update(Update::Slice(
+                ObjectName::of(&slice.metadata),
+                Some(SliceRecord::new(slice)),
+            ));
+        }
+        Change::DeleteSlice(index) => {
+            model.update(Update::Slice(named("slice", index), None));
+        }
+        Change::Node(node) => {
+            let name = node.metadata.name.clone().unwrap_or_default();
+            model.update(Update::Node(name, Some(NodeRecord::new(node))));
+        }
+        Change::DeleteNode(name) => {
+            model.update(Update::Node((*name).to_owned(), None));
+        }
+        Change::Sync => return Some(model.recompute().frontends),
+    }
+    None
+}
+
 proptest! {
+    /// The incremental model, fed any sequence of changes and synced at
+    /// any points, always equals the model computed from scratch, and each
+    /// sync names every frontend whose entry changed.
+    #[test]
+    fn the_incremental_model_always_equals_the_model_from_scratch(
+        changes in prop::collection::vec(change(), 1..40),
+    ) {
+        let mut model = Model::new("node-a");
+        let mut programmed = crate::model::DesiredDataplane::default();
+        for change in changes.iter().chain([&Change::Sync]) {
+            let Some(touched) = feed(&mut model, change) else { continue };
+            let want = desired(model.cluster(), model.node());
+            let got = model.desired();
+            prop_assert_eq!(&got.frontends, &want.frontends);
+            prop_assert_eq!(&got.health_checks, &want.health_checks);
+            prop_assert_eq!(&got.node_addresses, &want.node_addresses);
+            prop_assert_eq!(model.skipped_count(), want.skipped.len(), "{:?}", want.skipped);
+            // A sync that writes only the touched frontends reaches the
+            // same maps as one that compares everything.
+            let before = std::mem::replace(&mut programmed, got.clone());
+            for frontend in before.frontends.keys().chain(got.frontends.keys()) {
+                if before.frontends.get(frontend) != got.frontends.get(frontend) {
+                    prop_assert!(touched.contains(frontend), "{} changed unannounced", frontend);
+                }
+            }
+        }
+    }
+
     #[test]
     fn the_model_accepts_anything_and_its_output_is_well_formed(cluster in cluster()) {
         let node = NodeInfo { name: "node-a".into(), zone: Some("zone-a".into()), being_deleted: false, internal_ip: None };
         let desired = desired(&cluster, &node);
         for (frontend, entry) in &desired.frontends {
             prop_assert!(cluster.services.contains_key(&entry.service));
-            prop_assert!(!frontend.ip.is_unspecified());
+            let node_port = matches!(frontend.scope, crate::model::Scope::NodePort | crate::model::Scope::NodePortLocal);
+            prop_assert_eq!(frontend.ip.is_unspecified(), node_port);
             prop_assert!(frontend.port != 0);
             let mut sorted = entry.backends.clone();
             sorted.sort();
@@ -278,14 +401,11 @@ fn manifest_text(objects: &[serde_json::Value], foreign: &[usize], layout: Layou
 fn first_by_name<T: Clone>(
     objects: &[T],
     metadata: impl Fn(&T) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> (
-    std::collections::BTreeMap<crate::model::ObjectName, T>,
-    usize,
-) {
+) -> (std::collections::BTreeMap<ObjectName, T>, usize) {
     let mut kept = std::collections::BTreeMap::new();
     let mut duplicates = 0;
     for object in objects {
-        let name = crate::model::ObjectName::of(metadata(object));
+        let name = ObjectName::of(metadata(object));
         match kept.entry(name) {
             std::collections::btree_map::Entry::Occupied(_) => duplicates += 1,
             std::collections::btree_map::Entry::Vacant(slot) => {
@@ -321,6 +441,14 @@ proptest! {
         let (want_services, service_duplicates) = first_by_name(&services, |s| &s.metadata);
         let (want_slices, slice_duplicates) = first_by_name(&slices, |s| &s.metadata);
         prop_assert!(!loaded.fatal, "{:?}", loaded.problems);
+        let want_services: std::collections::BTreeMap<_, _> = want_services
+            .iter()
+            .map(|(name, s)| (name.clone(), ServiceRecord::new(name, s)))
+            .collect();
+        let want_slices: std::collections::BTreeMap<_, _> = want_slices
+            .iter()
+            .map(|(name, s)| (name.clone(), SliceRecord::new(s)))
+            .collect();
         prop_assert_eq!(&loaded.cluster.services, &want_services);
         prop_assert_eq!(&loaded.cluster.endpoint_slices, &want_slices);
         let reported_foreign = foreign.iter().filter(|f| FOREIGN_DOCUMENTS[**f].1).count();
@@ -354,7 +482,10 @@ proptest! {
         for (name, service) in &want {
             end += serde_yaml::to_string(service).expect("a Service serialises").len() + "---\n".len();
             if end <= cut {
-                prop_assert_eq!(loaded.cluster.services.get(name), Some(service));
+                prop_assert_eq!(
+                    loaded.cluster.services.get(name),
+                    Some(&ServiceRecord::new(name, service))
+                );
             }
         }
         prop_assert!(loaded.cluster.services.len() <= want.len());

@@ -28,15 +28,15 @@ use crate::{
         names,
         pins::{self, PinLayout},
         ports::{self, PortFilter},
-        state::PinnedState,
+        state::{ApplyReport, PinnedState},
         upgrade,
     },
     health::{self, Health},
     metrics::{self, Metrics, SyncOutcome},
-    model::{self, ClusterState, NodeInfo, ObjectName},
+    model::{Frontend, Model, NodeInfo, ObjectName, Protocol},
     service_health::{ServiceHealthServers, ServiceHealthTarget},
     source::{
-        Changes, Snapshot,
+        Change, Changes,
         kube::{self, KubeSource},
         manifests::{self, ManifestDir},
     },
@@ -46,6 +46,10 @@ use crate::{
 enum Source {
     Manifests {
         dir: ManifestDir,
+        /// The directory changed since its last refresh.
+        changed: bool,
+        /// Problems of the files as last parsed, for the metric.
+        problems: BTreeMap<std::path::PathBuf, usize>,
         _watcher: notify::RecommendedWatcher,
     },
     Kube(KubeSource),
@@ -57,27 +61,61 @@ impl Source {
             SourceConfig::Manifests(dir) => Self::Manifests {
                 _watcher: manifests::watch_dir(dir, changes)?,
                 dir: ManifestDir::new(dir),
+                changed: true,
+                problems: BTreeMap::new(),
             },
             SourceConfig::Kube { kubeconfig } => {
                 let client = kube::client(kubeconfig.as_deref()).await?;
-                Self::Kube(KubeSource::start(client, &config.node_name, changes).await?)
+                Self::Kube(KubeSource::start(client, changes).await?)
             }
         })
     }
 
-    fn snapshot(&mut self) -> Result<Snapshot> {
-        match self {
-            Self::Manifests { dir, .. } => {
-                let loaded = dir.load()?;
-                Ok(Snapshot {
-                    cluster: loaded.cluster,
-                    problems: loaded.problems,
-                })
+    /// Takes a change from the source in.
+    fn take(&mut self, change: Change, model: &mut Model) {
+        match (change, self) {
+            (Change::Object(update), _) => {
+                model.update(update);
             }
-            Self::Kube(kube) => Ok(Snapshot {
-                cluster: kube.snapshot(),
-                problems: Vec::new(),
-            }),
+            (Change::Directory, Self::Manifests { changed, .. }) => *changed = true,
+            (Change::Directory, Self::Kube(_)) => {}
+        }
+    }
+
+    /// Reads what changed in the manifest directory into the model; logs
+    /// each problem once, when its file is read.
+    fn refresh(&mut self, model: &mut Model) -> Result<()> {
+        let Self::Manifests {
+            dir,
+            changed,
+            problems,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        if !std::mem::take(changed) {
+            return Ok(());
+        }
+        let refreshed = dir.refresh().inspect_err(|_| *changed = true)?;
+        let mut by_file: BTreeMap<std::path::PathBuf, usize> = BTreeMap::new();
+        for problem in refreshed.problems.iter().chain(&refreshed.duplicates) {
+            warn!(%problem, "skipping manifest");
+            *by_file.entry(problem.file.clone()).or_default() += 1;
+        }
+        let files = dir.files();
+        problems.retain(|file, _| files.contains(file));
+        problems.extend(by_file);
+        for update in refreshed.updates {
+            model.update(update);
+        }
+        Ok(())
+    }
+
+    fn problem_count(&self) -> usize {
+        match self {
+            Self::Manifests { problems, .. } => problems.values().sum(),
+            Self::Kube(_) => 0,
         }
     }
 }
@@ -86,10 +124,14 @@ impl Source {
 struct Agent {
     config: RunConfig,
     source: Source,
+    model: Model,
     maps: KernelMaps,
     mirror: PinnedState,
     /// Unreachable backend slots and when they became unreachable.
     retired: BTreeMap<BackendKey, Instant>,
+    /// Frontends whose last write failed, with why: written again at
+    /// every sync until they succeed.
+    failing: BTreeMap<Frontend, (&'static str, String)>,
     metrics: Metrics,
     health: Health,
     /// EndpointSlice change-trigger times already measured.
@@ -98,7 +140,7 @@ struct Agent {
     started_at: SystemTime,
     health_check_servers: ServiceHealthServers,
     interface_maps: Option<InterfaceMaps>,
-    /// The backends each frontend id uses after the last sync, for the
+    /// The backends each UDP frontend id uses after the last sync, for the
     /// conntrack sweep's stale-UDP check; None until the first sync.
     live_backends: LiveBackendsSender,
     /// PORTS, when the interface programs run: the sync sets the bits of
@@ -110,89 +152,153 @@ struct Agent {
     warned_tunnel_source: Option<Ipv4Addr>,
 }
 
-/// The annotation the EndpointSlice controller sets to when the change that
-/// produced a slice happened; kube-proxy measures programming latency from it.
-const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// How much a sync looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SyncScope {
+    /// What changed since the last sync.
+    Changes,
+    /// Every Service recomputed and every frontend compared with the maps:
+    /// the periodic safety net.
+    Everything,
+}
 
 impl Agent {
-    fn sync(&mut self) -> Result<()> {
+    fn sync(&mut self, scope: SyncScope) -> Result<()> {
         let span = info_span!("sync");
         let _entered = span.enter();
         let started = std::time::Instant::now();
-        let snapshot = self.source.snapshot()?;
-        let load_ms = started.elapsed().as_secs_f64() * 1e3;
-        for problem in &snapshot.problems {
-            warn!(%problem, "skipping manifest");
+        self.source.refresh(&mut self.model)?;
+        let full = scope == SyncScope::Everything;
+        if full {
+            self.model.mark_all_dirty();
         }
-        let node = NodeInfo::from_cluster(&snapshot.cluster, &self.config.node_name);
+        let recomputed = self.model.recompute();
+        let compute_ms = started.elapsed().as_secs_f64() * 1e3;
+        let node = self.model.node().clone();
         self.health.set_node_eligible(!node.being_deleted);
         self.check_tunnel_source(&node);
-        let desired = model::desired(&snapshot.cluster, &node);
-        for skipped in &desired.skipped {
-            warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
+        for service in &recomputed.services {
+            for skipped in &service.skipped {
+                warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
+            }
+        }
+        for slice in &recomputed.slices {
+            for skipped in self.model.slice_problems(slice) {
+                warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
+            }
         }
 
         let apply_started = std::time::Instant::now();
-        // While the maps change, which backends are live is unknown to the
-        // conntrack sweep: it cuts no UDP flow until the sync publishes.
-        self.live_backends.send_replace(None);
-        if let Some(filter) = &mut self.port_filter {
-            // Ports first, so the first packet of a new frontend is looked at.
-            let wanted = ports::of_desired(&desired);
-            if let Err(error) = filter.want(wanted) {
-                error!(
-                    error = format!("{error:#}"),
-                    "PORTS not updated: new frontends may not see external traffic yet"
-                );
-            }
+        let mut changed = recomputed.frontends.clone();
+        changed.extend(self.failing.keys().copied());
+        let udp_changed = full || changed.iter().any(|f| f.protocol == Protocol::Udp);
+        if udp_changed {
+            // While the maps change, which backends are live is unknown to
+            // the conntrack sweep: it cuts no UDP flow until the sync
+            // publishes.
+            self.live_backends.send_replace(None);
         }
-        let report = self
-            .mirror
-            .apply(&desired, &mut self.maps, &self.config.limits);
+        self.want_ports(&changed, full);
+        let report = if full {
+            self.mirror
+                .apply(&self.model, &mut self.maps, &self.config.limits)
+        } else {
+            self.mirror
+                .apply_changed(&self.model, &changed, &mut self.maps, &self.config.limits)
+        };
         let apply_ms = apply_started.elapsed().as_secs_f64() * 1e3;
-        for (frontend, error) in &report.failed {
-            let service = desired
-                .frontends
-                .get(frontend)
-                .map(|e| e.service.to_string());
-            error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
+        self.record_failures(&changed, full, &report);
+        self.retire(&report.unreachable);
+        if udp_changed {
+            self.publish_live_backends();
         }
-        self.retire_unreachable();
-        self.publish_live_backends();
-        if let Some(maps) = &mut self.interface_maps
-            && let Err(error) = maps.set_tunnel_peers(&desired.node_addresses)
+        if (full || recomputed.nodes_changed)
+            && let Some(maps) = &mut self.interface_maps
+            && let Err(error) = maps.set_tunnel_peers(&self.model.node_addresses())
         {
             error!(error = format!("{error:#}"), "tunnel peers not updated");
         }
-        self.serve_health_checks(&desired);
+        if full || recomputed.health_checks_changed {
+            self.serve_health_checks();
+        }
         self.health.updated(SystemTime::now());
         self.metrics.record_sync(&SyncOutcome {
-            desired: &desired,
-            report: &report,
+            failing: &self.failing,
             programmed: &self.mirror,
-            parse_problems: snapshot.problems.len(),
+            invalid_objects: self.source.problem_count() + self.model.skipped_count(),
             elapsed: started.elapsed(),
+            new_failures: &report.failed,
         });
-        self.observe_programming_latency(&snapshot.cluster);
-        if let Err(error) = names::write_names(&self.config.bpffs_dir, &desired) {
+        self.observe_programming_latency(&recomputed.slices);
+        if (full || report.added > 0 || report.removed > 0 || !recomputed.services.is_empty())
+            && let Err(error) = names::write_names(&self.config.bpffs_dir, &self.model)
+        {
             warn!(
                 error = format!("{error:#}"),
                 "could not record Service names for dump"
             );
         }
-        info!(
-            services = model::services_of(&desired).len(),
-            frontends = desired.frontends.len(),
-            updated = report.updated,
-            removed = report.removed,
-            failed = report.failed.len(),
-            invalid_objects = snapshot.problems.len() + desired.skipped.len(),
-            load_ms,
-            apply_ms,
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            "synced"
-        );
+        let quiet = report.updated == 0 && report.removed == 0 && report.failed.is_empty();
+        if !quiet || recomputed.nodes_changed {
+            info!(
+                services = recomputed.services.len(),
+                frontends = self.model.frontend_count(),
+                updated = report.updated,
+                removed = report.removed,
+                failed = report.failed.len(),
+                invalid_objects = self.source.problem_count() + self.model.skipped_count(),
+                compute_ms,
+                apply_ms,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                full,
+                "synced"
+            );
+        }
         Ok(())
+    }
+
+    /// Ports first, so the first packet of a new frontend is looked at. A
+    /// sync of changes only adds bits; a full one sets the whole wanted
+    /// set, so [`Agent::trim_ports`] can clear what nothing needs.
+    fn want_ports(&mut self, changed: &BTreeSet<Frontend>, full: bool) {
+        let Some(filter) = &mut self.port_filter else {
+            return;
+        };
+        let result = if full {
+            filter.want(ports::of_frontends(self.model.frontends()))
+        } else {
+            filter.add(&ports::of_frontends(
+                changed
+                    .iter()
+                    .filter_map(|f| Some((f, self.model.entry(f)?))),
+            ))
+        };
+        if let Err(error) = result {
+            error!(
+                error = format!("{error:#}"),
+                "PORTS not updated: new frontends may not see external traffic yet"
+            );
+        }
+    }
+
+    /// Keeps the set of failing frontends: those this sync wrote are
+    /// failing now only if they failed again.
+    fn record_failures(&mut self, changed: &BTreeSet<Frontend>, full: bool, report: &ApplyReport) {
+        if full {
+            self.failing.clear();
+        } else {
+            for frontend in changed {
+                self.failing.remove(frontend);
+            }
+        }
+        for (frontend, error) in &report.failed {
+            let service = self.model.entry(frontend).map(|e| e.service.to_string());
+            if !self.failing.contains_key(frontend) {
+                error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
+            }
+            self.failing
+                .insert(*frontend, (error.reason(), service.unwrap_or_default()));
+        }
     }
 
     /// Other nodes accept tunnel packets from this node's InternalIP only:
@@ -212,12 +318,14 @@ impl Agent {
         }
     }
 
+    /// The backends of the UDP frontends, the only ones the sweep checks.
     fn publish_live_backends(&self) {
         let live = self
             .mirror
             .services
-            .values()
-            .flat_map(|value| {
+            .iter()
+            .filter(|(key, _)| key.protocol == dataplane_common::IPPROTO_UDP)
+            .flat_map(|(_, value)| {
                 self.mirror
                     .current_backends(value)
                     .into_iter()
@@ -229,13 +337,14 @@ impl Agent {
 
     /// kube-proxy's per-Service health checks for externalTrafficPolicy
     /// Local load balancers.
-    fn serve_health_checks(&mut self, desired: &model::DesiredDataplane) {
-        let wanted: BTreeMap<u16, ServiceHealthTarget> = desired
-            .health_checks
-            .iter()
+    fn serve_health_checks(&mut self) {
+        let wanted: BTreeMap<u16, ServiceHealthTarget> = self
+            .model
+            .health_checks()
+            .into_iter()
             .map(|(port, check)| {
                 (
-                    *port,
+                    port,
                     ServiceHealthTarget {
                         namespace: check.service.namespace.clone(),
                         name: check.service.name.clone(),
@@ -250,32 +359,40 @@ impl Agent {
     }
 
     /// A full resync: what the kernel maps hold (in case anything but this
-    /// agent touched them) becomes the starting point again, then converge.
+    /// agent touched them) becomes the starting point again, every Service
+    /// is recomputed, and the maps converge.
     fn resync(&mut self) -> Result<()> {
         self.mirror = self
             .maps
             .read()
             .context("re-reading the pinned maps for a full resync")?;
+        if let Some(error) = self.mirror.free_orphan_members(&mut self.maps) {
+            warn!(%error, "could not delete every orphaned member entry");
+        }
         if let (Some(maps), Some(external)) = (&mut self.interface_maps, &self.config.external) {
             // Node addresses can change (DHCP, a new LB address on the node).
             let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
             maps.set_node_ips(&addresses)?;
         }
-        self.sync()
+        self.sync(SyncScope::Everything)?;
+        self.retire_all_unreachable();
+        Ok(())
     }
 
-    /// kube-proxy's network programming latency: from each EndpointSlice's
-    /// last-change-trigger-time to now, once per new trigger time.
-    fn observe_programming_latency(&mut self, cluster: &ClusterState) {
+    /// kube-proxy's network programming latency: from each changed
+    /// EndpointSlice's last-change-trigger-time to now, once per new
+    /// trigger time.
+    fn observe_programming_latency(&mut self, slices: &BTreeSet<ObjectName>) {
         let now = SystemTime::now();
-        let mut seen = BTreeMap::new();
-        for (name, slice) in &cluster.endpoint_slices {
-            let Some(trigger) = slice
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
+        for name in slices {
+            let Some(trigger) = self
+                .model
+                .cluster()
+                .endpoint_slices
+                .get(name)
+                .and_then(|slice| slice.trigger_time.as_ref())
             else {
+                self.seen_triggers.remove(name);
                 continue;
             };
             if self.seen_triggers.get(name) != Some(trigger)
@@ -287,13 +404,22 @@ impl Agent {
                     .network_programming_duration_seconds
                     .observe(latency.as_secs_f64());
             }
-            seen.insert(name.clone(), trigger.clone());
+            self.seen_triggers.insert(name.clone(), trigger.clone());
         }
-        self.seen_triggers = seen;
     }
 
-    /// Starts the grace period of slots that just became unreachable.
-    fn retire_unreachable(&mut self) {
+    /// Starts the grace period of slots a sync just made unreachable.
+    fn retire(&mut self, unreachable: &[BackendKey]) {
+        let now = Instant::now();
+        for key in unreachable {
+            self.retired.entry(*key).or_insert(now);
+        }
+    }
+
+    /// Every unreachable slot gets a grace period (at start, slots a
+    /// previous agent retired but did not free; at a full resync, any the
+    /// incremental bookkeeping missed). A pass over all of BACKENDS.
+    fn retire_all_unreachable(&mut self) {
         let now = Instant::now();
         let unreachable = self.mirror.unreachable_backends();
         self.retired.retain(|key, _| unreachable.contains(key));
@@ -345,7 +471,7 @@ impl Agent {
         if let Some(error) = error {
             warn!(%error, deleted, "could not delete every retired backend slot; retrying after another grace period");
         }
-        let unreachable = self.mirror.unreachable_backends();
+        let unreachable = self.mirror.unreachable_of(self.retired.keys());
         self.retired.retain(|key, _| unreachable.contains(key));
         // What failed to delete waits a whole grace period again rather than
         // being retried in a tight loop.
@@ -437,11 +563,18 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let (changes_sender, mut changes) = mpsc::unbounded_channel();
     let queued = health.clone();
     let notifier = Changes::new(changes_sender, move || queued.queued(SystemTime::now()));
-    let source = Source::start(&config, notifier).await?;
+    let mut source = Source::start(&config, notifier).await?;
     let config_health_ip = config.health_check_bind_ip;
     let health_for_checks = health.clone();
+    let mut model = Model::new(&config.node_name);
+    // Everything the source sent up to its first complete lists.
+    while let Ok(change) = changes.try_recv() {
+        source.take(change, &mut model);
+    }
     let mut agent = Agent {
         source,
+        model,
+        failing: BTreeMap::new(),
         config,
         maps,
         mirror,
@@ -461,10 +594,13 @@ pub async fn run(config: RunConfig) -> Result<()> {
         warned_tunnel_source: None,
     };
     // Slots a previous agent retired but did not free get a fresh grace.
-    agent.retire_unreachable();
+    agent.retire_all_unreachable();
+    if let Some(error) = agent.mirror.free_orphan_members(&mut agent.maps) {
+        warn!(%error, "could not delete every orphaned member entry");
+    }
     // Converge before attaching, so the first connect() through the new
     // programs already sees every Service.
-    agent.sync()?;
+    agent.sync(SyncScope::Everything)?;
     // Flows an agent of another pin layout left: carried over before the
     // new programs attach, so they find them at once.
     for previous in &previous_layouts {
@@ -540,14 +676,17 @@ pub async fn run(config: RunConfig) -> Result<()> {
     loop {
         tokio::select! {
             change = changes.recv() => {
-                if change.is_none() {
+                let Some(change) = change else {
                     anyhow::bail!("the source stopped sending changes");
-                }
+                };
+                agent.source.take(change, &mut agent.model);
                 // Coalesce a burst of changes into one sync, as kube-proxy's
                 // BoundedFrequencyRunner does.
                 tokio::time::sleep(agent.config.min_sync_period).await;
-                while changes.try_recv().is_ok() {}
-                if let Err(error) = agent.sync() {
+                while let Ok(change) = changes.try_recv() {
+                    agent.source.take(change, &mut agent.model);
+                }
+                if let Err(error) = agent.sync(SyncScope::Changes) {
                     error!(error = format!("{error:#}"), "sync failed; the dataplane keeps its last state");
                 }
             }

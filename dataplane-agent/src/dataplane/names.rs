@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::model::DesiredDataplane;
+use crate::model::Model;
 
 /// Where the names live: bpffs takes no regular files, so under /run,
 /// named after the pin directory.
@@ -28,10 +28,9 @@ pub struct FrontendName {
 }
 
 /// Records the Service name of every frontend, atomically (write, rename).
-pub fn write_names(bpffs_dir: &Path, desired: &DesiredDataplane) -> Result<()> {
-    let names: BTreeMap<String, FrontendName> = desired
-        .frontends
-        .iter()
+pub fn write_names(bpffs_dir: &Path, model: &Model) -> Result<()> {
+    let names: BTreeMap<String, FrontendName> = model
+        .frontends()
         .map(|(frontend, entry)| {
             (
                 frontend.to_string(),

@@ -14,7 +14,7 @@ use dataplane_common::{
 };
 
 use super::{maps, pins::PinLayout};
-use crate::model::DesiredDataplane;
+use crate::model::{Frontend, FrontendEntry};
 
 /// A PORTS bitmap in memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,9 +45,11 @@ impl Bitmap {
 /// The ports the desired frontends need: every frontend's port (any
 /// scope: a ClusterIP can be reached from outside too) and every backend's
 /// port.
-pub fn of_desired(desired: &DesiredDataplane) -> Bitmap {
+pub fn of_frontends<'a>(
+    frontends: impl Iterator<Item = (&'a Frontend, &'a FrontendEntry)>,
+) -> Bitmap {
     let mut bitmap = Bitmap::default();
-    for (frontend, entry) in &desired.frontends {
+    for (frontend, entry) in frontends {
         let protocol = frontend.protocol.number();
         bitmap.set(PORT_KIND_FRONTEND, protocol, frontend.port);
         for backend in &entry.backends {
@@ -197,7 +199,7 @@ mod tests {
     use dataplane_common::{IPPROTO_TCP, IPPROTO_UDP};
 
     use super::*;
-    use crate::model::{Backend, Frontend, FrontendEntry, ObjectName, Protocol};
+    use crate::model::{Backend, DesiredDataplane, ObjectName, Protocol};
 
     #[test]
     fn frontends_mark_their_ports_and_their_backends_ports() {
@@ -213,7 +215,7 @@ mod tests {
                 drop_without_backends: false,
             },
         );
-        let bitmap = of_desired(&desired);
+        let bitmap = of_frontends(desired.frontends.iter());
         assert!(bitmap.contains(PORT_KIND_FRONTEND, IPPROTO_UDP, 53));
         assert!(bitmap.contains(PORT_KIND_BACKEND, IPPROTO_UDP, 5353));
         assert!(!bitmap.contains(PORT_KIND_FRONTEND, IPPROTO_TCP, 53));

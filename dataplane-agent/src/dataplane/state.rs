@@ -12,7 +12,34 @@ use dataplane_common::{
 };
 
 use super::codec::{backend_value, frontend_of, member_key, service_key};
-use crate::model::{DesiredDataplane, Frontend, FrontendEntry, SourceRange};
+use crate::model::{DesiredDataplane, Frontend, FrontendEntry, Model, SourceRange};
+
+/// What the maps should hold, frontend by frontend: the whole desired
+/// state of a test, or the agent's incremental [`Model`].
+pub trait DesiredFrontends {
+    fn entry(&self, frontend: &Frontend) -> Option<&FrontendEntry>;
+    fn each(&self) -> Box<dyn Iterator<Item = (&Frontend, &FrontendEntry)> + '_>;
+}
+
+impl DesiredFrontends for DesiredDataplane {
+    fn entry(&self, frontend: &Frontend) -> Option<&FrontendEntry> {
+        self.frontends.get(frontend)
+    }
+
+    fn each(&self) -> Box<dyn Iterator<Item = (&Frontend, &FrontendEntry)> + '_> {
+        Box::new(self.frontends.iter())
+    }
+}
+
+impl DesiredFrontends for Model {
+    fn entry(&self, frontend: &Frontend) -> Option<&FrontendEntry> {
+        Model::entry(self, frontend)
+    }
+
+    fn each(&self) -> Box<dyn Iterator<Item = (&Frontend, &FrontendEntry)> + '_> {
+        Box::new(self.frontends())
+    }
+}
 
 /// A mirror of SERVICES, BACKENDS and MEMBERS. The agent is their only
 /// writer, so after reading them once at start it keeps this copy exact by
@@ -107,8 +134,13 @@ impl FrontendError {
 #[derive(Debug, Default)]
 pub struct ApplyReport {
     pub updated: usize,
+    /// Frontends that did not exist before.
+    pub added: usize,
     pub removed: usize,
     pub failed: Vec<(Frontend, FrontendError)>,
+    /// Backend slots no SERVICES entry reaches any more (an old
+    /// generation, a removed frontend's): freed after a grace period.
+    pub unreachable: Vec<BackendKey>,
 }
 
 impl PinnedState {
@@ -155,13 +187,20 @@ impl PinnedState {
     /// that still own backend slots (a deleted frontend's slots wait for the
     /// release; a new frontend must never start on top of them).
     fn ids_in_use(&self) -> BTreeSet<u32> {
-        self.services
-            .values()
-            .map(|v| v.service_id)
-            .chain(self.backends.keys().map(|k| k.service_id))
-            .chain(self.members.keys().map(|k| k.service_id))
-            .chain(self.source_ranges.iter().map(|(id, _)| *id))
-            .collect()
+        let mut ids: Vec<u32> = self.services.values().map(|v| v.service_id).collect();
+        ids.extend(distinct_ids(&self.backends, |k| k.service_id, first_slot));
+        ids.extend(distinct_ids(
+            &self.members,
+            |k| k.service_id,
+            |id| MemberKey {
+                service_id: id,
+                generation: 0,
+                port_be: 0,
+                ip_be: 0,
+            },
+        ));
+        ids.extend(self.source_ranges.iter().map(|(id, _)| *id));
+        ids.into_iter().collect()
     }
 
     /// Makes the maps hold `desired`, frontend by frontend:
@@ -177,27 +216,116 @@ impl PinnedState {
     /// old entry an instant before the flip still finds its backend.
     pub fn apply<S: MapStore>(
         &mut self,
-        desired: &DesiredDataplane,
+        desired: &impl DesiredFrontends,
         store: &mut S,
         limits: &Limits,
     ) -> ApplyReport {
         let mut report = ApplyReport::default();
-        self.remove_unwanted(desired, store, &mut report);
-        let mut ids = IdAllocator {
-            in_use: self.ids_in_use(),
-            next: 1,
-            max: limits.max_services,
-        };
+        let unwanted: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|key| frontend_of(key).is_none_or(|f| desired.entry(&f).is_none()))
+            .copied()
+            .collect();
+        self.remove(&unwanted, store, &mut report);
+        let mut ids = IdAllocator::new(limits.max_services);
         let mut live_backends = self.live_backend_count();
-        for (frontend, entry) in &desired.frontends {
-            match self.apply_frontend(frontend, entry, store, limits, &mut ids, &mut live_backends)
-            {
-                Ok(true) => report.updated += 1,
-                Ok(false) => {}
-                Err(error) => report.failed.push((*frontend, error)),
+        for (frontend, entry) in desired.each() {
+            self.apply_one(
+                frontend,
+                entry,
+                store,
+                limits,
+                &mut ids,
+                &mut live_backends,
+                &mut report,
+            );
+        }
+        report
+    }
+
+    /// Like [`PinnedState::apply`], for the `changed` frontends only: what
+    /// a sync after a few changes costs does not grow with the cluster.
+    pub fn apply_changed<S: MapStore>(
+        &mut self,
+        desired: &impl DesiredFrontends,
+        changed: &BTreeSet<Frontend>,
+        store: &mut S,
+        limits: &Limits,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let unwanted: Vec<ServiceKey> = changed
+            .iter()
+            .filter(|f| desired.entry(f).is_none())
+            .map(service_key)
+            .filter(|key| self.services.contains_key(key))
+            .collect();
+        self.remove(&unwanted, store, &mut report);
+        let mut ids = IdAllocator::new(limits.max_services);
+        let mut live_backends = self.live_backend_count();
+        for frontend in changed {
+            if let Some(entry) = desired.entry(frontend) {
+                self.apply_one(
+                    frontend,
+                    entry,
+                    store,
+                    limits,
+                    &mut ids,
+                    &mut live_backends,
+                    &mut report,
+                );
             }
         }
         report
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply_one<S: MapStore>(
+        &mut self,
+        frontend: &Frontend,
+        entry: &FrontendEntry,
+        store: &mut S,
+        limits: &Limits,
+        ids: &mut IdAllocator,
+        live_backends: &mut usize,
+        report: &mut ApplyReport,
+    ) {
+        let key = service_key(frontend);
+        let before = self.services.get(&key).copied();
+        match self.apply_frontend(frontend, entry, store, limits, ids, live_backends) {
+            Ok(true) => {
+                report.updated += 1;
+                match before {
+                    None => report.added += 1,
+                    Some(before) => {
+                        if self.services.get(&key).map(|v| v.generation) != Some(before.generation)
+                        {
+                            report.unreachable.extend(slots_of(&before));
+                        }
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(error) => {
+                // A half-written new generation is reachable from nothing.
+                if let Some(id) = before.map(|b| b.service_id).or(ids.last) {
+                    let live = self.services.get(&key);
+                    report.unreachable.extend(
+                        self.backends
+                            .range(first_slot(id)..first_slot(id.saturating_add(1)))
+                            .map(|(slot, _)| *slot)
+                            .filter(|slot| {
+                                slot.service_id == id
+                                    && live.is_none_or(|v| {
+                                        v.generation != slot.generation
+                                            || slot.index >= v.backend_count
+                                    })
+                            }),
+                    );
+                }
+                report.failed.push((*frontend, error));
+            }
+        }
     }
 
     /// Backends the Service entries currently balance over, in total.
@@ -208,32 +336,27 @@ impl PinnedState {
             .sum()
     }
 
-    fn remove_unwanted<S: MapStore>(
+    fn remove<S: MapStore>(
         &mut self,
-        desired: &DesiredDataplane,
+        unwanted: &[ServiceKey],
         store: &mut S,
         report: &mut ApplyReport,
     ) {
-        let wanted: BTreeSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
-        let unwanted: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
         for key in unwanted {
-            match store.delete_service(&key) {
+            match store.delete_service(key) {
                 Ok(()) => {
-                    if let Some(removed) = self.services.remove(&key)
-                        && let Err(error) = self.set_source_ranges(store, removed.service_id, &[])
-                        && let Some(frontend) = frontend_of(&key)
-                    {
-                        report.failed.push((frontend, error));
+                    if let Some(removed) = self.services.remove(key) {
+                        report.unreachable.extend(slots_of(&removed));
+                        if let Err(error) = self.set_source_ranges(store, removed.service_id, &[])
+                            && let Some(frontend) = frontend_of(key)
+                        {
+                            report.failed.push((frontend, error));
+                        }
                     }
                     report.removed += 1;
                 }
                 Err(error) => {
-                    if let Some(frontend) = frontend_of(&key) {
+                    if let Some(frontend) = frontend_of(key) {
                         report
                             .failed
                             .push((frontend, FrontendError::Map(error.to_string())));
@@ -295,7 +418,8 @@ impl PinnedState {
         let (service_id, generation) = match current {
             Some(current) => (current.service_id, current.generation.wrapping_add(1)),
             None => (
-                ids.allocate().ok_or(FrontendError::NoServiceId(ids.max))?,
+                ids.allocate(self)
+                    .ok_or(FrontendError::NoServiceId(ids.max))?,
                 0,
             ),
         };
@@ -373,19 +497,39 @@ impl PinnedState {
         Ok(())
     }
 
+    /// Which of `keys` no SERVICES entry reaches: costs one pass over
+    /// SERVICES, not over BACKENDS.
+    pub fn unreachable_of<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a BackendKey>,
+    ) -> BTreeSet<BackendKey> {
+        let live: std::collections::HashMap<u32, (u16, u16)> = self
+            .services
+            .values()
+            .map(|v| (v.service_id, (v.generation, v.backend_count)))
+            .collect();
+        keys.into_iter()
+            .filter(|key| {
+                live.get(&key.service_id).is_none_or(|(generation, count)| {
+                    *generation != key.generation || key.index >= *count
+                })
+            })
+            .copied()
+            .collect()
+    }
+
     /// Deletes backend slots in `retired` that are still unreachable, each
-    /// with its MEMBERS entry (first, so a member never outlives its slot),
-    /// and any member whose generation is no longer live. Returns how many
-    /// slots were deleted and the first error, if any.
+    /// with its MEMBERS entry (first, so a member never outlives its slot).
+    /// Returns how many slots were deleted and the first error, if any.
     pub fn free_retired<S: MapStore>(
         &mut self,
         retired: &BTreeSet<BackendKey>,
         store: &mut S,
     ) -> (usize, Option<S::Error>) {
-        let unreachable = self.unreachable_backends();
+        let unreachable = self.unreachable_of(retired);
         let mut deleted = 0;
         let mut first_error = None;
-        for key in retired.intersection(&unreachable) {
+        for key in &unreachable {
             let member = self.backends.get(key).map(|value| member_key(key, value));
             if let Some(member) = member {
                 match store.delete_member(&member) {
@@ -408,6 +552,14 @@ impl PinnedState {
                 }
             }
         }
+        (deleted, first_error)
+    }
+
+    /// Deletes members whose generation is no longer live (left by an
+    /// agent that died while freeing retired slots). A pass over all of
+    /// MEMBERS: done at start and at full resyncs only.
+    pub fn free_orphan_members<S: MapStore>(&mut self, store: &mut S) -> Option<S::Error> {
+        let mut first_error = None;
         for member in self.orphan_members() {
             match store.delete_member(&member) {
                 Ok(()) => {
@@ -418,7 +570,7 @@ impl PinnedState {
                 }
             }
         }
-        (deleted, first_error)
+        first_error
     }
 
     /// Members without a slot (left by an agent that died while freeing retired slots).
@@ -440,19 +592,70 @@ impl PinnedState {
     }
 }
 
+fn first_slot(service_id: u32) -> BackendKey {
+    BackendKey {
+        service_id,
+        generation: 0,
+        index: 0,
+    }
+}
+
+/// The slots a SERVICES entry points at.
+fn slots_of(value: &ServiceValue) -> impl Iterator<Item = BackendKey> + '_ {
+    (0..value.backend_count).map(|index| BackendKey {
+        service_id: value.service_id,
+        generation: value.generation,
+        index,
+    })
+}
+
+/// The distinct ids of a map ordered by id first, found by jumping from
+/// one id to the next rather than visiting every entry.
+fn distinct_ids<K: Ord + Copy, V>(
+    map: &BTreeMap<K, V>,
+    id_of: impl Fn(&K) -> u32,
+    first_key_of: impl Fn(u32) -> K,
+) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let mut next = map.keys().next().copied();
+    while let Some(key) = next {
+        let id = id_of(&key);
+        ids.push(id);
+        next = id
+            .checked_add(1)
+            .and_then(|after| map.range(first_key_of(after)..).next().map(|(k, _)| *k));
+    }
+    ids
+}
+
 /// Hands out the lowest free Service ids during one apply, scanning forward
 /// only, so programming N new frontends costs O(N + max) rather than O(N²).
+/// The ids in use are gathered on the first allocation only: a sync that
+/// creates no frontend never pays for it.
 struct IdAllocator {
-    in_use: BTreeSet<u32>,
+    in_use: Option<BTreeSet<u32>>,
     next: u32,
     max: u32,
+    /// The id handed out last.
+    last: Option<u32>,
 }
 
 impl IdAllocator {
-    fn allocate(&mut self) -> Option<u32> {
-        let id = (self.next..=self.max).find(|id| !self.in_use.contains(id))?;
-        self.in_use.insert(id);
+    fn new(max: u32) -> Self {
+        Self {
+            in_use: None,
+            next: 1,
+            max,
+            last: None,
+        }
+    }
+
+    fn allocate(&mut self, state: &PinnedState) -> Option<u32> {
+        let in_use = self.in_use.get_or_insert_with(|| state.ids_in_use());
+        let id = (self.next..=self.max).find(|id| !in_use.contains(id))?;
+        in_use.insert(id);
         self.next = id + 1;
+        self.last = Some(id);
         Some(id)
     }
 }

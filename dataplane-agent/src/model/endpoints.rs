@@ -6,25 +6,24 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-
 use super::{
     Backend, NodeInfo,
-    service::{Protocol, ServicePort, ServiceSpec},
+    input::{EndpointRecord, SliceRecord},
+    service::{ServicePort, ServiceSpec},
 };
 
 /// An endpoint address with the port that serves one Service port.
 #[derive(Debug)]
 struct Candidate<'a> {
     backend: Backend,
-    endpoint: &'a Endpoint,
+    endpoint: &'a EndpointRecord,
 }
 
 /// This node, and the addresses of the cluster's nodes (to reach backends
 /// on other nodes).
 pub(super) struct Nodes<'a> {
     pub this: &'a NodeInfo,
-    pub addresses: BTreeMap<&'a str, Ipv4Addr>,
+    pub addresses: &'a BTreeMap<String, Ipv4Addr>,
 }
 
 /// The backends of one Service port, for each kind of traffic.
@@ -43,7 +42,7 @@ pub(super) struct Views {
 pub(super) fn views_for_port(
     port: &ServicePort,
     spec: &ServiceSpec,
-    slices: &[&EndpointSlice],
+    slices: &[&SliceRecord],
     nodes: &Nodes,
 ) -> Views {
     let cluster = backends_for_port(port, slices, nodes, false);
@@ -71,7 +70,7 @@ pub(super) fn views_for_port(
 /// endpoints to this node's zone (or this node), see [`topology_filter`].
 fn backends_for_port(
     port: &ServicePort,
-    slices: &[&EndpointSlice],
+    slices: &[&SliceRecord],
     nodes: &Nodes,
     local_only: bool,
 ) -> Vec<Backend> {
@@ -81,7 +80,7 @@ fn backends_for_port(
         .filter_map(|slice| Some((slice, endpoint_port_for(slice, port)?)))
         .flat_map(|(slice, target_port)| {
             slice.endpoints.iter().filter_map(move |endpoint| {
-                let ip = endpoint.addresses.first()?.parse::<Ipv4Addr>().ok()?;
+                let ip = endpoint.ip?;
                 let endpoint_node = endpoint.node_name.as_deref();
                 let remote_node = endpoint_node
                     .filter(|name| *name != node.name)
@@ -131,35 +130,25 @@ enum TopologyFilter<'a> {
 
 impl TopologyFilter<'_> {
     /// Whether the endpoint carries hints of this filter's kind at all.
-    fn is_hinted(&self, endpoint: &Endpoint) -> bool {
-        let hints = endpoint.hints.as_ref();
+    fn is_hinted(&self, endpoint: &EndpointRecord) -> bool {
         match self {
             Self::None => true,
-            Self::Zone(_) => hints
-                .and_then(|h| h.for_zones.as_ref())
-                .is_some_and(|zones| !zones.is_empty()),
-            Self::Node(_) => hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .is_some_and(|nodes| !nodes.is_empty()),
+            Self::Zone(_) => !endpoint.zone_hints.is_empty(),
+            Self::Node(_) => !endpoint.node_hints.is_empty(),
         }
     }
 
     /// kube-proxy's rule for using hints: every ready endpoint has them
     /// and at least one names this node (or zone).
-    fn applies_to(&self, ready: &[&Endpoint]) -> bool {
+    fn applies_to(&self, ready: &[&EndpointRecord]) -> bool {
         ready.iter().all(|e| self.is_hinted(e)) && ready.iter().any(|e| self.admits(e))
     }
 
-    fn admits(&self, endpoint: &Endpoint) -> bool {
-        let hints = endpoint.hints.as_ref();
+    fn admits(&self, endpoint: &EndpointRecord) -> bool {
         match self {
             Self::None => true,
-            Self::Zone(zone) => hints
-                .and_then(|h| h.for_zones.as_ref())
-                .is_some_and(|zones| zones.iter().any(|z| z.name == *zone)),
-            Self::Node(node) => hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .is_some_and(|nodes| nodes.iter().any(|n| n.name == *node)),
+            Self::Zone(zone) => endpoint.zone_hints.iter().any(|z| z == zone),
+            Self::Node(node) => endpoint.node_hints.iter().any(|n| n == node),
         }
     }
 }
@@ -172,7 +161,7 @@ impl TopologyFilter<'_> {
 /// EndpointSlice controller writes the hints; the Service's
 /// trafficDistribution itself is not consulted here, as in kube-proxy.
 fn topology_filter<'a>(candidates: &[Candidate], node: &'a NodeInfo) -> TopologyFilter<'a> {
-    let ready: Vec<&Endpoint> = candidates
+    let ready: Vec<&EndpointRecord> = candidates
         .iter()
         .filter(|c| is_ready(c.endpoint))
         .map(|c| c.endpoint)
@@ -193,38 +182,21 @@ fn topology_filter<'a>(candidates: &[Candidate], node: &'a NodeInfo) -> Topology
 /// The port number an EndpointSlice gives for a Service port: the slice port
 /// with the same name and protocol. This is how a named `targetPort` is
 /// resolved: the EndpointSlice controller already did it per pod.
-fn endpoint_port_for(slice: &EndpointSlice, port: &ServicePort) -> Option<u16> {
-    slice.ports.as_deref()?.iter().find_map(|slice_port| {
-        let same_name = slice_port.name.as_deref().unwrap_or("") == port.name;
-        let same_protocol =
-            Protocol::parse(slice_port.protocol.as_deref()).ok() == Some(port.protocol);
-        let number = u16::try_from(slice_port.port?).ok().filter(|p| *p != 0)?;
-        (same_name && same_protocol).then_some(number)
+fn endpoint_port_for(slice: &SliceRecord, port: &ServicePort) -> Option<u16> {
+    slice.ports.iter().find_map(|slice_port| {
+        let same = slice_port.name == port.name && slice_port.protocol == Some(port.protocol);
+        slice_port.port.filter(|_| same)
     })
 }
 
-// The API documents a nil condition as "unknown" and consumers treat nil
-// ready and serving as true, nil terminating as false.
-fn is_ready(endpoint: &Endpoint) -> bool {
-    endpoint
-        .conditions
-        .as_ref()
-        .and_then(|c| c.ready)
-        .unwrap_or(true)
+fn is_ready(endpoint: &EndpointRecord) -> bool {
+    endpoint.ready
 }
 
-fn is_serving(endpoint: &Endpoint) -> bool {
-    let conditions = endpoint.conditions.as_ref();
-    conditions
-        .and_then(|c| c.serving)
-        .or_else(|| conditions.and_then(|c| c.ready))
-        .unwrap_or(true)
+fn is_serving(endpoint: &EndpointRecord) -> bool {
+    endpoint.serving
 }
 
-fn is_terminating(endpoint: &Endpoint) -> bool {
-    endpoint
-        .conditions
-        .as_ref()
-        .and_then(|c| c.terminating)
-        .unwrap_or(false)
+fn is_terminating(endpoint: &EndpointRecord) -> bool {
+    endpoint.terminating
 }

@@ -3,7 +3,7 @@
 //! healthCheckNodePort and loadBalancerSourceRanges semantics.
 
 use k8s_openapi::api::core::v1::{
-    LoadBalancerIngress, LoadBalancerStatus, NodeAddress, NodeStatus, Service, ServiceStatus,
+    LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus, Service, ServiceStatus,
 };
 
 use super::{fixtures::*, *};
@@ -54,12 +54,8 @@ fn cluster_with(service: Service) -> ClusterState {
             ],
         )],
     );
-    state
-        .nodes
-        .insert(THIS.into(), node_with_ip(THIS, Some("192.0.2.11")));
-    state
-        .nodes
-        .insert(OTHER.into(), node_with_ip(OTHER, Some(OTHER_IP)));
+    state.insert_node(&node_with_ip(THIS, Some("192.0.2.11")));
+    state.insert_node(&node_with_ip(OTHER, Some(OTHER_IP)));
     state
 }
 
@@ -231,9 +227,7 @@ fn without_a_local_endpoint_external_traffic_is_dropped_and_the_health_check_fai
         name: "node-c".into(),
         ..this_node()
     };
-    state
-        .nodes
-        .insert("node-c".into(), node_with_ip("node-c", Some("192.0.2.13")));
+    state.insert_node(&node_with_ip("node-c", Some("192.0.2.13")));
     let both_remote = "[10.0.0.1:8080 via 192.0.2.11, 10.0.1.1:8080 via 192.0.2.12]";
     let desired = desired(&state, &elsewhere);
     assert_eq!(
@@ -309,9 +303,7 @@ fn bad_external_fields_skip_only_their_service() {
     good.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = Some(30099);
     let mut state = cluster_with(bad_range);
     for service in [bad_ip, good] {
-        state
-            .services
-            .insert(ObjectName::of(&service.metadata), service);
+        state.insert_service(&service);
     }
     let desired = desired(&state, &this_node());
     let reasons: Vec<String> = desired.skipped.iter().map(ToString::to_string).collect();
@@ -328,9 +320,7 @@ fn two_services_on_one_node_port_keep_the_first() {
     });
     other.metadata = meta("other", &[]);
     let mut state = cluster_with(web("NodePort", |_| {}));
-    state
-        .services
-        .insert(ObjectName::of(&other.metadata), other);
+    state.insert_service(&other);
     let desired = desired(&state, &this_node());
     let node_port = desired
         .frontends

@@ -10,7 +10,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
-use super::{ClusterState, ObjectName};
+use super::ClusterState;
 
 pub(crate) fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
     ObjectMeta {
@@ -182,15 +182,12 @@ pub(crate) fn slice(
 }
 
 pub(crate) fn cluster(services: Vec<Service>, slices: Vec<EndpointSlice>) -> ClusterState {
-    ClusterState {
-        services: services
-            .into_iter()
-            .map(|s| (ObjectName::of(&s.metadata), s))
-            .collect(),
-        endpoint_slices: slices
-            .into_iter()
-            .map(|s| (ObjectName::of(&s.metadata), s))
-            .collect(),
-        nodes: BTreeMap::new(),
+    let mut cluster = ClusterState::default();
+    for service in &services {
+        cluster.insert_service(service);
     }
+    for slice in &slices {
+        cluster.insert_slice(slice);
+    }
+    cluster
 }

@@ -5,6 +5,8 @@
 //! tables, so the dataplane only has to copy the result into maps.
 
 mod endpoints;
+mod incremental;
+mod input;
 mod service;
 
 use std::{
@@ -13,8 +15,8 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
-
+pub use incremental::{Model, Recomputed, SyncedService, Update};
+pub use input::{ClusterState, NodeRecord, ServiceRecord, SliceRecord};
 pub use service::Protocol;
 
 /// `namespace/name` of a Kubernetes object.
@@ -48,14 +50,6 @@ impl fmt::Display for ObjectName {
     }
 }
 
-/// Everything the sources know about the cluster, as Kubernetes objects.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterState {
-    pub services: BTreeMap<ObjectName, Service>,
-    pub endpoint_slices: BTreeMap<ObjectName, EndpointSlice>,
-    pub nodes: BTreeMap<String, Node>,
-}
-
 /// Facts about the node this agent programs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -69,34 +63,16 @@ pub struct NodeInfo {
     pub internal_ip: Option<Ipv4Addr>,
 }
 
-/// The taint the cluster autoscaler puts on a node it is about to remove.
-const AUTOSCALER_DELETION_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
-
-/// The well-known label kube-proxy reads the node's zone from.
-const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-
 impl NodeInfo {
     /// This node as the cluster state describes it (its zone from its Node
     /// object, if there is one).
     pub fn from_cluster(cluster: &ClusterState, name: &str) -> Self {
-        let node = cluster.nodes.get(name);
-        let zone = node
-            .and_then(|node| node.metadata.labels.as_ref())
-            .and_then(|labels| labels.get(ZONE_LABEL))
-            .cloned();
-        let being_deleted = node.is_some_and(|node| {
-            node.metadata.deletion_timestamp.is_some()
-                || node
-                    .spec
-                    .as_ref()
-                    .and_then(|spec| spec.taints.as_ref())
-                    .is_some_and(|taints| taints.iter().any(|t| t.key == AUTOSCALER_DELETION_TAINT))
-        });
+        let node = cluster.nodes.get(name).cloned().unwrap_or_default();
         Self {
             name: name.to_owned(),
-            zone,
-            being_deleted,
-            internal_ip: node.and_then(internal_ip),
+            zone: node.zone,
+            being_deleted: node.being_deleted,
+            internal_ip: node.internal_ip,
         }
     }
 }
@@ -283,87 +259,171 @@ pub struct DesiredDataplane {
     pub skipped: Vec<Skipped>,
 }
 
-/// The label kube-proxy uses to find the Service an EndpointSlice belongs to.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// What one Service (with its EndpointSlices) asks of this node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ServiceOutput {
+    /// In the order they were derived; a frontend appears once.
+    frontends: Vec<(Frontend, FrontendEntry)>,
+    health_check: Option<(u16, HealthCheck)>,
+    /// What is wrong with the Service or with its slices' link to it.
+    skipped: Vec<Skipped>,
+}
 
-/// Computes this node's desired dataplane from the cluster state.
+impl ServiceOutput {
+    fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.health_check.is_none() && self.skipped.is_empty()
+    }
+
+    fn entry(&self, frontend: &Frontend) -> Option<&FrontendEntry> {
+        self.frontends
+            .iter()
+            .find(|(f, _)| f == frontend)
+            .map(|(_, entry)| entry)
+    }
+}
+
+/// The problems of an EndpointSlice that do not depend on its Service.
+fn slice_problems(name: &ObjectName, slice: &SliceRecord) -> Vec<Skipped> {
+    let skip = |reason: &String| Skipped {
+        kind: "EndpointSlice",
+        object: name.clone(),
+        reason: reason.clone(),
+    };
+    match &slice.owner {
+        input::SliceOwner::Invalid(reason) => vec![skip(reason)],
+        input::SliceOwner::Service(_) => slice.problems.iter().map(skip).collect(),
+        input::SliceOwner::Ignored => Vec::new(),
+    }
+}
+
+/// Computes this node's desired dataplane from the cluster state, all at
+/// once: what [`Model`] keeps up to date change by change.
 pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
     let mut out = DesiredDataplane::default();
-    let slices_by_service = group_slices(cluster, &mut out.skipped);
+    let mut slices_by_service: BTreeMap<&ObjectName, Vec<(&ObjectName, &SliceRecord)>> =
+        BTreeMap::new();
+    for (name, slice) in &cluster.endpoint_slices {
+        out.skipped.extend(slice_problems(name, slice));
+        match slice.service() {
+            Some(service) if cluster.services.contains_key(service) => slices_by_service
+                .entry(service)
+                .or_default()
+                .push((name, slice)),
+            Some(service) => out.skipped.push(unknown_service(name, service)),
+            None => {}
+        }
+    }
+    let addresses = node_addresses(cluster);
     let nodes = endpoints::Nodes {
         this: node,
-        addresses: node_addresses(cluster),
+        addresses: &addresses,
     };
-    out.node_addresses = nodes.addresses.values().copied().collect();
-
+    out.node_addresses = addresses.values().copied().collect();
     for (name, service) in &cluster.services {
-        let spec = match service::classify(name, service) {
-            Ok(service::Classified::Proxied(spec)) => spec,
-            Ok(service::Classified::Ignored) => continue,
-            Err(reason) => {
-                out.skipped.push(Skipped {
-                    kind: "Service",
-                    object: name.clone(),
-                    reason,
-                });
-                continue;
-            }
-        };
         let slices = slices_by_service
             .get(name)
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        let mut local_endpoint_ips = BTreeSet::new();
-        for port in &spec.ports {
-            if port.protocol == Protocol::Sctp {
-                out.skipped.push(Skipped {
-                    kind: "Service",
-                    object: name.clone(),
-                    reason: format!(
-                        "port {}/SCTP is not load-balanced yet (its other ports are)",
-                        port.port
-                    ),
-                });
+        let output = service_output(name, Some(service), slices, &nodes);
+        out.skipped.extend(output.skipped);
+        for (frontend, entry) in output.frontends {
+            insert_frontend(&mut out, name, frontend, entry);
+        }
+        if let Some((port, check)) = output.health_check {
+            out.health_checks.insert(port, check);
+        }
+    }
+    out
+}
+
+fn unknown_service(slice: &ObjectName, service: &ObjectName) -> Skipped {
+    Skipped {
+        kind: "EndpointSlice",
+        object: slice.clone(),
+        reason: format!("its Service {service} is unknown"),
+    }
+}
+
+/// What one Service asks of this node. `service` is None when only its
+/// slices are known (they are reported then).
+fn service_output(
+    name: &ObjectName,
+    service: Option<&ServiceRecord>,
+    slices: &[(&ObjectName, &SliceRecord)],
+    nodes: &endpoints::Nodes,
+) -> ServiceOutput {
+    let mut out = ServiceOutput::default();
+    let Some(service) = service else {
+        for (slice_name, _) in slices {
+            out.skipped.push(unknown_service(slice_name, name));
+        }
+        return out;
+    };
+    let spec = match &service.0 {
+        Ok(service::Classified::Proxied(spec)) => spec,
+        Ok(service::Classified::Ignored) => return out,
+        Err(reason) => {
+            out.skipped.push(Skipped {
+                kind: "Service",
+                object: name.clone(),
+                reason: reason.clone(),
+            });
+            return out;
+        }
+    };
+    let slices: Vec<&SliceRecord> = slices.iter().map(|(_, slice)| *slice).collect();
+    let mut local_endpoint_ips = BTreeSet::new();
+    for port in &spec.ports {
+        if port.protocol == Protocol::Sctp {
+            out.skipped.push(Skipped {
+                kind: "Service",
+                object: name.clone(),
+                reason: format!(
+                    "port {}/SCTP is not load-balanced yet (its other ports are)",
+                    port.port
+                ),
+            });
+            continue;
+        }
+        let views = endpoints::views_for_port(port, spec, &slices, nodes);
+        local_endpoint_ips.extend(views.external.iter().map(|b| b.ip));
+        for (frontend, backends, view_of) in frontends_of_port(spec, port, &views) {
+            if out.frontends.iter().any(|(f, _)| *f == frontend) {
                 continue;
             }
-            let views = endpoints::views_for_port(port, &spec, slices, &nodes);
-            local_endpoint_ips.extend(views.external.iter().map(|b| b.ip));
-            for (frontend, backends, view_of) in frontends_of_port(&spec, port, &views) {
-                let entry = FrontendEntry {
-                    service: name.clone(),
-                    port_name: port.name.clone(),
-                    backends: backends.to_vec(),
-                    affinity_timeout_s: spec.affinity_timeout_s,
-                    // Socket LB does not check them: in-cluster clients of
-                    // a load-balancer IP are not filtered, as the ranges are
-                    // about the load balancer's clients.
-                    source_ranges: if view_of == View::LoadBalancer
-                        && frontend.scope == Scope::External
-                    {
-                        spec.source_ranges.clone()
-                    } else {
-                        Vec::new()
-                    },
-                    drop_without_backends: frontend.scope != Scope::Cluster
-                        && frontend.scope != Scope::NodePortLocal
-                        && spec.external_traffic_local
-                        && views.external.is_empty()
-                        && !views.cluster.is_empty(),
-                };
-                insert_frontend(&mut out, name, frontend, entry);
-            }
-        }
-        if spec.external_traffic_local
-            && let Some(port) = spec.health_check_node_port
-        {
-            out.health_checks.insert(
-                port,
-                HealthCheck {
-                    service: name.clone(),
-                    local_endpoints: local_endpoint_ips.len(),
+            let entry = FrontendEntry {
+                service: name.clone(),
+                port_name: port.name.clone(),
+                backends: backends.to_vec(),
+                affinity_timeout_s: spec.affinity_timeout_s,
+                // Socket LB does not check them: in-cluster clients of
+                // a load-balancer IP are not filtered, as the ranges are
+                // about the load balancer's clients.
+                source_ranges: if view_of == View::LoadBalancer && frontend.scope == Scope::External
+                {
+                    spec.source_ranges.clone()
+                } else {
+                    Vec::new()
                 },
-            );
+                drop_without_backends: frontend.scope != Scope::Cluster
+                    && frontend.scope != Scope::NodePortLocal
+                    && spec.external_traffic_local
+                    && views.external.is_empty()
+                    && !views.cluster.is_empty(),
+            };
+            out.frontends.push((frontend, entry));
         }
+    }
+    if spec.external_traffic_local
+        && let Some(port) = spec.health_check_node_port
+    {
+        out.health_check = Some((
+            port,
+            HealthCheck {
+                service: name.clone(),
+                local_endpoints: local_endpoint_ips.len(),
+            },
+        ));
     }
     out
 }
@@ -456,78 +516,12 @@ fn insert_frontend(
 }
 
 /// The InternalIP (IPv4) of every Node that has one.
-fn node_addresses(cluster: &ClusterState) -> BTreeMap<&str, Ipv4Addr> {
+fn node_addresses(cluster: &ClusterState) -> BTreeMap<String, Ipv4Addr> {
     cluster
         .nodes
         .iter()
-        .filter_map(|(name, node)| Some((name.as_str(), internal_ip(node)?)))
+        .filter_map(|(name, node)| Some((name.clone(), node.internal_ip?)))
         .collect()
-}
-
-/// A Node's first IPv4 InternalIP.
-fn internal_ip(node: &Node) -> Option<Ipv4Addr> {
-    node.status
-        .as_ref()?
-        .addresses
-        .as_ref()?
-        .iter()
-        .filter(|a| a.type_ == "InternalIP")
-        .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
-}
-
-/// EndpointSlices grouped by the Service they belong to. Slices that cannot
-/// belong to any proxied Service are reported, except those kube-proxy
-/// ignores silently.
-fn group_slices<'a>(
-    cluster: &'a ClusterState,
-    skipped: &mut Vec<Skipped>,
-) -> BTreeMap<ObjectName, Vec<&'a EndpointSlice>> {
-    let mut by_service: BTreeMap<ObjectName, Vec<&EndpointSlice>> = BTreeMap::new();
-    let mut skip = |object: &ObjectName, reason: String| {
-        skipped.push(Skipped {
-            kind: "EndpointSlice",
-            object: object.clone(),
-            reason,
-        })
-    };
-    for (name, slice) in &cluster.endpoint_slices {
-        let labels = slice.metadata.labels.as_ref();
-        if labels.is_some_and(|l| {
-            l.contains_key(service::HEADLESS_LABEL)
-                || l.contains_key(service::SERVICE_PROXY_NAME_LABEL)
-        }) {
-            continue;
-        }
-        let Some(service_name) = labels.and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
-            skip(name, format!("has no {SERVICE_NAME_LABEL} label"));
-            continue;
-        };
-        let owner = ObjectName::new(name.namespace.clone(), service_name.clone());
-        if !cluster.services.contains_key(&owner) {
-            skip(name, format!("its Service {owner} is unknown"));
-            continue;
-        }
-        match slice.address_type.as_str() {
-            "IPv4" => {
-                for endpoint in &slice.endpoints {
-                    match endpoint.addresses.first() {
-                        Some(address) if address.parse::<Ipv4Addr>().is_ok() => {}
-                        Some(address) => skip(
-                            name,
-                            format!("endpoint address {address:?} is not an IPv4 address"),
-                        ),
-                        None => skip(name, "an endpoint has no address".into()),
-                    }
-                }
-                by_service.entry(owner).or_default().push(slice)
-            }
-            // Dual-stack clusters carry an IPv6 slice beside every IPv4 one;
-            // that is normal, not an error, until the IPv6 datapath exists.
-            "IPv6" => {}
-            other => skip(name, format!("addressType {other:?} is not supported")),
-        }
-    }
-    by_service
 }
 
 /// A distinct set of the Services the desired state programs, for logs.

@@ -93,7 +93,7 @@ pub(super) struct ServiceSpec {
 const DEFAULT_AFFINITY_TIMEOUT_S: i32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Classified {
     Proxied(ServiceSpec),
     /// Not ours to proxy (headless, ExternalName, another proxy's); not an

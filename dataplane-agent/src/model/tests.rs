@@ -1,6 +1,8 @@
 //! kube-proxy's Service semantics as a table: each row is a cluster, the
 //! node it is seen from, and the frontends and backends that must result.
 
+use k8s_openapi::api::core::v1::Service;
+
 use super::{fixtures::*, *};
 
 const NODE: &str = "node-a";
@@ -16,7 +18,7 @@ fn node() -> NodeInfo {
 
 /// The cluster with this node's Node object in zone `zone`.
 fn in_zone(mut cluster: ClusterState, zone: Option<&str>) -> ClusterState {
-    cluster.nodes.insert(NODE.into(), node_object(NODE, zone));
+    cluster.insert_node(&node_object(NODE, zone));
     cluster
 }
 
@@ -163,17 +165,23 @@ fn topology_cases() -> Vec<Case> {
         Case {
             name: "internalTrafficPolicy Local ignores topology",
             cluster: {
-                let mut c = zoned(
+                let mut web = service("web", "10.96.0.10", WEB);
+                web.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+                in_zone(
+                    cluster(
+                        vec![web],
+                        vec![slice(
+                            "web-1",
+                            "web",
+                            WEB_EP,
+                            &[
+                                hinted(ready("10.0.0.1"), &["zone-b"]),
+                                on_node(hinted(ready("10.0.0.2"), &["zone-a"]), "node-b"),
+                            ],
+                        )],
+                    ),
                     Some("zone-a"),
-                    &[
-                        hinted(ready("10.0.0.1"), &["zone-b"]),
-                        on_node(hinted(ready("10.0.0.2"), &["zone-a"]), "node-b"),
-                    ],
-                );
-                c.services.values_mut().for_each(|s| {
-                    s.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into())
-                });
-                c
+                )
             },
             frontends: &[("10.96.0.10:80/TCP", &["10.0.0.1:8080"])],
             skipped: &[],
@@ -657,7 +665,7 @@ fn session_affinity_client_ip_carries_its_timeout() {
 fn a_node_being_deleted_or_drained_by_the_autoscaler_is_reported() {
     let mut cluster = in_zone(cluster(vec![], vec![]), Some("zone-a"));
     assert!(!NodeInfo::from_cluster(&cluster, NODE).being_deleted);
-    let node = cluster.nodes.get_mut(NODE).unwrap();
+    let mut node = node_object(NODE, Some("zone-a"));
     node.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
         taints: Some(vec![k8s_openapi::api::core::v1::Taint {
             key: "ToBeDeletedByClusterAutoscaler".into(),
@@ -666,12 +674,13 @@ fn a_node_being_deleted_or_drained_by_the_autoscaler_is_reported() {
         }]),
         ..Default::default()
     });
+    cluster.insert_node(&node);
     assert!(NodeInfo::from_cluster(&cluster, NODE).being_deleted);
-    let node = cluster.nodes.get_mut(NODE).unwrap();
     node.spec = None;
     node.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
     ));
+    cluster.insert_node(&node);
     assert!(NodeInfo::from_cluster(&cluster, NODE).being_deleted);
 }
 

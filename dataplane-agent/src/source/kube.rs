@@ -1,9 +1,9 @@
-//! The Kubernetes API as the source: reflectors (list + watch, with kube-rs'
-//! relist on 410 Gone) on Services, EndpointSlices and this node's Node,
-//! with kube-proxy's own selectors. Reads the stores on demand, so the model
-//! always sees one consistent snapshot.
+//! The Kubernetes API as the source: watches (list in pages + watch, with
+//! kube-rs' relist on 410 Gone) on Services, EndpointSlices and Nodes, with
+//! kube-proxy's own selectors, each change sent to the sync loop as it
+//! arrives.
 
-use std::{fmt::Debug, path::Path};
+use std::{collections::BTreeMap, fmt::Debug, path::Path};
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
@@ -11,17 +11,15 @@ use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::Endpoin
 use kube::{
     Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use super::Changes;
-use crate::model::{ClusterState, ObjectName};
+use tokio::sync::oneshot;
+
+use super::{Change, Changes};
+use crate::model::{NodeRecord, ObjectName, ServiceRecord, SliceRecord, Update};
 
 /// kube-proxy's informer selector (cmd/kube-proxy/app/server.go): Services
 /// and EndpointSlices that belong to another proxy, or to a headless
@@ -50,99 +48,122 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
-/// The three reflector stores.
-pub struct KubeSource {
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
-    nodes: Store<Node>,
-}
+/// Watches of Services, EndpointSlices and Nodes that send every change,
+/// reduced to what the model reads, to the sync loop: the objects are not
+/// kept here (one copy of the cluster, in the model).
+pub struct KubeSource;
 
 impl KubeSource {
-    /// Starts the watches. Every event (including a relist) sends a unit
-    /// on `changes`. Returns once every store holds a complete list, so the
-    /// first sync never mistakes "not listed yet" for "deleted".
-    pub async fn start(client: Client, node_name: &str, changes: Changes) -> Result<Self> {
+    /// Starts the watches. Returns once each has sent its first complete
+    /// list, so the first sync never mistakes "not listed yet" for
+    /// "deleted".
+    pub async fn start(client: Client, changes: Changes) -> Result<Self> {
         let labels = watcher::Config::default().labels(KUBE_PROXY_LABEL_SELECTOR);
-        let services = reflect(
+        let services = watch(
             Api::<Service>::all(client.clone()),
             labels.clone(),
             changes.clone(),
+            |service: &Service| {
+                let name = ObjectName::of(&service.metadata);
+                let record = ServiceRecord::new(&name, service);
+                (name, record)
+            },
+            Update::Service,
+            Update::AllServices,
         );
-        let endpoint_slices = reflect(
+        let endpoint_slices = watch(
             Api::<EndpointSlice>::all(client.clone()),
             labels,
             changes.clone(),
+            |slice: &EndpointSlice| (ObjectName::of(&slice.metadata), SliceRecord::new(slice)),
+            Update::Slice,
+            Update::AllSlices,
         );
-        let nodes = reflect(
+        // Every Node: the tunnel needs the InternalIP of each node that
+        // runs a backend, not only this node's zone.
+        let nodes = watch(
             Api::<Node>::all(client),
-            watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            watcher::Config::default(),
             changes,
+            |node: &Node| {
+                (
+                    node.metadata.name.clone().unwrap_or_default(),
+                    NodeRecord::new(node),
+                )
+            },
+            Update::Node,
+            Update::AllNodes,
         );
-        info!("waiting for the first complete list of Services, EndpointSlices and this Node");
-        for ready in [
-            services.wait_until_ready().await,
-            endpoint_slices.wait_until_ready().await,
-            nodes.wait_until_ready().await,
-        ] {
-            ready.context("a watch stopped before its first list")?;
+        info!("waiting for the first complete list of Services, EndpointSlices and Nodes");
+        for listed in [services, endpoint_slices, nodes] {
+            listed
+                .await
+                .context("a watch stopped before its first list")?;
         }
-        Ok(Self {
-            services,
-            endpoint_slices,
-            nodes,
-        })
-    }
-
-    pub fn snapshot(&self) -> ClusterState {
-        ClusterState {
-            services: self
-                .services
-                .state()
-                .into_iter()
-                .map(|s| (ObjectName::of(&s.metadata), (*s).clone()))
-                .collect(),
-            endpoint_slices: self
-                .endpoint_slices
-                .state()
-                .into_iter()
-                .map(|s| (ObjectName::of(&s.metadata), (*s).clone()))
-                .collect(),
-            nodes: self
-                .nodes
-                .state()
-                .into_iter()
-                .map(|n| (n.metadata.name.clone().unwrap_or_default(), (*n).clone()))
-                .collect(),
-        }
+        Ok(Self)
     }
 }
 
-/// A reflector for `api`, driven on its own task.
-fn reflect<K>(api: Api<K>, config: watcher::Config, changes: Changes) -> Store<K>
+/// Watches `api` on its own task and sends each change as an [`Update`]:
+/// `one` for an added, changed or deleted object, `all` with every object
+/// after each (re)list. The returned receiver fires after the first list.
+fn watch<K, N, R>(
+    api: Api<K>,
+    config: watcher::Config,
+    changes: Changes,
+    record: impl Fn(&K) -> (N, R) + Send + 'static,
+    one: impl Fn(N, Option<R>) -> Update + Send + 'static,
+    all: impl Fn(BTreeMap<N, R>) -> Update + Send + 'static,
+) -> oneshot::Receiver<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+    N: Ord + Send + 'static,
+    R: Send + 'static,
 {
     let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let (store, writer) = reflector::store();
-    let stream = watcher(api, config).default_backoff().reflect(writer);
+    let (listed, first_list) = oneshot::channel();
+    let stream = watcher(api, config).default_backoff();
     tokio::spawn(async move {
+        let mut listed = Some(listed);
         let mut stream = std::pin::pin!(stream);
+        let mut relisting = BTreeMap::new();
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => {
-                    if !changes.notify() {
-                        return;
-                    }
+            let update = match event {
+                Ok(watcher::Event::Apply(object)) => {
+                    let (name, record) = record(&object);
+                    one(name, Some(record))
                 }
+                Ok(watcher::Event::Delete(object)) => one(record(&object).0, None),
+                Ok(watcher::Event::Init) => {
+                    relisting.clear();
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(object)) => {
+                    let (name, record) = record(&object);
+                    relisting.insert(name, record);
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => all(std::mem::take(&mut relisting)),
                 // The watcher retries with backoff and relists when its
-                // resourceVersion is gone; the store keeps the last good
+                // resourceVersion is gone; the model keeps the last good
                 // list meanwhile, and so does the dataplane.
                 Err(error) => {
-                    warn!(kind, %error, "watch failed; retrying, the dataplane keeps its state")
+                    warn!(kind, %error, "watch failed; retrying, the dataplane keeps its state");
+                    continue;
                 }
+            };
+            let is_list = matches!(
+                update,
+                Update::AllServices(_) | Update::AllSlices(_) | Update::AllNodes(_)
+            );
+            if !changes.send(Change::Object(update)) {
+                return;
+            }
+            if is_list && let Some(listed) = listed.take() {
+                let _ = listed.send(());
             }
         }
     });
-    store
+    first_list
 }

@@ -4,7 +4,7 @@
 //! plain L4 load balancing without Kubernetes.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -16,7 +16,7 @@ use k8s_openapi::{
 use notify::{RecursiveMode, Watcher as _};
 use serde::Deserialize as _;
 
-use crate::model::{ClusterState, ObjectName};
+use crate::model::{ClusterState, NodeRecord, ObjectName, ServiceRecord, SliceRecord, Update};
 
 /// A document or object that could not be used, for one log line and one
 /// counter increment.
@@ -45,18 +45,26 @@ pub struct Loaded {
     pub fatal: bool,
 }
 
-/// A watched manifest directory. Remembers each file's last complete parse,
-/// so that a file caught half-written or with a syntax error keeps its
-/// previous objects instead of withdrawing their Services (kube-proxy keeps
-/// its last good state when the API hands it nothing better).
+/// A watched manifest directory. Remembers each file's last parse, so an
+/// unchanged file is never parsed again and a change yields updates for
+/// that file's objects only; and each file's last complete parse, so that a
+/// file caught half-written or with a syntax error keeps its previous
+/// objects instead of withdrawing their Services (kube-proxy keeps its last
+/// good state when the API hands it nothing better).
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
-    last_good: BTreeMap<PathBuf, ClusterState>,
-    /// Each file's last parse and the file's identity then: an unchanged
-    /// file is not parsed again (parsing is most of a sync's time with
-    /// thousands of Services, and one file changes at a time).
-    parsed: BTreeMap<PathBuf, (FileStamp, Loaded)>,
+    files: BTreeMap<PathBuf, FileState>,
+}
+
+#[derive(Debug)]
+struct FileState {
+    /// The file's identity at its last parse (None: it could not be read).
+    stamp: Option<FileStamp>,
+    /// The objects in effect: the last complete parse, or what the last
+    /// parse got before its error when no parse was complete yet.
+    objects: ClusterState,
+    complete: bool,
 }
 
 /// What tells two versions of a file apart: writers replace files by
@@ -80,51 +88,29 @@ impl FileStamp {
     }
 }
 
+/// What a [`ManifestDir::refresh`] found.
+#[derive(Debug, Default)]
+pub struct Refreshed {
+    /// The objects of the changed files, as the directory now defines them.
+    pub updates: Vec<Update>,
+    /// Problems of the files parsed again.
+    pub problems: Vec<ParseProblem>,
+    /// Objects of the changed files that another file defines too.
+    pub duplicates: Vec<ParseProblem>,
+}
+
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
-            last_good: BTreeMap::new(),
-            parsed: BTreeMap::new(),
+            files: BTreeMap::new(),
         }
     }
 
-    /// The file's objects, parsed again only if it changed.
-    fn parse_cached(&mut self, file: &Path) -> Loaded {
-        let stamp = FileStamp::of(file);
-        if let (Some(stamp), Some((cached_stamp, cached))) = (stamp, self.parsed.get(file))
-            && stamp == *cached_stamp
-        {
-            return cached.clone();
-        }
-        let parsed = match std::fs::read_to_string(file) {
-            Ok(text) => parse_file(file, &text),
-            Err(error) => Loaded {
-                problems: vec![ParseProblem {
-                    file: file.to_path_buf(),
-                    document: 0,
-                    reason: format!("cannot read: {error}"),
-                }],
-                fatal: true,
-                ..Loaded::default()
-            },
-        };
-        match stamp {
-            Some(stamp) => {
-                self.parsed
-                    .insert(file.to_path_buf(), (stamp, parsed.clone()));
-            }
-            None => {
-                self.parsed.remove(file);
-            }
-        }
-        parsed
-    }
-
-    /// Reads every `*.yaml`, `*.yml` and `*.json` file of the directory (not
-    /// recursively, in name order, hidden files skipped, as `kubectl apply
-    /// -f DIR` does). A bad document is reported and skipped; the rest load.
-    pub fn load(&mut self) -> Result<Loaded> {
+    /// Every `*.yaml`, `*.yml` and `*.json` file of the directory (not
+    /// recursively, hidden files skipped, as `kubectl apply -f DIR` does),
+    /// in name order.
+    fn list(&self) -> Result<Vec<PathBuf>> {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&self.dir)
             .with_context(|| format!("reading manifest directory {}", self.dir.display()))?
@@ -137,32 +123,174 @@ impl ManifestDir {
             }
         }
         files.sort();
-        self.last_good.retain(|file, _| files.contains(file));
-        self.parsed.retain(|file, _| files.contains(file));
+        Ok(files)
+    }
 
-        let mut loaded = Loaded::default();
-        for file in files {
-            let mut parsed = self.parse_cached(&file);
-            loaded.problems.append(&mut parsed.problems);
-            let objects = match (parsed.fatal, self.last_good.get(&file)) {
-                (true, Some(previous)) => {
-                    loaded.problems.push(ParseProblem {
+    /// Parses the files that changed since the last refresh and returns
+    /// their objects as the directory now defines them (the first file in
+    /// name order wins a Service or EndpointSlice defined twice, the last
+    /// a Node). A bad document is reported and skipped; the rest load.
+    pub fn refresh(&mut self) -> Result<Refreshed> {
+        let files = self.list()?;
+        let mut out = Refreshed::default();
+        let mut touched = ClusterNames::default();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|file| !files.contains(file))
+            .cloned()
+            .collect();
+        for file in gone {
+            if let Some(state) = self.files.remove(&file) {
+                touched.add(&state.objects);
+            }
+        }
+        for file in &files {
+            let stamp = FileStamp::of(file);
+            let previous = self.files.get(file);
+            if stamp.is_some() && previous.is_some_and(|p| p.stamp == stamp) {
+                continue;
+            }
+            let mut parsed = read_and_parse(file);
+            out.problems.append(&mut parsed.problems);
+            let complete = !parsed.fatal;
+            let objects = match (parsed.fatal, previous) {
+                (true, Some(previous)) if previous.complete => {
+                    out.problems.push(ParseProblem {
                         file: file.clone(),
                         document: 0,
                         reason: "keeping the objects of its last readable version".into(),
                     });
-                    previous.clone()
+                    previous.objects.clone()
                 }
-                _ => {
-                    if !parsed.fatal {
-                        self.last_good.insert(file.clone(), parsed.cluster.clone());
-                    }
-                    parsed.cluster
-                }
+                _ => parsed.cluster,
             };
-            merge(&file, objects, &mut loaded);
+            if let Some(previous) = previous {
+                touched.add(&previous.objects);
+            }
+            touched.add(&objects);
+            let complete = complete || previous.is_some_and(|p| p.complete);
+            self.files.insert(
+                file.clone(),
+                FileState {
+                    stamp,
+                    objects,
+                    complete,
+                },
+            );
+        }
+        self.resolve(&touched, &mut out);
+        Ok(out)
+    }
+
+    /// The directory's definition of each touched name.
+    fn resolve(&self, touched: &ClusterNames, out: &mut Refreshed) {
+        let mut duplicate = |file: &Path, reason: String| {
+            out.duplicates.push(ParseProblem {
+                file: file.to_path_buf(),
+                document: 0,
+                reason,
+            })
+        };
+        for name in &touched.services {
+            let mut defined = self
+                .files
+                .iter()
+                .filter_map(|(file, state)| Some((file, state.objects.services.get(name)?)));
+            let first = defined.next();
+            for (file, _) in defined {
+                duplicate(
+                    file,
+                    format!("Service {name} is defined twice; the first one is used"),
+                );
+            }
+            out.updates
+                .push(Update::Service(name.clone(), first.map(|(_, s)| s.clone())));
+        }
+        for name in &touched.endpoint_slices {
+            let mut defined = self
+                .files
+                .iter()
+                .filter_map(|(file, state)| Some((file, state.objects.endpoint_slices.get(name)?)));
+            let first = defined.next();
+            for (file, _) in defined {
+                duplicate(
+                    file,
+                    format!("EndpointSlice {name} is defined twice; the first one is used"),
+                );
+            }
+            out.updates
+                .push(Update::Slice(name.clone(), first.map(|(_, s)| s.clone())));
+        }
+        for name in &touched.nodes {
+            let defined: Vec<(&PathBuf, &NodeRecord)> = self
+                .files
+                .iter()
+                .filter_map(|(file, state)| Some((file, state.objects.nodes.get(name)?)))
+                .collect();
+            if let Some((file, _)) = defined.iter().skip(1).last() {
+                duplicate(
+                    file,
+                    format!("Node {name} is defined twice; the last one is used"),
+                );
+            }
+            out.updates.push(Update::Node(
+                name.clone(),
+                defined.last().map(|(_, n)| (*n).clone()),
+            ));
+        }
+    }
+
+    /// The manifest files as of the last refresh.
+    pub fn files(&self) -> BTreeSet<PathBuf> {
+        self.files.keys().cloned().collect()
+    }
+
+    /// The whole directory as it is now: refreshes, then merges every
+    /// file's objects, reporting the problems of the files parsed again
+    /// and every object defined twice.
+    pub fn load(&mut self) -> Result<Loaded> {
+        let refreshed = self.refresh()?;
+        let mut loaded = Loaded {
+            problems: refreshed.problems,
+            ..Loaded::default()
+        };
+        for (file, state) in &self.files {
+            merge(file, state.objects.clone(), &mut loaded);
         }
         Ok(loaded)
+    }
+}
+
+/// Names of objects, by kind.
+#[derive(Debug, Default)]
+struct ClusterNames {
+    services: BTreeSet<ObjectName>,
+    endpoint_slices: BTreeSet<ObjectName>,
+    nodes: BTreeSet<String>,
+}
+
+impl ClusterNames {
+    fn add(&mut self, cluster: &ClusterState) {
+        self.services.extend(cluster.services.keys().cloned());
+        self.endpoint_slices
+            .extend(cluster.endpoint_slices.keys().cloned());
+        self.nodes.extend(cluster.nodes.keys().cloned());
+    }
+}
+
+fn read_and_parse(file: &Path) -> Loaded {
+    match std::fs::read_to_string(file) {
+        Ok(text) => parse_file(file, &text),
+        Err(error) => Loaded {
+            problems: vec![ParseProblem {
+                file: file.to_path_buf(),
+                document: 0,
+                reason: format!("cannot read: {error}"),
+            }],
+            fatal: true,
+            ..Loaded::default()
+        },
     }
 }
 
@@ -265,19 +393,25 @@ fn add_object(
         "Service" => {
             if let Some(service) = typed::<Service>(value, &kind, report) {
                 let name = ObjectName::of(&service.metadata);
-                insert_unique(&mut cluster.services, name, service, &kind, report);
+                let record = ServiceRecord::new(&name, &service);
+                insert_unique(&mut cluster.services, name, record, &kind, report);
             }
         }
         "EndpointSlice" => {
             if let Some(slice) = typed::<EndpointSlice>(value, &kind, report) {
                 let name = ObjectName::of(&slice.metadata);
-                insert_unique(&mut cluster.endpoint_slices, name, slice, &kind, report);
+                let record = SliceRecord::new(&slice);
+                insert_unique(&mut cluster.endpoint_slices, name, record, &kind, report);
             }
         }
         "Node" => {
             if let Some(node) = typed::<Node>(value, &kind, report) {
                 let name = node.metadata.name.clone().unwrap_or_default();
-                if cluster.nodes.insert(name.clone(), node).is_some() {
+                if cluster
+                    .nodes
+                    .insert(name.clone(), NodeRecord::new(&node))
+                    .is_some()
+                {
                     report(format!(
                         "Node {name} is defined twice; the last one is used"
                     ));
@@ -340,11 +474,11 @@ pub fn watch_dir(dir: &Path, changes: super::Changes) -> Result<notify::Recommen
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
             Ok(event) if event.kind.is_access() => {}
             Ok(_) => {
-                changes.notify();
+                changes.send(super::Change::Directory);
             }
             Err(error) => {
                 tracing::warn!(%error, "manifest directory watch error; resyncing");
-                changes.notify();
+                changes.send(super::Change::Directory);
             }
         })
         .context("creating the manifest directory watcher")?;

@@ -6,29 +6,30 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::model::ClusterState;
+use crate::model::Update;
 
-/// One read of the cluster, what a sync computes the model from.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub cluster: ClusterState,
-    /// What a source could not read and skipped (manifest documents; the
-    /// API source decodes through kube-rs and reports nothing here).
-    pub problems: Vec<manifests::ParseProblem>,
+/// What a source tells the sync loop.
+#[derive(Debug)]
+pub enum Change {
+    /// An object changed (already reduced to what the model reads).
+    Object(Update),
+    /// The manifest directory changed: refresh it.
+    Directory,
 }
 
-/// How a source says "something changed": wakes the sync loop, and first
-/// runs a hook at arrival (health's "an update is queued"), so a stuck sync
-/// loop still shows in /healthz, as kube-proxy's informer handlers do.
+/// How a source says "something changed": sends the change to the sync
+/// loop, and first runs a hook at arrival (health's "an update is
+/// queued"), so a stuck sync loop still shows in /healthz, as kube-proxy's
+/// informer handlers do.
 #[derive(Clone)]
 pub struct Changes {
-    sender: mpsc::UnboundedSender<()>,
+    sender: mpsc::UnboundedSender<Change>,
     on_change: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl Changes {
     pub fn new(
-        sender: mpsc::UnboundedSender<()>,
+        sender: mpsc::UnboundedSender<Change>,
         on_change: impl Fn() + Send + Sync + 'static,
     ) -> Self {
         Self {
@@ -38,8 +39,8 @@ impl Changes {
     }
 
     /// Returns false once the sync loop is gone.
-    pub fn notify(&self) -> bool {
+    pub fn send(&self, change: Change) -> bool {
         (self.on_change)();
-        self.sender.send(()).is_ok()
+        self.sender.send(change).is_ok()
     }
 }

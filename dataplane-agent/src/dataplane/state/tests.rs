@@ -423,7 +423,7 @@ fn orphan_members_are_freed() {
     };
     maps.state.members.insert(orphan, 0);
     let mut restarted = maps.state.clone();
-    let (_, error) = restarted.free_retired(&BTreeSet::new(), &mut maps);
+    let error = restarted.free_orphan_members(&mut maps);
     assert!(error.is_none());
     assert!(!maps.state.members.contains_key(&orphan));
     assert_eq!(restarted, maps.state);
