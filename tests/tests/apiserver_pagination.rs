@@ -13,9 +13,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use dataplane_agent::source::{
-    Changes,
-    kube::{KubeSource, client},
+use dataplane_agent::{
+    model::Model,
+    source::{
+        Change, Changes,
+        kube::{KubeSource, client},
+    },
 };
 use dataplane_testbed::apiserver::ApiServer;
 use serde_json::{Value, json};
@@ -579,14 +582,21 @@ fn kube_rs_reflectors_page_through_every_object() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let snapshot = runtime.block_on(async {
         let client = client(Some(&kubeconfig)).await?;
-        let (sender, _receiver) = tokio::sync::mpsc::unbounded_channel();
-        let source = tokio::time::timeout(
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        tokio::time::timeout(
             PATIENCE,
-            KubeSource::start(client, "node-1", Changes::new(sender, || {})),
+            KubeSource::start(client, Changes::new(sender, || {})),
         )
         .await
-        .context("the reflectors never finished their first list")??;
-        anyhow::Ok(source.snapshot())
+        .context("the watches never finished their first list")??;
+        // What the agent's sync loop does with the changes sent so far.
+        let mut model = Model::new("node-1");
+        while let Ok(change) = receiver.try_recv() {
+            if let Change::Object(update) = change {
+                model.update(update);
+            }
+        }
+        anyhow::Ok(model.cluster().clone())
     });
     std::fs::remove_file(&kubeconfig)?;
     let snapshot = snapshot?;
