@@ -238,8 +238,10 @@ impl Agent {
                 "could not record Service names for dump"
             );
         }
+        // A change that changed nothing (a resent object) is not news; a
+        // full sync always is, as the heartbeat of the logs.
         let quiet = report.updated == 0 && report.removed == 0 && report.failed.is_empty();
-        if !quiet || recomputed.nodes_changed {
+        if full || !quiet || recomputed.nodes_changed {
             info!(
                 services = recomputed.services.len(),
                 frontends = self.model.frontend_count(),
