@@ -15,13 +15,19 @@
 //! cluster's.
 
 mod charts;
+mod control_plane;
 mod peers;
 mod program_cost;
 mod readme;
 mod report;
 mod tunnel;
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::PathBuf, time::Instant};
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
@@ -39,6 +45,10 @@ pub struct BenchArgs {
     /// Service counts (overrides the mode's).
     #[arg(long, value_delimiter = ',')]
     scales: Vec<usize>,
+    /// Service counts of the control-plane measurements (default: 100 and
+    /// 10,000; full: up to 100,000).
+    #[arg(long, value_delimiter = ',')]
+    control_plane_scales: Vec<usize>,
     /// Seconds per measurement.
     #[arg(long)]
     seconds: Option<f64>,
@@ -197,16 +207,16 @@ fn endpoint_change_latency(tb: &Testbed, set: &ServiceSet, changes: usize) -> Re
             if now.generation != before.generation {
                 break;
             }
-            if written.elapsed() > std::time::Duration::from_secs(10) {
+            if written.elapsed() > Duration::from_secs(10) {
                 bail!("an endpoint change was not programmed within 10 s");
             }
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            std::thread::sleep(Duration::from_micros(200));
         }
         latencies.push(written.elapsed().as_secs_f64() * 1e3);
     }
     // Back to every pod for the measurements that follow.
     tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints)?)?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(500));
     latencies.sort_by(f64::total_cmp);
     Ok((
         latencies[latencies.len() / 2],
@@ -348,11 +358,6 @@ struct Row {
     /// Time to program all Services: the agent from start to ready, the
     /// peers their rule load (the timeout, if it did not load).
     program_seconds: f64,
-    /// The agent's resident memory once all Services are programmed.
-    agent_rss_mib: Option<f64>,
-    /// From an endpoint change written to the map updated (ours only), ms.
-    endpoint_change_p50_ms: Option<f64>,
-    endpoint_change_p99_ms: Option<f64>,
 }
 
 impl Row {
@@ -386,6 +391,7 @@ struct Results {
     rows: Vec<Row>,
     /// A nodePort whose pods are all on another node.
     tunnel: Vec<tunnel::TunnelRow>,
+    control_plane: Vec<control_plane::ControlPlaneRow>,
     program_costs: Vec<program_cost::Cost>,
 }
 
@@ -615,7 +621,7 @@ fn unload(site: &Site) -> Result<()> {
         Dataplane::Ours => {
             // At 50,000 Services a periodic full resync takes seconds, and
             // the agent handles SIGTERM once it is done.
-            tb.stop_agent_within(libc::SIGTERM, std::time::Duration::from_secs(120))?;
+            tb.stop_agent_within(libc::SIGTERM, Duration::from_secs(120))?;
             tb.agent_cli(&["cleanup"])?;
         }
         Dataplane::Iptables => {
@@ -645,8 +651,6 @@ fn main() -> Result<()> {
 struct Loaded<'a> {
     site: &'a Site,
     program_seconds: f64,
-    agent_rss_mib: Option<f64>,
-    change_latency: Option<(f64, f64)>,
     runs: [Vec<Run>; 5],
 }
 
@@ -682,16 +686,9 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
             interrupt.check()?;
             match load(site, &set, load_timeout)? {
                 Some(program_seconds) => {
-                    let change_latency = if site.dataplane == Dataplane::Ours {
-                        Some(endpoint_change_latency(&site.tb, &set, 20)?)
-                    } else {
-                        None
-                    };
                     loaded.push(Loaded {
                         site,
                         program_seconds,
-                        agent_rss_mib: site.tb.agent_pid().and_then(rss_mib),
-                        change_latency,
                         runs: Default::default(),
                     });
                 }
@@ -757,9 +754,6 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
                 node_port_short: Some(np_short),
                 node_port_keepalive: Some(np_keepalive),
                 program_seconds: variant.program_seconds,
-                agent_rss_mib: variant.agent_rss_mib,
-                endpoint_change_p50_ms: variant.change_latency.map(|l| l.0),
-                endpoint_change_p99_ms: variant.change_latency.map(|l| l.1),
             });
         }
     }
@@ -775,6 +769,20 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     interrupt.check()?;
     println!("bench: the tunnel path (nodePort on node-1, every pod on node-2)");
     let tunnel = tunnel::measure(rounds, seconds, parallel, interrupt)?;
+    let control_plane_scales = if !args.control_plane_scales.is_empty() {
+        args.control_plane_scales.clone()
+    } else if args.full {
+        vec![100, 10_000, 50_000, 100_000]
+    } else {
+        vec![100, 10_000]
+    };
+    println!("bench: the control plane at {control_plane_scales:?} Services");
+    let control_plane = control_plane::measure(
+        &control_plane_scales,
+        if args.full { 50 } else { 20 },
+        Duration::from_secs(if args.full { 60 } else { 10 }),
+        interrupt,
+    )?;
     println!("bench: in-kernel cost per packet of the interface programs (BPF_PROG_TEST_RUN)");
     let program_costs = program_cost::measure(if args.full { 2_000_000 } else { 500_000 })?;
     let results = Results {
@@ -794,6 +802,7 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
         rounds,
         rows,
         tunnel,
+        control_plane,
         program_costs,
     };
     let out_dir = args

@@ -207,6 +207,10 @@ impl Agent {
                 .apply_changed(&self.model, &changed, &mut self.maps, &self.config.limits)
         };
         let apply_ms = apply_started.elapsed().as_secs_f64() * 1e3;
+        if !full && report.removed > 0 {
+            // What a removed frontend alone used may go at the next trim.
+            self.want_ports(&changed, true);
+        }
         self.record_failures(&changed, full, &report);
         self.retire(&report.unreachable);
         if udp_changed {
@@ -260,13 +264,14 @@ impl Agent {
     }
 
     /// Ports first, so the first packet of a new frontend is looked at. A
-    /// sync of changes only adds bits; a full one sets the whole wanted
-    /// set, so [`Agent::trim_ports`] can clear what nothing needs.
-    fn want_ports(&mut self, changed: &BTreeSet<Frontend>, full: bool) {
+    /// sync of changes only adds bits; with `everything` the whole wanted
+    /// set is recorded (a full sync, a removal), so [`Agent::trim_ports`]
+    /// can clear what nothing needs.
+    fn want_ports(&mut self, changed: &BTreeSet<Frontend>, everything: bool) {
         let Some(filter) = &mut self.port_filter else {
             return;
         };
-        let result = if full {
+        let result = if everything {
             filter.want(ports::of_frontends(self.model.frontends()))
         } else {
             filter.add(&ports::of_frontends(

@@ -566,6 +566,15 @@ impl Testbed {
         self.start_agent_on(&AgentSource::Manifests, extra_args)
     }
 
+    /// [`Testbed::start_agent`] for a large cluster: waits up to `ready`
+    /// for the first sync (the benchmarks program 100,000 Services).
+    pub fn start_agent_within(&self, extra_args: &[&str], ready: Duration) -> Result<()> {
+        self.launch_agent_within(
+            self.agent_command(&AgentSource::Manifests, extra_args)?,
+            ready,
+        )
+    }
+
     /// The agent on `source`, as [`Testbed::start_agent`].
     pub fn start_agent_on(&self, source: &AgentSource, extra_args: &[&str]) -> Result<()> {
         self.launch_agent(self.agent_command(source, extra_args)?)
@@ -595,7 +604,11 @@ impl Testbed {
     /// Starts an agent from a command made with [`Testbed::command_in`]
     /// (for tests that must control every flag), logging to the testbed's
     /// agent log; returns once it reports ready.
-    pub fn launch_agent(&self, mut command: Command) -> Result<()> {
+    pub fn launch_agent(&self, command: Command) -> Result<()> {
+        self.launch_agent_within(command, Duration::from_secs(30))
+    }
+
+    fn launch_agent_within(&self, mut command: Command, ready: Duration) -> Result<()> {
         let mut agent = self.agent_slot();
         if agent.is_some() {
             bail!("an agent is already running in this testbed; stop it first");
@@ -603,7 +616,7 @@ impl Testbed {
         let ready_marks_before = self.agent_log().matches(READY_MARK).count();
         let child = self.spawn_agent_logged(&mut command)?;
         let child = agent.insert(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + ready;
         while self.agent_log().matches(READY_MARK).count() == ready_marks_before {
             if let Some(status) = child.try_wait()? {
                 bail!(
@@ -612,7 +625,10 @@ impl Testbed {
                 );
             }
             if Instant::now() > deadline {
-                bail!("dataplane-agent not ready after 30s:\n{}", self.agent_log());
+                bail!(
+                    "dataplane-agent not ready after {ready:?}:\n{}",
+                    self.agent_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

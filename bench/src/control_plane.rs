@@ -1,0 +1,154 @@
+//! The control plane at scale (ours only; the peers' rule loads are timed
+//! with the data plane): how long the agent takes to program N Services
+//! from start, how soon one endpoint change reaches the map (paced by the
+//! default 100 ms --min-sync-period, and unpaced), its memory, and the CPU
+//! it uses while nothing changes (periodic full resyncs included).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use dataplane_testbed::interrupt::Interrupt;
+use serde::{Deserialize, Serialize};
+
+use super::{CLIENT_LINK, Dataplane, ServiceSet, Site, endpoint_change_latency, rss_mib};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+pub struct ControlPlaneRow {
+    pub services: usize,
+    /// From the agent's start to its ready line: every Service programmed.
+    pub program_seconds: f64,
+    /// An endpoint change written to the SERVICES entry flipped, with the
+    /// default --min-sync-period of 100 ms.
+    pub change_p50_ms: f64,
+    pub change_p99_ms: f64,
+    /// The same with --min-sync-period 0.
+    pub unpaced_change_p50_ms: f64,
+    pub unpaced_change_p99_ms: f64,
+    /// Resident memory once everything is programmed and the changes made.
+    pub rss_mib: Option<f64>,
+    /// The agent's CPU time while nothing changes, in percent of one core,
+    /// over `idle_seconds` (with the default 30 s --sync-period, so full
+    /// resyncs are included).
+    pub idle_cpu_percent: f64,
+    pub idle_seconds: f64,
+}
+
+/// How long the agent may take to program the largest set from start.
+const READY_WITHIN: Duration = Duration::from_secs(300);
+
+pub fn measure(
+    scales: &[usize],
+    changes: usize,
+    idle: Duration,
+    interrupt: &Interrupt,
+) -> Result<Vec<ControlPlaneRow>> {
+    let site = Site::new(Dataplane::Ours)?;
+    let tb = &site.tb;
+    let mut rows = Vec::new();
+    for &services in scales {
+        interrupt.check()?;
+        let set = ServiceSet::new(services, &site.pods);
+        tb.write_manifest("bench.yaml", &set.filler_manifests())?;
+        let hot = set.services.last().context("no hot Service")?;
+        tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints)?)?;
+        let common = [
+            "--metrics-bind-address",
+            "",
+            "--healthz-bind-address",
+            "",
+            "--interfaces",
+            CLIENT_LINK,
+        ];
+        let started = Instant::now();
+        tb.start_agent_within(&common, READY_WITHIN)?;
+        let program_seconds = started.elapsed().as_secs_f64();
+        let (change_p50_ms, change_p99_ms) = endpoint_change_latency(tb, &set, changes)?;
+        let pid = tb.agent_pid().context("the agent is not running")?;
+        let rss_mib = rss_mib(pid);
+        interrupt.check()?;
+        let idle_cpu_percent = cpu_percent(pid, idle)?;
+        tb.stop_agent_within(libc::SIGTERM, Duration::from_secs(120))?;
+
+        let mut unpaced = common.to_vec();
+        unpaced.extend(["--min-sync-period", "0s"]);
+        tb.start_agent_within(&unpaced, READY_WITHIN)?;
+        let (unpaced_change_p50_ms, unpaced_change_p99_ms) =
+            endpoint_change_latency(tb, &set, changes)?;
+        tb.stop_agent_within(libc::SIGTERM, Duration::from_secs(120))?;
+        tb.agent_cli(&["cleanup"])?;
+
+        let row = ControlPlaneRow {
+            services,
+            program_seconds,
+            change_p50_ms,
+            change_p99_ms,
+            unpaced_change_p50_ms,
+            unpaced_change_p99_ms,
+            rss_mib,
+            idle_cpu_percent,
+            idle_seconds: idle.as_secs_f64(),
+        };
+        println!(
+            "bench: control plane {services:>7} Services  programmed in {:.2} s  change p50/p99 {:.0}/{:.0} ms (unpaced {:.1}/{:.1})  RSS {:.0} MiB  idle CPU {:.2}%",
+            row.program_seconds,
+            row.change_p50_ms,
+            row.change_p99_ms,
+            row.unpaced_change_p50_ms,
+            row.unpaced_change_p99_ms,
+            row.rss_mib.unwrap_or(f64::NAN),
+            row.idle_cpu_percent
+        );
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// The CPU time `pid` (all its threads) uses over `window`, in percent of
+/// one core.
+fn cpu_percent(pid: u32, window: Duration) -> Result<f64> {
+    let before = cpu_ticks(pid)?;
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let ticks = cpu_ticks(pid)? - before;
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / per_second / started.elapsed().as_secs_f64() * 100.0)
+}
+
+/// utime + stime of a process, in clock ticks (proc(5)).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name may hold spaces: fields are counted after its ')'.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("no command name in /proc/PID/stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of the whole line; the first after ')' is field 3.
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .context("short /proc/PID/stat")?
+            .parse()
+            .context("a non-numeric CPU time in /proc/PID/stat")
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_cpu_time_is_read_and_grows_with_work() {
+        let pid = std::process::id();
+        let before = cpu_ticks(pid).unwrap();
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(300) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_ticks(pid).unwrap() > before);
+    }
+}
