@@ -13,30 +13,30 @@ use serde::{Deserialize, Serialize};
 use super::{CLIENT_LINK, Dataplane, ServiceSet, Site, endpoint_change_latency, rss_mib};
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
-pub struct ControlPlaneRow {
-    pub services: usize,
+pub(crate) struct ControlPlaneRow {
+    pub(crate) services: usize,
     /// From the agent's start to its ready line: every Service programmed.
-    pub program_seconds: f64,
+    pub(crate) program_seconds: f64,
     /// An endpoint change written to the SERVICES entry flipped, with the
     /// default --min-sync-period of 100 ms.
-    pub change_p50_ms: f64,
-    pub change_p99_ms: f64,
+    pub(crate) change_p50_ms: f64,
+    pub(crate) change_p99_ms: f64,
     /// The same with --min-sync-period 0.
-    pub unpaced_change_p50_ms: f64,
-    pub unpaced_change_p99_ms: f64,
+    pub(crate) unpaced_change_p50_ms: f64,
+    pub(crate) unpaced_change_p99_ms: f64,
     /// Resident memory once everything is programmed and the changes made.
-    pub rss_mib: Option<f64>,
+    pub(crate) rss_mib: Option<f64>,
     /// The agent's CPU time while nothing changes, in percent of one core,
     /// over `idle_seconds` (with the default 30 s --sync-period, so full
     /// resyncs are included).
-    pub idle_cpu_percent: f64,
-    pub idle_seconds: f64,
+    pub(crate) idle_cpu_percent: f64,
+    pub(crate) idle_seconds: f64,
 }
 
 /// How long the agent may take to program the largest set from start.
 const READY_WITHIN: Duration = Duration::from_secs(300);
 
-pub fn measure(
+pub(crate) fn measure(
     scales: &[usize],
     changes: usize,
     idle: Duration,
