@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use dataplane_testbed::interrupt::Interrupt;
+use dataplane_testbed::{interrupt::Interrupt, testbed::AgentSource};
 use serde::{Deserialize, Serialize};
 
 use super::{CLIENT_LINK, Dataplane, ServiceSet, Site, endpoint_change_latency, rss_mib};
@@ -60,7 +60,7 @@ pub(crate) fn measure(
             CLIENT_LINK,
         ];
         let started = Instant::now();
-        tb.start_agent_within(&common, READY_WITHIN)?;
+        tb.start_agent_within(&AgentSource::Manifests, &common, READY_WITHIN)?;
         let program_seconds = started.elapsed().as_secs_f64();
         let (change_p50_ms, change_p99_ms) = endpoint_change_latency(tb, &set, changes)?;
         let pid = tb.agent_pid().context("the agent is not running")?;
@@ -71,7 +71,7 @@ pub(crate) fn measure(
 
         let mut unpaced = common.to_vec();
         unpaced.extend(["--min-sync-period", "0s"]);
-        tb.start_agent_within(&unpaced, READY_WITHIN)?;
+        tb.start_agent_within(&AgentSource::Manifests, &unpaced, READY_WITHIN)?;
         let (unpaced_change_p50_ms, unpaced_change_p99_ms) =
             endpoint_change_latency(tb, &set, changes)?;
         tb.stop_agent_within(libc::SIGTERM, Duration::from_secs(120))?;

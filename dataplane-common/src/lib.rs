@@ -23,7 +23,9 @@ pub use stats::*;
 /// agent then pins into a new directory and carries the state of the
 /// previous layout over (dataplane-agent's `dataplane/upgrade.rs` must
 /// learn to read the old entries).
-pub const PIN_LAYOUT_VERSION: u32 = 1;
+/// Version 2: SERVICES, BACKENDS and MEMBERS hold four and two times
+/// more entries than in version 1 (same keys and values).
+pub const PIN_LAYOUT_VERSION: u32 = 2;
 
 /// Names of the pinned maps, as the programs declare them and as they appear
 /// under the agent's bpffs directory.
@@ -70,9 +72,13 @@ pub mod program_names {
 }
 
 /// Map capacities compiled into the object. The agent enforces its own,
-/// possibly lower, limits before writing.
-pub const SERVICES_MAX_ENTRIES: u32 = 65_536;
-pub const BACKENDS_MAX_ENTRIES: u32 = 1_048_576;
+/// possibly lower, limits before writing. SERVICES, BACKENDS and MEMBERS
+/// allocate entries as they are used (BPF_F_NO_PREALLOC), so a capacity
+/// costs kernel memory only when filled: 100,000 Services with one
+/// frontend each and 10 endpoints fit, with room for a whole second
+/// generation of backends during an update (half of BACKENDS).
+pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
+pub const BACKENDS_MAX_ENTRIES: u32 = 2_097_152;
 pub const SOCK_REV_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;

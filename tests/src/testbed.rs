@@ -568,11 +568,13 @@ impl Testbed {
 
     /// [`Testbed::start_agent`] for a large cluster: waits up to `ready`
     /// for the first sync (the benchmarks program 100,000 Services).
-    pub fn start_agent_within(&self, extra_args: &[&str], ready: Duration) -> Result<()> {
-        self.launch_agent_within(
-            self.agent_command(&AgentSource::Manifests, extra_args)?,
-            ready,
-        )
+    pub fn start_agent_within(
+        &self,
+        source: &AgentSource,
+        extra_args: &[&str],
+        ready: Duration,
+    ) -> Result<()> {
+        self.launch_agent_within(self.agent_command(source, extra_args)?, ready)
     }
 
     /// The agent on `source`, as [`Testbed::start_agent`].
