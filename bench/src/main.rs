@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// 10,000; full: up to 100,000).
     #[arg(long, value_delimiter = ',')]
     control_plane_scales: Vec<usize>,
+    /// Measure the control plane only (printed and written to --out; the
+    /// README is left alone).
+    #[arg(long)]
+    control_plane_only: bool,
     /// Seconds per measurement.
     #[arg(long)]
     seconds: Option<f64>,
@@ -655,6 +659,23 @@ struct Loaded<'a> {
 }
 
 fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
+    if args.control_plane_only {
+        let scales = control_plane_scales(args);
+        let rows = control_plane::measure(
+            &scales,
+            changes_per_scale(args),
+            idle_window(args),
+            interrupt,
+        )?;
+        let out_dir = out_dir(args);
+        std::fs::create_dir_all(&out_dir)
+            .with_context(|| format!("creating {}", out_dir.display()))?;
+        std::fs::write(
+            out_dir.join("control_plane.json"),
+            serde_json::to_string_pretty(&rows)?,
+        )?;
+        return Ok(());
+    }
     let scales = if !args.scales.is_empty() {
         args.scales.clone()
     } else if args.full {
@@ -769,18 +790,12 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     interrupt.check()?;
     println!("bench: the tunnel path (nodePort on node-1, every pod on node-2)");
     let tunnel = tunnel::measure(rounds, seconds, parallel, interrupt)?;
-    let control_plane_scales = if !args.control_plane_scales.is_empty() {
-        args.control_plane_scales.clone()
-    } else if args.full {
-        vec![100, 10_000, 50_000, 100_000]
-    } else {
-        vec![100, 10_000]
-    };
+    let control_plane_scales = control_plane_scales(args);
     println!("bench: the control plane at {control_plane_scales:?} Services");
     let control_plane = control_plane::measure(
         &control_plane_scales,
-        if args.full { 50 } else { 20 },
-        Duration::from_secs(if args.full { 60 } else { 10 }),
+        changes_per_scale(args),
+        idle_window(args),
         interrupt,
     )?;
     println!("bench: in-kernel cost per packet of the interface programs (BPF_PROG_TEST_RUN)");
@@ -805,10 +820,7 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
         control_plane,
         program_costs,
     };
-    let out_dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
+    let out_dir = out_dir(args);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     std::fs::write(
         out_dir.join("results.json"),
@@ -825,6 +837,33 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
     charts::draw(&results, &out_dir)?;
     println!("\n{table}\nbench: wrote {}", out_dir.display());
     Ok(())
+}
+
+fn out_dir(args: &BenchArgs) -> PathBuf {
+    args.out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"))
+}
+
+fn control_plane_scales(args: &BenchArgs) -> Vec<usize> {
+    if !args.control_plane_scales.is_empty() {
+        args.control_plane_scales.clone()
+    } else if args.full {
+        vec![100, 10_000, 50_000, 100_000]
+    } else {
+        vec![100, 10_000]
+    }
+}
+
+/// Endpoint changes timed per scale and pacing.
+fn changes_per_scale(args: &BenchArgs) -> usize {
+    if args.full { 50 } else { 20 }
+}
+
+/// How long the agent's idle CPU is measured: two full resyncs (every
+/// 30 s) in full mode.
+fn idle_window(args: &BenchArgs) -> Duration {
+    Duration::from_secs(if args.full { 60 } else { 10 })
 }
 
 /// The commit the results describe ("" outside a git checkout).

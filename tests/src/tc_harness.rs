@@ -166,7 +166,8 @@ impl TcHarness {
         if !report.failed.is_empty() {
             bail!("programming the harness' frontends: {:?}", report.failed);
         }
-        ports::PortFilter::open(&place.layout)?.want(ports::of_frontends(desired.frontends.iter()))?;
+        ports::PortFilter::open(&place.layout)?
+            .want(ports::of_frontends(desired.frontends.iter()))?;
         let mut interface = loaded.take_interface_maps()?;
         interface.set_config(&config)?;
         interface.set_node_ips(node_ips)?;

@@ -164,9 +164,8 @@ fn fifty_thousand_services_listed_in_pages_then_a_thousand_endpoint_changes() {
 
     // 1,000 changes in batches of 100, spread over the whole cluster; each
     // batch also moves the hot Service to the other pod.
-    let mut version = 0;
     for batch in 0..CHANGES / BATCH {
-        version += 1;
+        let version = batch + 1;
         let changed: Vec<u32> = (0..BATCH - 1)
             .map(|i| 1 + (batch * 7_919 + i * 499) % (SERVICES - 1))
             .collect();
@@ -188,7 +187,7 @@ fn fifty_thousand_services_listed_in_pages_then_a_thousand_endpoint_changes() {
             },
         )
         .unwrap();
-        assert_eq!(served(3), [hot_pod.name.clone()], "batch {batch}");
+        assert_eq!(served(3), [hot_pod.name.as_str()], "batch {batch}");
     }
     // Unchanged Services kept their backends throughout.
     assert_eq!(

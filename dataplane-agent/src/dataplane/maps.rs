@@ -2,13 +2,13 @@
 //! node-interface configuration, and readers for the CLI, the sweep and
 //! the metrics.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsFd as _};
 
 use anyhow::{Context as _, Result};
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray,
+        Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
 };
@@ -18,6 +18,7 @@ use dataplane_common::{
 };
 
 use super::{
+    batch,
     codec::{ipv4_be, ipv4_of_be},
     failpoint::MapWriteFailpoint,
     pins::PinLayout,
@@ -117,19 +118,18 @@ impl KernelMaps {
     /// starting point, so ids stay stable and unchanged Services are not
     /// rewritten.
     pub fn read(&self) -> Result<PinnedState> {
-        let mut state = PinnedState::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry.context("reading SERVICES")?;
-            state.services.insert(key, value);
-        }
-        for entry in self.backends.iter() {
-            let (key, value) = entry.context("reading BACKENDS")?;
-            state.backends.insert(key, value);
-        }
-        for entry in self.members.iter() {
-            let (key, index) = entry.context("reading MEMBERS")?;
-            state.members.insert(key, index);
-        }
+        let mut state = PinnedState {
+            services: read_all(&self.services, map_names::SERVICES)?
+                .into_iter()
+                .collect(),
+            backends: read_all(&self.backends, map_names::BACKENDS)?
+                .into_iter()
+                .collect(),
+            members: read_all(&self.members, map_names::MEMBERS)?
+                .into_iter()
+                .collect(),
+            ..PinnedState::default()
+        };
         for key in self.source_ranges.keys() {
             let key = key.context("reading SOURCE_RANGES")?;
             let data = key.data();
@@ -142,6 +142,20 @@ impl KernelMaps {
             ));
         }
         Ok(state)
+    }
+}
+
+/// Every entry of a hash map: a few thousand per syscall where the kernel
+/// has batch lookups (a resync at 100,000 Services reads two million
+/// entries), one by one where it has not.
+fn read_all<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Result<Vec<(K, V)>> {
+    match batch::lookup_all::<K, V>(map.map().fd().as_fd(), 4096) {
+        Ok(entries) => Ok(entries),
+        Err(error) if error.needs_fallback() => map
+            .iter()
+            .map(|entry| entry.with_context(|| format!("reading {name}")))
+            .collect(),
+        Err(error) => Err(error).with_context(|| format!("reading {name}")),
     }
 }
 
