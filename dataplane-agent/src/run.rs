@@ -48,8 +48,6 @@ enum Source {
         dir: ManifestDir,
         /// The directory changed since its last refresh.
         changed: bool,
-        /// Problems of the files as last parsed, for the metric.
-        problems: BTreeMap<std::path::PathBuf, usize>,
         _watcher: notify::RecommendedWatcher,
     },
     Kube(KubeSource),
@@ -62,7 +60,6 @@ impl Source {
                 _watcher: manifests::watch_dir(dir, changes)?,
                 dir: ManifestDir::new(dir),
                 changed: true,
-                problems: BTreeMap::new(),
             },
             SourceConfig::Kube { kubeconfig } => {
                 let client = kube::client(kubeconfig.as_deref()).await?;
@@ -85,27 +82,16 @@ impl Source {
     /// Reads what changed in the manifest directory into the model; logs
     /// each problem once, when its file is read.
     fn refresh(&mut self, model: &mut Model) -> Result<()> {
-        let Self::Manifests {
-            dir,
-            changed,
-            problems,
-            ..
-        } = self
-        else {
+        let Self::Manifests { dir, changed, .. } = self else {
             return Ok(());
         };
         if !std::mem::take(changed) {
             return Ok(());
         }
         let refreshed = dir.refresh().inspect_err(|_| *changed = true)?;
-        let mut by_file: BTreeMap<std::path::PathBuf, usize> = BTreeMap::new();
         for problem in refreshed.problems.iter().chain(&refreshed.duplicates) {
             warn!(%problem, "skipping manifest");
-            *by_file.entry(problem.file.clone()).or_default() += 1;
         }
-        let files = dir.files();
-        problems.retain(|file, _| files.contains(file));
-        problems.extend(by_file);
         for update in refreshed.updates {
             model.update(update);
         }
@@ -114,7 +100,7 @@ impl Source {
 
     fn problem_count(&self) -> usize {
         match self {
-            Self::Manifests { problems, .. } => problems.values().sum(),
+            Self::Manifests { dir, .. } => dir.problem_count(),
             Self::Kube(_) => 0,
         }
     }
@@ -139,6 +125,8 @@ struct Agent {
     /// Changes older than this agent are not its programming latency.
     started_at: SystemTime,
     health_check_servers: ServiceHealthServers,
+    /// A healthCheckNodePort could not be served: every sync retries.
+    health_checks_failing: bool,
     interface_maps: Option<InterfaceMaps>,
     /// The backends each UDP frontend id uses after the last sync, for the
     /// conntrack sweep's stale-UDP check; None until the first sync.
@@ -168,12 +156,14 @@ impl Agent {
         let _entered = span.enter();
         let started = std::time::Instant::now();
         self.source.refresh(&mut self.model)?;
+        let load_ms = started.elapsed().as_secs_f64() * 1e3;
         let full = scope == SyncScope::Everything;
         if full {
             self.model.mark_all_dirty();
         }
+        let compute_started = std::time::Instant::now();
         let recomputed = self.model.recompute();
-        let compute_ms = started.elapsed().as_secs_f64() * 1e3;
+        let compute_ms = compute_started.elapsed().as_secs_f64() * 1e3;
         let node = self.model.node().clone();
         self.health.set_node_eligible(!node.being_deleted);
         self.check_tunnel_source(&node);
@@ -222,7 +212,7 @@ impl Agent {
         {
             error!(error = format!("{error:#}"), "tunnel peers not updated");
         }
-        if full || recomputed.health_checks_changed {
+        if full || recomputed.health_checks_changed || self.health_checks_failing {
             self.serve_health_checks();
         }
         self.health.updated(SystemTime::now());
@@ -234,7 +224,9 @@ impl Agent {
             new_failures: &report.failed,
         });
         self.observe_programming_latency(&recomputed.slices);
-        if (full || report.added > 0 || report.removed > 0 || !recomputed.services.is_empty())
+        // The whole file is rewritten: only when frontends come or go (a
+        // frontend changing hands is caught at the next full sync).
+        if (full || report.added > 0 || report.removed > 0)
             && let Err(error) = names::write_names(&self.config.bpffs_dir, &self.model)
         {
             warn!(
@@ -253,6 +245,7 @@ impl Agent {
                 removed = report.removed,
                 failed = report.failed.len(),
                 invalid_objects = self.source.problem_count() + self.model.skipped_count(),
+                load_ms,
                 compute_ms,
                 apply_ms,
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -291,16 +284,18 @@ impl Agent {
     /// Keeps the set of failing frontends: those this sync wrote are
     /// failing now only if they failed again.
     fn record_failures(&mut self, changed: &BTreeSet<Frontend>, full: bool, report: &ApplyReport) {
-        if full {
-            self.failing.clear();
+        let failing_before: BTreeMap<Frontend, _> = if full {
+            std::mem::take(&mut self.failing)
         } else {
-            for frontend in changed {
-                self.failing.remove(frontend);
-            }
-        }
+            changed
+                .iter()
+                .filter_map(|f| Some((*f, self.failing.remove(f)?)))
+                .collect()
+        };
         for (frontend, error) in &report.failed {
             let service = self.model.entry(frontend).map(|e| e.service.to_string());
-            if !self.failing.contains_key(frontend) {
+            // Logged when it starts failing, not at every retry.
+            if !failing_before.contains_key(frontend) {
                 error!(%frontend, service = service.as_deref().unwrap_or("-"), %error, "frontend not programmed; it keeps its previous state");
             }
             self.failing
@@ -360,7 +355,9 @@ impl Agent {
                 )
             })
             .collect();
-        for (port, error) in self.health_check_servers.reconcile(&wanted) {
+        let errors = self.health_check_servers.reconcile(&wanted);
+        self.health_checks_failing = !errors.is_empty();
+        for (port, error) in errors {
             error!(port, %error, "healthCheckNodePort not served; retried at the next sync");
         }
     }
@@ -419,7 +416,8 @@ impl Agent {
     fn retire(&mut self, unreachable: &[BackendKey]) {
         let now = Instant::now();
         for key in unreachable {
-            self.retired.entry(*key).or_insert(now);
+            // From now: a later grace is never too short.
+            self.retired.insert(*key, now);
         }
     }
 
@@ -594,6 +592,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             let health = health_for_checks;
             Arc::new(move || health.check(SystemTime::now()).0)
         }),
+        health_checks_failing: false,
         interface_maps,
         live_backends: watch::Sender::new(None),
         port_filter,

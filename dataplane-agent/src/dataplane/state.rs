@@ -228,18 +228,13 @@ impl PinnedState {
             .copied()
             .collect();
         self.remove(&unwanted, store, &mut report);
-        let mut ids = IdAllocator::new(limits.max_services);
-        let mut live_backends = self.live_backend_count();
+        let mut budget = Budget {
+            limits,
+            ids: IdAllocator::new(limits.max_services),
+            live_backends: self.live_backend_count(),
+        };
         for (frontend, entry) in desired.each() {
-            self.apply_one(
-                frontend,
-                entry,
-                store,
-                limits,
-                &mut ids,
-                &mut live_backends,
-                &mut report,
-            );
+            self.apply_one(frontend, entry, store, &mut budget, &mut report);
         }
         report
     }
@@ -261,38 +256,31 @@ impl PinnedState {
             .filter(|key| self.services.contains_key(key))
             .collect();
         self.remove(&unwanted, store, &mut report);
-        let mut ids = IdAllocator::new(limits.max_services);
-        let mut live_backends = self.live_backend_count();
+        let mut budget = Budget {
+            limits,
+            ids: IdAllocator::new(limits.max_services),
+            live_backends: self.live_backend_count(),
+        };
         for frontend in changed {
             if let Some(entry) = desired.entry(frontend) {
-                self.apply_one(
-                    frontend,
-                    entry,
-                    store,
-                    limits,
-                    &mut ids,
-                    &mut live_backends,
-                    &mut report,
-                );
+                self.apply_one(frontend, entry, store, &mut budget, &mut report);
             }
         }
         report
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn apply_one<S: MapStore>(
         &mut self,
         frontend: &Frontend,
         entry: &FrontendEntry,
         store: &mut S,
-        limits: &Limits,
-        ids: &mut IdAllocator,
-        live_backends: &mut usize,
+        budget: &mut Budget,
         report: &mut ApplyReport,
     ) {
         let key = service_key(frontend);
         let before = self.services.get(&key).copied();
-        match self.apply_frontend(frontend, entry, store, limits, ids, live_backends) {
+        let mut attempt = None;
+        match self.apply_frontend(frontend, entry, store, budget, &mut attempt) {
             Ok(true) => {
                 report.updated += 1;
                 match before {
@@ -307,19 +295,25 @@ impl PinnedState {
             }
             Ok(false) => {}
             Err(error) => {
-                // A half-written new generation is reachable from nothing.
-                if let Some(id) = before.map(|b| b.service_id).or(ids.last) {
-                    let live = self.services.get(&key);
+                // The slots of a half-written new generation are reachable
+                // from nothing.
+                if let Some((id, generation)) = attempt
+                    && self
+                        .services
+                        .get(&key)
+                        .is_none_or(|live| live.generation != generation)
+                {
+                    let first = BackendKey {
+                        service_id: id,
+                        generation,
+                        index: 0,
+                    };
                     report.unreachable.extend(
                         self.backends
-                            .range(first_slot(id)..first_slot(id.saturating_add(1)))
+                            .range(first..)
                             .map(|(slot, _)| *slot)
-                            .filter(|slot| {
-                                slot.service_id == id
-                                    && live.is_none_or(|v| {
-                                        v.generation != slot.generation
-                                            || slot.index >= v.backend_count
-                                    })
+                            .take_while(|slot| {
+                                slot.service_id == id && slot.generation == generation
                             }),
                     );
                 }
@@ -372,10 +366,10 @@ impl PinnedState {
         frontend: &Frontend,
         entry: &FrontendEntry,
         store: &mut S,
-        limits: &Limits,
-        ids: &mut IdAllocator,
-        live_backends: &mut usize,
+        budget: &mut Budget,
+        attempt: &mut Option<(u32, u16)>,
     ) -> Result<bool, FrontendError> {
+        let limits = budget.limits;
         // Slot indexes and counts are u16 in the maps.
         let limit = limits.max_backends_per_service.min(usize::from(u16::MAX));
         if entry.backends.len() > limit {
@@ -407,7 +401,7 @@ impl PinnedState {
             return Ok(true);
         }
         let previous_count = current.map_or(0, |c| usize::from(c.backend_count));
-        let others = *live_backends - previous_count;
+        let others = budget.live_backends - previous_count;
         if others + wanted.len() > limits.max_backends {
             return Err(FrontendError::BackendLimit {
                 wanted: wanted.len(),
@@ -418,11 +412,14 @@ impl PinnedState {
         let (service_id, generation) = match current {
             Some(current) => (current.service_id, current.generation.wrapping_add(1)),
             None => (
-                ids.allocate(self)
-                    .ok_or(FrontendError::NoServiceId(ids.max))?,
+                budget
+                    .ids
+                    .allocate(self)
+                    .ok_or(FrontendError::NoServiceId(budget.ids.max))?,
                 0,
             ),
         };
+        *attempt = Some((service_id, generation));
         for (index, value) in wanted.iter().enumerate() {
             let slot = BackendKey {
                 service_id,
@@ -431,18 +428,27 @@ impl PinnedState {
                 index: index as u16,
             };
             store.put_backend(&slot, value).map_err(map_error)?;
-            self.backends.insert(slot, *value);
+            // A slot left by a failed attempt at this generation held
+            // another backend: its member must not outlive it.
+            let overwritten = self
+                .backends
+                .insert(slot, *value)
+                .map(|old| member_key(&slot, &old));
             let member = member_key(&slot, value);
             store
                 .put_member(&member, u32::from(slot.index))
                 .map_err(map_error)?;
             self.members.insert(member, u32::from(slot.index));
+            if let Some(old) = overwritten.filter(|old| *old != member) {
+                store.delete_member(&old).map_err(map_error)?;
+                self.members.remove(&old);
+            }
         }
         self.add_source_ranges(store, service_id, &entry.source_ranges)?;
         let value = service_value(service_id, generation, count, entry);
         store.put_service(&key, &value).map_err(map_error)?;
         self.services.insert(key, value);
-        *live_backends = others + wanted.len();
+        budget.live_backends = others + wanted.len();
         self.set_source_ranges(store, service_id, &entry.source_ranges)?;
         Ok(true)
     }
@@ -497,8 +503,9 @@ impl PinnedState {
         Ok(())
     }
 
-    /// Which of `keys` no SERVICES entry reaches: costs one pass over
-    /// SERVICES, not over BACKENDS.
+    /// Which of `keys` are slots no SERVICES entry reaches (freed ones are
+    /// not slots any more): costs one pass over SERVICES, not over
+    /// BACKENDS.
     pub fn unreachable_of<'a>(
         &self,
         keys: impl IntoIterator<Item = &'a BackendKey>,
@@ -509,6 +516,7 @@ impl PinnedState {
             .map(|v| (v.service_id, (v.generation, v.backend_count)))
             .collect();
         keys.into_iter()
+            .filter(|key| self.backends.contains_key(key))
             .filter(|key| {
                 live.get(&key.service_id).is_none_or(|(generation, count)| {
                     *generation != key.generation || key.index >= *count
@@ -628,6 +636,14 @@ fn distinct_ids<K: Ord + Copy, V>(
     ids
 }
 
+/// What one apply may still hand out: ids, and room for backends.
+struct Budget<'l> {
+    limits: &'l Limits,
+    ids: IdAllocator,
+    /// Backends the Service entries balance over, in total, so far.
+    live_backends: usize,
+}
+
 /// Hands out the lowest free Service ids during one apply, scanning forward
 /// only, so programming N new frontends costs O(N + max) rather than O(N²).
 /// The ids in use are gathered on the first allocation only: a sync that
@@ -636,8 +652,6 @@ struct IdAllocator {
     in_use: Option<BTreeSet<u32>>,
     next: u32,
     max: u32,
-    /// The id handed out last.
-    last: Option<u32>,
 }
 
 impl IdAllocator {
@@ -646,7 +660,6 @@ impl IdAllocator {
             in_use: None,
             next: 1,
             max,
-            last: None,
         }
     }
 
@@ -655,7 +668,6 @@ impl IdAllocator {
         let id = (self.next..=self.max).find(|id| !in_use.contains(id))?;
         in_use.insert(id);
         self.next = id + 1;
-        self.last = Some(id);
         Some(id)
     }
 }

@@ -177,7 +177,16 @@ impl Model {
     /// Sets or removes a Node. Only what the model reads of it counts:
     /// status heartbeats change nothing.
     pub fn set_node(&mut self, name: &str, record: Option<NodeRecord>) -> bool {
-        let changed = match record {
+        let changed = self.put_node(name, record);
+        if changed {
+            self.node_view_changed();
+        }
+        changed
+    }
+
+    /// Stores a Node's record; returns whether it changed.
+    fn put_node(&mut self, name: &str, record: Option<NodeRecord>) -> bool {
+        match record {
             Some(record) => {
                 self.cluster.nodes.get(name) != Some(&record) && {
                     self.cluster.nodes.insert(name.to_owned(), record);
@@ -185,10 +194,12 @@ impl Model {
                 }
             }
             None => self.cluster.nodes.remove(name).is_some(),
-        };
-        if !changed {
-            return false;
         }
+    }
+
+    /// After Node records changed: this node's view and every node's
+    /// address, and what must be recomputed.
+    fn node_view_changed(&mut self) {
         let node = NodeInfo::from_cluster(&self.cluster, &self.node_name);
         let addresses = node_addresses(&self.cluster);
         // This node's deletion state moves no backend; its zone and any
@@ -200,7 +211,6 @@ impl Model {
         self.node = node;
         self.node_addresses = addresses;
         self.all_dirty |= moves_backends;
-        true
     }
 
     /// Takes one change in; returns whether anything the model reads
@@ -225,11 +235,16 @@ impl Model {
                 })
             }
             Update::AllNodes(mut all) => {
+                // One view update for the whole list, not one per node.
                 let names = union(self.cluster.nodes.keys(), all.keys());
-                names.into_iter().fold(false, |changed, name| {
+                let changed = names.into_iter().fold(false, |changed, name| {
                     let record = all.remove(&name);
-                    self.set_node(&name, record) || changed
-                })
+                    self.put_node(&name, record) || changed
+                });
+                if changed {
+                    self.node_view_changed();
+                }
+                changed
             }
         }
     }

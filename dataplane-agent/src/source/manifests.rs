@@ -55,6 +55,8 @@ pub struct Loaded {
 pub struct ManifestDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// Objects defined in more than one file: how many extra definitions.
+    duplicates: BTreeMap<(&'static str, String), usize>,
 }
 
 #[derive(Debug)]
@@ -65,6 +67,8 @@ struct FileState {
     /// parse got before its error when no parse was complete yet.
     objects: ClusterState,
     complete: bool,
+    /// Problems of its last parse.
+    problems: usize,
 }
 
 /// What tells two versions of a file apart: writers replace files by
@@ -104,6 +108,7 @@ impl ManifestDir {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            duplicates: BTreeMap::new(),
         }
     }
 
@@ -151,11 +156,16 @@ impl ManifestDir {
             if stamp.is_some() && previous.is_some_and(|p| p.stamp == stamp) {
                 continue;
             }
-            let mut parsed = read_and_parse(file);
+            let (mut parsed, readable) = read_and_parse(file);
+            // An unreadable file is read again at every refresh (a chmod
+            // changes no stamp compared here).
+            let stamp = stamp.filter(|_| readable);
+            let mut problems = parsed.problems.len();
             out.problems.append(&mut parsed.problems);
             let complete = !parsed.fatal;
             let objects = match (parsed.fatal, previous) {
                 (true, Some(previous)) if previous.complete => {
+                    problems += 1;
                     out.problems.push(ParseProblem {
                         file: file.clone(),
                         document: 0,
@@ -176,6 +186,7 @@ impl ManifestDir {
                     stamp,
                     objects,
                     complete,
+                    problems,
                 },
             );
         }
@@ -183,23 +194,43 @@ impl ManifestDir {
         Ok(out)
     }
 
+    /// Problems of the files as last parsed, and extra definitions of
+    /// objects defined in several files.
+    pub fn problem_count(&self) -> usize {
+        self.files.values().map(|f| f.problems).sum::<usize>()
+            + self.duplicates.values().sum::<usize>()
+    }
+
     /// The directory's definition of each touched name.
-    fn resolve(&self, touched: &ClusterNames, out: &mut Refreshed) {
-        let mut duplicate = |file: &Path, reason: String| {
+    fn resolve(&mut self, touched: &ClusterNames, out: &mut Refreshed) {
+        for name in &touched.services {
+            self.duplicates.remove(&("Service", name.to_string()));
+        }
+        for name in &touched.endpoint_slices {
+            self.duplicates.remove(&("EndpointSlice", name.to_string()));
+        }
+        for name in &touched.nodes {
+            self.duplicates.remove(&("Node", name.clone()));
+        }
+        let duplicates = &mut self.duplicates;
+        let mut duplicate = |kind: &'static str, name: String, file: &Path, reason: String| {
+            *duplicates.entry((kind, name)).or_default() += 1;
             out.duplicates.push(ParseProblem {
                 file: file.to_path_buf(),
                 document: 0,
                 reason,
             })
         };
+        let files = &self.files;
         for name in &touched.services {
-            let mut defined = self
-                .files
+            let mut defined = files
                 .iter()
                 .filter_map(|(file, state)| Some((file, state.objects.services.get(name)?)));
             let first = defined.next();
             for (file, _) in defined {
                 duplicate(
+                    "Service",
+                    name.to_string(),
                     file,
                     format!("Service {name} is defined twice; the first one is used"),
                 );
@@ -208,13 +239,14 @@ impl ManifestDir {
                 .push(Update::Service(name.clone(), first.map(|(_, s)| s.clone())));
         }
         for name in &touched.endpoint_slices {
-            let mut defined = self
-                .files
+            let mut defined = files
                 .iter()
                 .filter_map(|(file, state)| Some((file, state.objects.endpoint_slices.get(name)?)));
             let first = defined.next();
             for (file, _) in defined {
                 duplicate(
+                    "EndpointSlice",
+                    name.to_string(),
                     file,
                     format!("EndpointSlice {name} is defined twice; the first one is used"),
                 );
@@ -223,13 +255,14 @@ impl ManifestDir {
                 .push(Update::Slice(name.clone(), first.map(|(_, s)| s.clone())));
         }
         for name in &touched.nodes {
-            let defined: Vec<(&PathBuf, &NodeRecord)> = self
-                .files
+            let defined: Vec<(&PathBuf, &NodeRecord)> = files
                 .iter()
                 .filter_map(|(file, state)| Some((file, state.objects.nodes.get(name)?)))
                 .collect();
-            if let Some((file, _)) = defined.iter().skip(1).last() {
+            for (file, _) in defined.iter().skip(1) {
                 duplicate(
+                    "Node",
+                    name.clone(),
                     file,
                     format!("Node {name} is defined twice; the last one is used"),
                 );
@@ -279,18 +312,22 @@ impl ClusterNames {
     }
 }
 
-fn read_and_parse(file: &Path) -> Loaded {
+/// The file's objects, and whether it could be read at all.
+fn read_and_parse(file: &Path) -> (Loaded, bool) {
     match std::fs::read_to_string(file) {
-        Ok(text) => parse_file(file, &text),
-        Err(error) => Loaded {
-            problems: vec![ParseProblem {
-                file: file.to_path_buf(),
-                document: 0,
-                reason: format!("cannot read: {error}"),
-            }],
-            fatal: true,
-            ..Loaded::default()
-        },
+        Ok(text) => (parse_file(file, &text), true),
+        Err(error) => (
+            Loaded {
+                problems: vec![ParseProblem {
+                    file: file.to_path_buf(),
+                    document: 0,
+                    reason: format!("cannot read: {error}"),
+                }],
+                fatal: true,
+                ..Loaded::default()
+            },
+            false,
+        ),
     }
 }
 
