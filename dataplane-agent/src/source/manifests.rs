@@ -377,109 +377,283 @@ fn is_manifest(path: &Path) -> bool {
     !hidden && path.is_file() && matches!(extension, Some("yaml" | "yml" | "json"))
 }
 
-/// Parses one file's documents.
+/// Parses one file's documents. A large file (a generated manifest of
+/// thousands of Services) is cut at its `---` lines and the pieces are
+/// parsed on every core; documents of a known kind are read straight into
+/// their type, without a generic YAML value first.
 pub fn parse_file(file: &Path, text: &str) -> Loaded {
+    let pieces = split_documents(text);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(pieces.len() / PIECES_PER_THREAD)
+        .max(1);
+    let parsed: Vec<ParsedPiece> = if threads == 1 {
+        pieces.iter().map(|piece| parse_piece(piece)).collect()
+    } else {
+        let per_thread = pieces.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = pieces
+                .chunks(per_thread)
+                .map(|chunk| {
+                    scope.spawn(move || chunk.iter().map(|piece| parse_piece(piece)).collect())
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|worker| {
+                    worker
+                        .join()
+                        .unwrap_or_else(|_| vec![ParsedPiece::panicked()])
+                })
+                .collect()
+        })
+    };
+    if parsed.iter().any(|piece| piece.fatal.is_some()) {
+        // Syntax errors are rare; their line numbers must be the file's,
+        // so the file is read again as one.
+        return parse_sequentially(file, text);
+    }
     let mut loaded = Loaded::default();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let position = index + 1;
-        let problem = |reason: String| ParseProblem {
-            file: file.to_path_buf(),
-            document: position,
-            reason,
-        };
-        let value = match serde_yaml::Value::deserialize(document) {
-            Ok(serde_yaml::Value::Null) => continue,
-            Ok(value) => value,
-            Err(error) => {
-                loaded
-                    .problems
-                    .push(problem(format!("invalid YAML: {error}")));
-                // The parser cannot resynchronise after a syntax error.
-                loaded.fatal = true;
-                break;
-            }
-        };
-        add_object(value, &mut loaded.cluster, &mut |reason| {
-            loaded.problems.push(problem(reason))
-        });
+    let mut position = 0;
+    for piece in parsed {
+        for items in piece.documents {
+            position += 1;
+            add_items(file, position, items, &mut loaded);
+        }
     }
     loaded
 }
 
-fn add_object(
-    value: serde_yaml::Value,
-    cluster: &mut ClusterState,
-    report: &mut dyn FnMut(String),
-) {
-    let kind = value
-        .get("kind")
-        .and_then(|k| k.as_str())
-        .unwrap_or_default()
-        .to_owned();
-    match kind.as_str() {
-        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
-            let items = value
-                .get("items")
-                .and_then(|i| i.as_sequence())
-                .cloned()
-                .unwrap_or_default();
-            for item in items {
-                add_object(item, cluster, report);
+/// Below this many documents per core, one thread parses the file.
+const PIECES_PER_THREAD: usize = 1_000;
+
+/// The file cut before every line that starts a YAML document (`---` at
+/// the start of a line, alone or followed by a space). Each piece holds one
+/// document, or more when the file uses other document markers; parsing
+/// the pieces in order yields the file's documents in order.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for (at, _) in text.match_indices("\n---") {
+        let marker = at + 1;
+        let after = text.as_bytes().get(marker + 3);
+        if matches!(after, None | Some(b'\n' | b'\r' | b' ' | b'\t')) {
+            pieces.push(&text[start..marker]);
+            start = marker;
+        }
+    }
+    pieces.push(&text[start..]);
+    pieces
+}
+
+/// One object or problem of a document, in document order.
+enum Item {
+    Service(ObjectName, ServiceRecord),
+    Slice(ObjectName, SliceRecord),
+    Node(String, NodeRecord),
+    Problem(String),
+}
+
+/// The documents of one piece, each as its items; `fatal` when the piece
+/// has a syntax error (after which nothing can be read).
+#[derive(Default)]
+struct ParsedPiece {
+    documents: Vec<Vec<Item>>,
+    fatal: Option<String>,
+}
+
+impl ParsedPiece {
+    fn panicked() -> Self {
+        Self {
+            documents: Vec::new(),
+            fatal: Some("the parser panicked".into()),
+        }
+    }
+}
+
+fn parse_piece(piece: &str) -> ParsedPiece {
+    if let Some(item) = parse_typed(piece) {
+        return ParsedPiece {
+            documents: vec![vec![item]],
+            fatal: None,
+        };
+    }
+    let mut parsed = ParsedPiece::default();
+    for document in serde_yaml::Deserializer::from_str(piece) {
+        match serde_yaml::Value::deserialize(document) {
+            Ok(serde_yaml::Value::Null) => parsed.documents.push(Vec::new()),
+            Ok(value) => {
+                let mut items = Vec::new();
+                items_of(value, &mut items);
+                parsed.documents.push(items);
+            }
+            Err(error) => {
+                parsed.fatal = Some(error.to_string());
+                break;
             }
         }
+    }
+    parsed
+}
+
+/// A one-document piece of a kind read here, straight into its type;
+/// None sends it the generic way (other kinds, lists, schema errors, whose
+/// messages the generic way words).
+fn parse_typed(piece: &str) -> Option<Item> {
+    let mut lines = piece.lines();
+    let first = lines.next()?;
+    if first.starts_with("---") && first.trim_end() != "---" {
+        return None;
+    }
+    let mut kind = None;
+    for line in std::iter::once(first).chain(lines) {
+        if line.starts_with("---") && line != first || line.starts_with("...") {
+            return None;
+        }
+        if let Some(value) = line.strip_prefix("kind:") {
+            kind = Some(value.trim().trim_matches(|c| c == '"' || c == '\''));
+        }
+    }
+    match kind? {
         "Service" => {
-            if let Some(service) = typed::<Service>(value, &kind, report) {
-                let name = ObjectName::of(&service.metadata);
-                let record = ServiceRecord::new(&name, &service);
-                insert_unique(&mut cluster.services, name, record, &kind, report);
-            }
+            let service: Service = serde_yaml::from_str(piece).ok()?;
+            let name = ObjectName::of(&service.metadata);
+            let record = ServiceRecord::new(&name, &service);
+            Some(Item::Service(name, record))
         }
         "EndpointSlice" => {
-            if let Some(slice) = typed::<EndpointSlice>(value, &kind, report) {
-                let name = ObjectName::of(&slice.metadata);
-                let record = SliceRecord::new(&slice);
-                insert_unique(&mut cluster.endpoint_slices, name, record, &kind, report);
-            }
+            let slice: EndpointSlice = serde_yaml::from_str(piece).ok()?;
+            Some(Item::Slice(
+                ObjectName::of(&slice.metadata),
+                SliceRecord::new(&slice),
+            ))
         }
         "Node" => {
-            if let Some(node) = typed::<Node>(value, &kind, report) {
-                let name = node.metadata.name.clone().unwrap_or_default();
-                if cluster
-                    .nodes
-                    .insert(name.clone(), NodeRecord::new(&node))
-                    .is_some()
-                {
+            let node: Node = serde_yaml::from_str(piece).ok()?;
+            Some(Item::Node(
+                node.metadata.name.clone().unwrap_or_default(),
+                NodeRecord::new(&node),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The whole text through one parser, with a syntax error's position as
+/// the file has it.
+fn parse_sequentially(file: &Path, text: &str) -> Loaded {
+    let mut loaded = Loaded::default();
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let position = index + 1;
+        match serde_yaml::Value::deserialize(document) {
+            Ok(serde_yaml::Value::Null) => {}
+            Ok(value) => {
+                let mut items = Vec::new();
+                items_of(value, &mut items);
+                add_items(file, position, items, &mut loaded);
+            }
+            Err(error) => {
+                loaded.problems.push(ParseProblem {
+                    file: file.to_path_buf(),
+                    document: position,
+                    reason: format!("invalid YAML: {error}"),
+                });
+                // The parser cannot resynchronise after a syntax error.
+                loaded.fatal = true;
+                break;
+            }
+        }
+    }
+    loaded
+}
+
+/// Adds one document's items, reporting them with the document's
+/// position.
+fn add_items(file: &Path, position: usize, items: Vec<Item>, loaded: &mut Loaded) {
+    let problems = &mut loaded.problems;
+    let mut report = |reason: String| {
+        problems.push(ParseProblem {
+            file: file.to_path_buf(),
+            document: position,
+            reason,
+        })
+    };
+    let cluster = &mut loaded.cluster;
+    for item in items {
+        match item {
+            Item::Service(name, record) => {
+                insert_unique(&mut cluster.services, name, record, "Service", &mut report)
+            }
+            Item::Slice(name, record) => insert_unique(
+                &mut cluster.endpoint_slices,
+                name,
+                record,
+                "EndpointSlice",
+                &mut report,
+            ),
+            Item::Node(name, record) => {
+                if cluster.nodes.insert(name.clone(), record).is_some() {
                     report(format!(
                         "Node {name} is defined twice; the last one is used"
                     ));
                 }
             }
+            Item::Problem(reason) => report(reason),
         }
-        "" => report("document has no kind".into()),
+    }
+}
+
+fn items_of(value: serde_yaml::Value, items: &mut Vec<Item>) {
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let report = Item::Problem;
+    match kind.as_str() {
+        "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
+            let list = value
+                .get("items")
+                .and_then(|i| i.as_sequence())
+                .cloned()
+                .unwrap_or_default();
+            for item in list {
+                items_of(item, items);
+            }
+        }
+        "Service" => items.push(match typed::<Service>(value, &kind) {
+            Ok(service) => {
+                let name = ObjectName::of(&service.metadata);
+                let record = ServiceRecord::new(&name, &service);
+                Item::Service(name, record)
+            }
+            Err(reason) => report(reason),
+        }),
+        "EndpointSlice" => items.push(match typed::<EndpointSlice>(value, &kind) {
+            Ok(slice) => Item::Slice(ObjectName::of(&slice.metadata), SliceRecord::new(&slice)),
+            Err(reason) => report(reason),
+        }),
+        "Node" => items.push(match typed::<Node>(value, &kind) {
+            Ok(node) => Item::Node(
+                node.metadata.name.clone().unwrap_or_default(),
+                NodeRecord::new(&node),
+            ),
+            Err(reason) => report(reason),
+        }),
+        "" => items.push(report("document has no kind".into())),
         other => tracing::debug!(kind = other, "ignoring a kind the dataplane does not use"),
     }
 }
 
-fn typed<T: DeserializeOwned>(
-    value: serde_yaml::Value,
-    kind: &str,
-    report: &mut dyn FnMut(String),
-) -> Option<T> {
+fn typed<T: DeserializeOwned>(value: serde_yaml::Value, kind: &str) -> Result<T, String> {
     let name = value
         .get("metadata")
         .and_then(|m| m.get("name"))
         .and_then(|n| n.as_str())
         .unwrap_or("<unnamed>")
         .to_owned();
-    match serde_yaml::from_value(value) {
-        Ok(object) => Some(object),
-        Err(error) => {
-            report(format!(
-                "{kind} {name} does not match the Kubernetes schema: {error}"
-            ));
-            None
-        }
-    }
+    serde_yaml::from_value(value)
+        .map_err(|error| format!("{kind} {name} does not match the Kubernetes schema: {error}"))
 }
 
 fn insert_unique<T>(
@@ -555,6 +729,60 @@ endpoints:
 - addresses: [10.0.0.1]
   conditions: {ready: true}
 "#;
+
+    #[test]
+    fn a_large_file_parsed_in_pieces_on_every_core_reads_as_one() {
+        let mut documents = Vec::new();
+        for i in 0..5_000 {
+            documents.push(format!(
+                "kind: Service\nmetadata: {{name: s{i}, namespace: shop}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n",
+                i / 250,
+                i % 250 + 1
+            ));
+        }
+        // A duplicate, a schema error, a list, a foreign kind, an empty
+        // document and an inline document marker, far apart.
+        documents[100] = documents[99].clone();
+        documents[2_000] = "kind: Service\nmetadata: {name: broken}\nspec: {ports: 7}\n".into();
+        documents[3_000] = "kind: List\nitems:\n- {kind: Node, metadata: {name: n1}}\n".into();
+        documents[3_500] = "kind: ConfigMap\nmetadata: {name: c}\n".into();
+        documents[4_000] = String::new();
+        documents[4_500] = "--- {kind: Node, metadata: {name: n2}}\n".into();
+        let text = documents
+            .iter()
+            .map(|d| if d.starts_with("---") { d.clone() } else { format!("---\n{d}") })
+            .collect::<String>();
+        let file = Path::new("big.yaml");
+        let pieces = parse_file(file, &text);
+        let whole = parse_sequentially(file, &text);
+        assert!(!pieces.fatal);
+        assert_eq!(pieces.cluster, whole.cluster);
+        assert_eq!(pieces.problems, whole.problems);
+        assert_eq!(pieces.cluster.services.len(), 4_994);
+        assert_eq!(pieces.cluster.nodes.len(), 2);
+        let reasons: Vec<String> = pieces.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].contains("document 101") && reasons[0].contains("defined twice"));
+        assert!(reasons[1].contains("document 2001") && reasons[1].contains("Service broken"));
+    }
+
+    #[test]
+    fn a_syntax_error_in_a_large_file_is_reported_at_the_files_line() {
+        let mut text = String::new();
+        for i in 0..3_000 {
+            text += &format!(
+                "---\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}\n"
+            );
+        }
+        text += "---\nkind: Service\nmetadata: [unclosed\n";
+        let loaded = parse_file(Path::new("big.yaml"), &text);
+        assert!(loaded.fatal);
+        assert_eq!(loaded.cluster.services.len(), 3_000);
+        let problem = loaded.problems.last().unwrap();
+        assert_eq!(problem.document, 3_001);
+        // The line in the file, not in a piece of it.
+        assert!(problem.reason.contains("line 12003"), "{problem}");
+    }
 
     #[test]
     fn reads_multi_document_files() {
