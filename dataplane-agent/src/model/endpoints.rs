@@ -133,8 +133,8 @@ impl TopologyFilter<'_> {
     fn is_hinted(&self, endpoint: &EndpointRecord) -> bool {
         match self {
             Self::None => true,
-            Self::Zone(_) => !endpoint.zone_hints.is_empty(),
-            Self::Node(_) => !endpoint.node_hints.is_empty(),
+            Self::Zone(_) => !endpoint.zone_hints().is_empty(),
+            Self::Node(_) => !endpoint.node_hints().is_empty(),
         }
     }
 
@@ -147,8 +147,8 @@ impl TopologyFilter<'_> {
     fn admits(&self, endpoint: &EndpointRecord) -> bool {
         match self {
             Self::None => true,
-            Self::Zone(zone) => endpoint.zone_hints.iter().any(|z| z == zone),
-            Self::Node(node) => endpoint.node_hints.iter().any(|n| n == node),
+            Self::Zone(zone) => endpoint.zone_hints().iter().any(|z| z == zone),
+            Self::Node(node) => endpoint.node_hints().iter().any(|n| n == node),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! over a gigabyte as `k8s_openapi` values and tens of megabytes as these
 //! records.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -30,12 +30,17 @@ const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 const AUTOSCALER_DELETION_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// A Service, validated: what kube-proxy would proxy, or why it cannot.
+/// Shared, not copied, between a source's bookkeeping and the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceRecord(pub(super) Result<Classified, String>);
+pub struct ServiceRecord(Arc<Result<Classified, String>>);
 
 impl ServiceRecord {
     pub fn new(name: &ObjectName, service: &Service) -> Self {
-        Self(service::classify(name, service))
+        Self(Arc::new(service::classify(name, service)))
+    }
+
+    pub(super) fn classified(&self) -> &Result<Classified, String> {
+        &self.0
     }
 }
 
@@ -62,22 +67,50 @@ pub(super) struct SlicePort {
 
 /// An endpoint of an EndpointSlice with its conditions resolved as the API
 /// documents them (a nil ready or serving means true, nil terminating
-/// false).
+/// false). Kept small: a large cluster holds millions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct EndpointRecord {
     /// The first address, when it is IPv4.
     pub ip: Option<Ipv4Addr>,
-    pub node_name: Option<String>,
+    pub node_name: Option<Box<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub zone_hints: Vec<String>,
-    pub node_hints: Vec<String>,
+    hints: Option<Box<Hints>>,
 }
 
-/// An EndpointSlice.
+/// Topology hints of an endpoint (most have none).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SliceRecord {
+struct Hints {
+    zones: Vec<String>,
+    nodes: Vec<String>,
+}
+
+impl EndpointRecord {
+    pub(super) fn zone_hints(&self) -> &[String] {
+        self.hints.as_ref().map_or(&[], |h| &h.zones)
+    }
+
+    pub(super) fn node_hints(&self) -> &[String] {
+        self.hints.as_ref().map_or(&[], |h| &h.nodes)
+    }
+}
+
+/// An EndpointSlice. Shared, not copied, between a source's bookkeeping
+/// and the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceRecord(Arc<SliceData>);
+
+impl std::ops::Deref for SliceRecord {
+    type Target = SliceData;
+
+    fn deref(&self) -> &SliceData {
+        &self.0
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct SliceData {
     pub(super) owner: SliceOwner,
     /// What is wrong with some of its endpoints (they are left out).
     pub(super) problems: Vec<String>,
@@ -124,7 +157,7 @@ impl SliceRecord {
             }
         };
         let serves = matches!(owner, SliceOwner::Service(_));
-        Self {
+        Self(Arc::new(SliceData {
             owner,
             problems,
             ports: if serves {
@@ -155,7 +188,7 @@ impl SliceRecord {
                 .as_ref()
                 .and_then(|a| a.get(LAST_CHANGE_TRIGGER_TIME))
                 .cloned(),
-        }
+        }))
     }
 
     /// The Service this slice serves, if any.
@@ -172,23 +205,25 @@ impl EndpointRecord {
         let conditions = endpoint.conditions.as_ref();
         let ready = conditions.and_then(|c| c.ready);
         let hints = endpoint.hints.as_ref();
+        let zones: Vec<String> = hints
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
+            .unwrap_or_default();
+        let nodes: Vec<String> = hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .map(|nodes| nodes.iter().map(|n| n.name.clone()).collect())
+            .unwrap_or_default();
         Self {
             ip: endpoint
                 .addresses
                 .first()
                 .and_then(|a| a.parse::<Ipv4Addr>().ok()),
-            node_name: endpoint.node_name.clone(),
+            node_name: endpoint.node_name.as_deref().map(Box::from),
             ready: ready.unwrap_or(true),
             serving: conditions.and_then(|c| c.serving).or(ready).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-            zone_hints: hints
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|zones| zones.iter().map(|z| z.name.clone()).collect())
-                .unwrap_or_default(),
-            node_hints: hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .map(|nodes| nodes.iter().map(|n| n.name.clone()).collect())
-                .unwrap_or_default(),
+            hints: (!zones.is_empty() || !nodes.is_empty())
+                .then(|| Box::new(Hints { zones, nodes })),
         }
     }
 }

@@ -359,7 +359,7 @@ fn service_output(
         }
         return out;
     };
-    let spec = match &service.0 {
+    let spec = match service.classified() {
         Ok(service::Classified::Proxied(spec)) => spec,
         Ok(service::Classified::Ignored) => return out,
         Err(reason) => {

@@ -750,7 +750,13 @@ endpoints:
         documents[4_500] = "--- {kind: Node, metadata: {name: n2}}\n".into();
         let text = documents
             .iter()
-            .map(|d| if d.starts_with("---") { d.clone() } else { format!("---\n{d}") })
+            .map(|d| {
+                if d.starts_with("---") {
+                    d.clone()
+                } else {
+                    format!("---\n{d}")
+                }
+            })
             .collect::<String>();
         let file = Path::new("big.yaml");
         let pieces = parse_file(file, &text);
