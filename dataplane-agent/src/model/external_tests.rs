@@ -329,7 +329,7 @@ fn two_services_on_one_node_port_keep_the_first() {
         .map(|(_, e)| e.service.name.clone());
     assert_eq!(node_port.as_deref(), Some("other"));
     assert!(
-        desired.skipped.iter().any(|s| s.object.name == "web"
+        desired.skipped.iter().any(|s| &*s.object.name == "web"
             && s.reason.contains("already used by Service default/other")),
         "{:?}",
         desired.skipped

@@ -13,24 +13,26 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 pub use incremental::{Model, Recomputed, SyncedService, Update};
 pub use input::{ClusterState, NodeRecord, ServiceRecord, SliceRecord};
 pub use service::Protocol;
 
-/// `namespace/name` of a Kubernetes object.
+/// `namespace/name` of a Kubernetes object. Cheap to clone: the model
+/// keeps each name in several indexes, for every object of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectName {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectName {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: Arc::from(namespace.into()),
+            name: Arc::from(name.into()),
         }
     }
 

@@ -152,11 +152,11 @@ fn a_conflict_is_reported_when_the_loser_changes_and_resolved_when_the_owner_goe
         80,
         super::super::Protocol::Tcp,
     );
-    assert_eq!(model.entry(&frontend).unwrap().service.name, "svc-1");
+    assert_eq!(&*model.entry(&frontend).unwrap().service.name, "svc-1");
     model.update(Update::Service(ObjectName::new("default", "svc-1"), None));
     let recomputed = model.recompute();
     assert!(recomputed.frontends.contains(&frontend));
-    assert_eq!(model.entry(&frontend).unwrap().service.name, "svc-9");
+    assert_eq!(&*model.entry(&frontend).unwrap().service.name, "svc-9");
     // The conflict is gone; svc-1's slice is now the one reported.
     assert_eq!(model.skipped_count(), 1);
 }
