@@ -26,9 +26,11 @@ pub struct RunConfig {
     pub bpffs_dir: PathBuf,
     pub node_name: String,
     pub min_sync_period: Duration,
-    /// Full resync: re-read the pinned maps and converge, even without a
-    /// change (kube-proxy's --sync-period).
+    /// Resync: SERVICES compared with the mirror, even without a change
+    /// (kube-proxy's --sync-period).
     pub sync_period: Duration,
+    /// Full resync: every map re-read, every Service recomputed.
+    pub full_resync_period: Duration,
     /// How long a retired backend slot stays readable after the flip that
     /// retired it, for connect() calls that read the old Service entry.
     pub retired_slot_grace: Duration,

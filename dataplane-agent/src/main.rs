@@ -175,9 +175,14 @@ struct RunArgs {
     /// iptables/nft on PATH, and CAP_NET_RAW for the legacy backend.
     #[arg(long)]
     cleanup_kube_proxy_rules: bool,
-    /// Full resync period: re-read the pinned maps and converge.
+    /// Resync period: compare the pinned SERVICES map with what this agent
+    /// wrote (a full resync if they differ), even without a change.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     sync_period: Duration,
+    /// Full resync period: re-read every pinned map, recompute every
+    /// Service and converge (costs seconds of CPU at 100,000 Services).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    full_resync_period: Duration,
 }
 
 fn bind_address(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>> {
@@ -264,6 +269,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
         node_name: node_name(args.hostname_override)?,
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
+        full_resync_period: args.full_resync_period,
         retired_slot_grace: Duration::from_secs(1),
         limits: Limits {
             max_backends_per_service: args.max_backends_per_service,

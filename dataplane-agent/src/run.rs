@@ -115,6 +115,7 @@ struct Agent {
     mirror: PinnedState,
     /// Unreachable backend slots and when they became unreachable.
     retired: BTreeMap<BackendKey, Instant>,
+    last_full_resync: Instant,
     /// Frontends whose last write failed, with why: written again at
     /// every sync until they succeed.
     failing: BTreeMap<Frontend, (&'static str, String)>,
@@ -362,10 +363,29 @@ impl Agent {
         }
     }
 
-    /// A full resync: what the kernel maps hold (in case anything but this
-    /// agent touched them) becomes the starting point again, every Service
-    /// is recomputed, and the maps converge.
+    /// The periodic resync. Cheap when nothing is amiss: SERVICES (one
+    /// entry per frontend, read in batches) is compared with the mirror.
+    /// If it differs (anything but this agent wrote to it), or once per
+    /// --full-resync-period, a full resync: what the kernel maps hold
+    /// becomes the starting point again, every Service is recomputed, and
+    /// the maps converge.
     fn resync(&mut self) -> Result<()> {
+        if let (Some(maps), Some(external)) = (&mut self.interface_maps, &self.config.external) {
+            // Node addresses can change (DHCP, a new LB address on the node).
+            let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
+            maps.set_node_ips(&addresses)?;
+        }
+        if self.last_full_resync.elapsed() < self.config.full_resync_period {
+            let services = self
+                .maps
+                .read_services()
+                .context("reading SERVICES for a resync")?;
+            if services == self.mirror.services {
+                self.health.updated(SystemTime::now());
+                return Ok(());
+            }
+            warn!("SERVICES differs from what this agent wrote: full resync");
+        }
         self.mirror = self
             .maps
             .read()
@@ -373,12 +393,8 @@ impl Agent {
         if let Some(error) = self.mirror.free_orphan_members(&mut self.maps) {
             warn!(%error, "could not delete every orphaned member entry");
         }
-        if let (Some(maps), Some(external)) = (&mut self.interface_maps, &self.config.external) {
-            // Node addresses can change (DHCP, a new LB address on the node).
-            let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
-            maps.set_node_ips(&addresses)?;
-        }
         self.sync(SyncScope::Everything)?;
+        self.last_full_resync = Instant::now();
         self.retire_all_unreachable();
         return_freed_memory();
         Ok(())
@@ -581,6 +597,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         source,
         model,
         failing: BTreeMap::new(),
+        last_full_resync: Instant::now(),
         config,
         maps,
         mirror,

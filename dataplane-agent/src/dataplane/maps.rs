@@ -2,7 +2,11 @@
 //! node-interface configuration, and readers for the CLI, the sweep and
 //! the metrics.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, os::fd::AsFd as _};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    os::fd::AsFd as _,
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -117,6 +121,13 @@ impl KernelMaps {
     /// Reads both maps completely: what a previous agent left is the
     /// starting point, so ids stay stable and unchanged Services are not
     /// rewritten.
+    /// SERVICES alone: what a resync compares with the mirror.
+    pub fn read_services(&self) -> Result<BTreeMap<ServiceKey, ServiceValue>> {
+        Ok(read_all(&self.services, map_names::SERVICES)?
+            .into_iter()
+            .collect())
+    }
+
     pub fn read(&self) -> Result<PinnedState> {
         let mut state = PinnedState {
             services: read_all(&self.services, map_names::SERVICES)?
