@@ -217,10 +217,11 @@ impl Agent {
             self.serve_health_checks();
         }
         self.health.updated(SystemTime::now());
+        let invalid_objects = self.source.problem_count() + self.model.skipped_count();
         self.metrics.record_sync(&SyncOutcome {
             failing: &self.failing,
             programmed: &self.mirror,
-            invalid_objects: self.source.problem_count() + self.model.skipped_count(),
+            invalid_objects,
             elapsed: started.elapsed(),
             new_failures: &report.failed,
         });
@@ -245,7 +246,7 @@ impl Agent {
                 updated = report.updated,
                 removed = report.removed,
                 failed = report.failed.len(),
-                invalid_objects = self.source.problem_count() + self.model.skipped_count(),
+                invalid_objects,
                 load_ms,
                 compute_ms,
                 apply_ms,

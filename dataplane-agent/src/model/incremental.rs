@@ -44,6 +44,8 @@ pub struct Model {
     /// counted as they change so the metric costs nothing per sync.
     skipped_in_outputs: usize,
     skipped_in_slices: usize,
+    /// Claims beyond the first, over all frontends.
+    conflicts: usize,
 }
 
 /// One change a source saw.
@@ -100,6 +102,7 @@ impl Model {
             nodes_changed: false,
             skipped_in_outputs: 0,
             skipped_in_slices: 0,
+            conflicts: 0,
         }
     }
 
@@ -316,11 +319,15 @@ impl Model {
         }
         for (frontend, _) in &previous.frontends {
             out.frontends.insert(*frontend);
+            let before = extra_claims(&self.claims, frontend);
             unclaim(&mut self.claims, frontend, &name);
+            self.conflicts = self.conflicts + extra_claims(&self.claims, frontend) - before;
         }
         for (frontend, _) in &output.frontends {
             out.frontends.insert(*frontend);
+            let before = extra_claims(&self.claims, frontend);
             claim(&mut self.claims, *frontend, &name);
+            self.conflicts = self.conflicts + extra_claims(&self.claims, frontend) - before;
         }
         if previous.health_check.as_ref().map(|(p, c)| (p, c))
             != output.health_check.as_ref().map(|(p, c)| (p, c))
@@ -391,12 +398,7 @@ impl Model {
 
     /// How many objects are skipped now, each reason counted once.
     pub fn skipped_count(&self) -> usize {
-        let conflicts: usize = self
-            .claims
-            .values()
-            .map(|claimants| claimants.len().saturating_sub(1))
-            .sum();
-        self.skipped_in_outputs + self.skipped_in_slices + conflicts
+        self.skipped_in_outputs + self.skipped_in_slices + self.conflicts
     }
 
     /// The problems of one EndpointSlice that do not depend on its Service.
@@ -440,6 +442,11 @@ fn problem_count(slice: &SliceRecord) -> usize {
         super::input::SliceOwner::Service(_) => slice.problems.len(),
         super::input::SliceOwner::Ignored => 0,
     }
+}
+
+/// Claimants of `key` beyond the one that owns it.
+fn extra_claims(claims: &BTreeMap<Frontend, Vec<ObjectName>>, key: &Frontend) -> usize {
+    claims.get(key).map_or(0, |c| c.len().saturating_sub(1))
 }
 
 /// Adds `name` to the sorted claimants of `key`.
