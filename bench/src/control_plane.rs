@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use dataplane_testbed::{interrupt::Interrupt, testbed::AgentSource};
 use serde::{Deserialize, Serialize};
 
-use super::{CLIENT_LINK, Dataplane, ServiceSet, Site, endpoint_change_latency, rss_mib};
+use super::{Dataplane, OUR_AGENT_ARGS, ServiceSet, Site, endpoint_change_latency, rss_mib};
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub(crate) struct ControlPlaneRow {
@@ -48,19 +48,9 @@ pub(crate) fn measure(
     for &services in scales {
         interrupt.check()?;
         let set = ServiceSet::new(services, &site.pods);
-        tb.write_manifest("bench.yaml", &set.filler_manifests())?;
-        let hot = set.services.last().context("no hot Service")?;
-        tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints)?)?;
-        let common = [
-            "--metrics-bind-address",
-            "",
-            "--healthz-bind-address",
-            "",
-            "--interfaces",
-            CLIENT_LINK,
-        ];
+        set.write_manifests(tb)?;
         let started = Instant::now();
-        tb.start_agent_within(&AgentSource::Manifests, &common, READY_WITHIN)?;
+        tb.start_agent_within(&AgentSource::Manifests, &OUR_AGENT_ARGS, READY_WITHIN)?;
         let program_seconds = started.elapsed().as_secs_f64();
         let (change_p50_ms, change_p99_ms) = endpoint_change_latency(tb, &set, changes)?;
         let pid = tb.agent_pid().context("the agent is not running")?;
@@ -69,7 +59,7 @@ pub(crate) fn measure(
         let idle_cpu_percent = cpu_percent(pid, idle)?;
         tb.stop_agent_within(libc::SIGTERM, Duration::from_secs(120))?;
 
-        let mut unpaced = common.to_vec();
+        let mut unpaced = OUR_AGENT_ARGS.to_vec();
         unpaced.extend(["--min-sync-period", "0s"]);
         tb.start_agent_within(&AgentSource::Manifests, &unpaced, READY_WITHIN)?;
         let (unpaced_change_p50_ms, unpaced_change_p99_ms) =

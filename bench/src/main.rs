@@ -85,6 +85,16 @@ const HOT_NODE_PORT: u16 = 30080;
 /// The node's address on the client's link, and that link's name there.
 const NODE_ADDRESS: &str = "10.200.1.1";
 const CLIENT_LINK: &str = "h1";
+/// How the bench runs our agent: no servers of its own (the bench reads
+/// the pinned maps), the interface programs on the client's link.
+const OUR_AGENT_ARGS: [&str; 6] = [
+    "--metrics-bind-address",
+    "",
+    "--healthz-bind-address",
+    "",
+    "--interfaces",
+    CLIENT_LINK,
+];
 
 #[derive(Clone, Debug)]
 pub struct BenchService {
@@ -129,6 +139,13 @@ impl ServiceSet {
             endpoints: pods.iter().map(|p| p.ip).collect(),
         });
         Self { services }
+    }
+
+    /// The filler Services in bench.yaml, the hot one in hot.yaml.
+    fn write_manifests(&self, tb: &Testbed) -> Result<()> {
+        tb.write_manifest("bench.yaml", &self.filler_manifests())?;
+        let hot = self.services.last().context("no hot Service")?;
+        tb.write_manifest("hot.yaml", &self.hot_manifests(&hot.endpoints)?)
     }
 
     /// The Services but the hot one, as manifests for the agent.
@@ -578,17 +595,8 @@ fn load(site: &Site, set: &ServiceSet, timeout: u64) -> Result<Option<f64>> {
     let (tool, flag, file, rules) = match site.dataplane {
         Dataplane::Direct => return Ok(Some(0.0)),
         Dataplane::Ours => {
-            tb.write_manifest("bench.yaml", &set.filler_manifests())?;
-            let hot = set.services.last().context("no hot Service")?;
-            tb.write_manifest("hot.yaml", &set.hot_manifests(&hot.endpoints)?)?;
-            tb.start_agent(&[
-                "--metrics-bind-address",
-                "",
-                "--healthz-bind-address",
-                "",
-                "--interfaces",
-                CLIENT_LINK,
-            ])?;
+            set.write_manifests(tb)?;
+            tb.start_agent(&OUR_AGENT_ARGS)?;
             return Ok(Some(started.elapsed().as_secs_f64()));
         }
         Dataplane::Iptables => (

@@ -220,23 +220,13 @@ impl PinnedState {
         store: &mut S,
         limits: &Limits,
     ) -> ApplyReport {
-        let mut report = ApplyReport::default();
         let unwanted: Vec<ServiceKey> = self
             .services
             .keys()
             .filter(|key| frontend_of(key).is_none_or(|f| desired.entry(&f).is_none()))
             .copied()
             .collect();
-        self.remove(&unwanted, store, &mut report);
-        let mut budget = Budget {
-            limits,
-            ids: IdAllocator::new(limits.max_services),
-            live_backends: self.live_backend_count(),
-        };
-        for (frontend, entry) in desired.each() {
-            self.apply_one(frontend, entry, store, &mut budget, &mut report);
-        }
-        report
+        self.write(&unwanted, desired.each(), store, limits)
     }
 
     /// Like [`PinnedState::apply`], for the `changed` frontends only: what
@@ -248,23 +238,34 @@ impl PinnedState {
         store: &mut S,
         limits: &Limits,
     ) -> ApplyReport {
-        let mut report = ApplyReport::default();
         let unwanted: Vec<ServiceKey> = changed
             .iter()
             .filter(|f| desired.entry(f).is_none())
             .map(service_key)
             .filter(|key| self.services.contains_key(key))
             .collect();
-        self.remove(&unwanted, store, &mut report);
+        let wanted = changed.iter().filter_map(|f| Some((f, desired.entry(f)?)));
+        self.write(&unwanted, wanted, store, limits)
+    }
+
+    /// Deletes `unwanted` first (their capacity is free for the new
+    /// frontends of the same sync), then writes each of `wanted`.
+    fn write<'a, S: MapStore>(
+        &mut self,
+        unwanted: &[ServiceKey],
+        wanted: impl Iterator<Item = (&'a Frontend, &'a FrontendEntry)>,
+        store: &mut S,
+        limits: &Limits,
+    ) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        self.remove(unwanted, store, &mut report);
         let mut budget = Budget {
             limits,
             ids: IdAllocator::new(limits.max_services),
             live_backends: self.live_backend_count(),
         };
-        for frontend in changed {
-            if let Some(entry) = desired.entry(frontend) {
-                self.apply_one(frontend, entry, store, &mut budget, &mut report);
-            }
+        for (frontend, entry) in wanted {
+            self.apply_one(frontend, entry, store, &mut budget, &mut report);
         }
         report
     }

@@ -274,24 +274,41 @@ impl ManifestDir {
         }
     }
 
-    /// The manifest files as of the last refresh.
-    pub fn files(&self) -> BTreeSet<PathBuf> {
-        self.files.keys().cloned().collect()
-    }
-
-    /// The whole directory as it is now: refreshes, then merges every
-    /// file's objects, reporting the problems of the files parsed again
-    /// and every object defined twice.
+    /// The whole directory as it is now, for tests: refreshes, then
+    /// resolves every name as a refresh resolves the changed ones,
+    /// reporting the problems of the files parsed again and every object
+    /// defined twice.
+    #[cfg(test)]
     pub fn load(&mut self) -> Result<Loaded> {
         let refreshed = self.refresh()?;
-        let mut loaded = Loaded {
-            problems: refreshed.problems,
-            ..Loaded::default()
-        };
-        for (file, state) in &self.files {
-            merge(file, state.objects.clone(), &mut loaded);
+        let mut every_name = ClusterNames::default();
+        for state in self.files.values() {
+            every_name.add(&state.objects);
         }
-        Ok(loaded)
+        let mut whole = Refreshed::default();
+        self.resolve(&every_name, &mut whole);
+        let mut cluster = ClusterState::default();
+        for update in whole.updates {
+            match update {
+                Update::Service(name, Some(record)) => {
+                    cluster.services.insert(name, record);
+                }
+                Update::Slice(name, Some(record)) => {
+                    cluster.endpoint_slices.insert(name, record);
+                }
+                Update::Node(name, Some(record)) => {
+                    cluster.nodes.insert(name, record);
+                }
+                _ => {}
+            }
+        }
+        let mut problems = refreshed.problems;
+        problems.extend(whole.duplicates);
+        Ok(Loaded {
+            cluster,
+            problems,
+            fatal: false,
+        })
     }
 }
 
@@ -328,43 +345,6 @@ fn read_and_parse(file: &Path) -> (Loaded, bool) {
             },
             false,
         ),
-    }
-}
-
-/// Adds one file's objects to the directory's, reporting names that another
-/// file already defined.
-fn merge(file: &Path, objects: ClusterState, loaded: &mut Loaded) {
-    let mut report = |reason: String| {
-        loaded.problems.push(ParseProblem {
-            file: file.to_path_buf(),
-            document: 0,
-            reason,
-        })
-    };
-    for (name, service) in objects.services {
-        insert_unique(
-            &mut loaded.cluster.services,
-            name,
-            service,
-            "Service",
-            &mut report,
-        );
-    }
-    for (name, slice) in objects.endpoint_slices {
-        insert_unique(
-            &mut loaded.cluster.endpoint_slices,
-            name,
-            slice,
-            "EndpointSlice",
-            &mut report,
-        );
-    }
-    for (name, node) in objects.nodes {
-        if loaded.cluster.nodes.insert(name.clone(), node).is_some() {
-            report(format!(
-                "Node {name} is defined twice; the last one is used"
-            ));
-        }
     }
 }
 
