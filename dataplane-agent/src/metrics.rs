@@ -162,7 +162,7 @@ impl Metrics {
             ),
             (
                 map_names::MEMBERS,
-                programmed.members.len(),
+                programmed.backends.len() + programmed.stray_members.len(),
                 BACKENDS_MAX_ENTRIES,
             ),
         ];

@@ -215,7 +215,8 @@ fn cluster() -> impl Strategy<Value = ClusterState> {
 
 /// Every SERVICES entry points at exactly `backend_count` slots of its
 /// generation, each with its MEMBERS entry, and ids are unique.
-fn assert_consistent(state: &PinnedState) {
+fn assert_consistent(maps: &FakeMaps) {
+    let state = &maps.state;
     let mut ids = BTreeSet::new();
     for value in state.services.values() {
         assert!(
@@ -231,7 +232,7 @@ fn assert_consistent(state: &PinnedState) {
                 generation: value.generation,
                 index: index as u16,
             };
-            assert!(state.members.contains_key(&member_key(&slot, slot_value)));
+            assert!(maps.members.contains_key(&member_key(&slot, slot_value)));
         }
     }
 }
@@ -328,7 +329,7 @@ proptest! {
         for cluster in &states {
             let want = desired(cluster, &node);
             let report = mirror.apply(&want, &mut maps, &Limits::default());
-            assert_consistent(&maps.state);
+            assert_consistent(&maps);
             prop_assert_eq!(&mirror, &maps.state, "the mirror is exact");
             // Everything desired is programmed, except what failed.
             let failed: BTreeSet<_> = report.failed.iter().map(|(f, _)| *f).collect();
@@ -342,7 +343,7 @@ proptest! {
             let retired = mirror.unreachable_backends();
             mirror.free_retired(&retired, &mut maps);
             prop_assert!(mirror.unreachable_backends().is_empty(), "no orphaned slots");
-            assert_consistent(&maps.state);
+            assert_consistent(&maps);
         }
     }
 }

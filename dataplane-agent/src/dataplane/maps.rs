@@ -129,22 +129,11 @@ impl KernelMaps {
     }
 
     pub fn read(&self) -> Result<PinnedState> {
-        let mut state = PinnedState {
-            services: read_all(&self.services, map_names::SERVICES)?
-                .into_iter()
-                .collect(),
-            backends: read_all(&self.backends, map_names::BACKENDS)?
-                .into_iter()
-                .collect(),
-            members: read_all(&self.members, map_names::MEMBERS)?
-                .into_iter()
-                .collect(),
-            ..PinnedState::default()
-        };
+        let mut source_ranges = BTreeSet::new();
         for key in self.source_ranges.keys() {
             let key = key.context("reading SOURCE_RANGES")?;
             let data = key.data();
-            state.source_ranges.insert((
+            source_ranges.insert((
                 u32::from_be(data.service_id_be),
                 SourceRange {
                     ip: ipv4_of_be(data.source_be),
@@ -152,7 +141,16 @@ impl KernelMaps {
                 },
             ));
         }
-        Ok(state)
+        Ok(PinnedState::from_maps(
+            read_all(&self.services, map_names::SERVICES)?
+                .into_iter()
+                .collect(),
+            read_all(&self.backends, map_names::BACKENDS)?
+                .into_iter()
+                .collect(),
+            read_all(&self.members, map_names::MEMBERS)?,
+            source_ranges,
+        ))
     }
 }
 

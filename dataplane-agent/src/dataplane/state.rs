@@ -48,8 +48,12 @@ impl DesiredFrontends for Model {
 pub struct PinnedState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<BackendKey, BackendValue>,
-    /// Member key -> slot index.
-    pub members: BTreeMap<MemberKey, u32>,
+    /// MEMBERS entries no slot accounts for (an agent died while freeing
+    /// retired slots). Every other MEMBERS entry is
+    /// `member_key(slot, value) -> slot.index` of a slot in `backends`, so
+    /// it is not kept twice: at a million backends that copy was the
+    /// agent's largest allocation.
+    pub stray_members: BTreeSet<MemberKey>,
     /// (frontend id, allowed source prefix): SOURCE_RANGES.
     pub source_ranges: BTreeSet<(u32, SourceRange)>,
 }
@@ -144,6 +148,43 @@ pub struct ApplyReport {
 }
 
 impl PinnedState {
+    /// The state a new agent reads from the maps: MEMBERS is checked
+    /// against the slots rather than copied.
+    pub fn from_maps(
+        services: BTreeMap<ServiceKey, ServiceValue>,
+        backends: BTreeMap<BackendKey, BackendValue>,
+        members: impl IntoIterator<Item = (MemberKey, u32)>,
+        source_ranges: BTreeSet<(u32, SourceRange)>,
+    ) -> Self {
+        let stray_members = members
+            .into_iter()
+            .filter(|(member, index)| {
+                let slot = BackendKey {
+                    service_id: member.service_id,
+                    generation: member.generation,
+                    index: u16::try_from(*index).unwrap_or(u16::MAX),
+                };
+                backends
+                    .get(&slot)
+                    .is_none_or(|value| member_key(&slot, value) != *member)
+            })
+            .map(|(member, _)| member)
+            .collect();
+        Self {
+            services,
+            backends,
+            stray_members,
+            source_ranges,
+        }
+    }
+
+    /// The MEMBERS entries the slots account for.
+    pub fn members(&self) -> impl Iterator<Item = (MemberKey, u32)> + '_ {
+        self.backends
+            .iter()
+            .map(|(slot, value)| (member_key(slot, value), u32::from(slot.index)))
+    }
+
     /// The backends a frontend currently balances over, in slot order.
     pub fn current_backends(&self, value: &ServiceValue) -> Vec<BackendValue> {
         (0..value.backend_count)
@@ -189,16 +230,7 @@ impl PinnedState {
     fn ids_in_use(&self) -> BTreeSet<u32> {
         let mut ids: Vec<u32> = self.services.values().map(|v| v.service_id).collect();
         ids.extend(distinct_ids(&self.backends, |k| k.service_id, first_slot));
-        ids.extend(distinct_ids(
-            &self.members,
-            |k| k.service_id,
-            |id| MemberKey {
-                service_id: id,
-                generation: 0,
-                port_be: 0,
-                ip_be: 0,
-            },
-        ));
+        ids.extend(self.stray_members.iter().map(|member| member.service_id));
         ids.extend(self.source_ranges.iter().map(|(id, _)| *id));
         ids.into_iter().collect()
     }
@@ -430,7 +462,10 @@ impl PinnedState {
             };
             store.put_backend(&slot, value).map_err(map_error)?;
             // A slot left by a failed attempt at this generation held
-            // another backend: its member must not outlive it.
+            // another backend: its member must not outlive it. (Should a
+            // write below fail, the mirror counts a member the map may
+            // lack: harmless, as this generation is not live and a retry
+            // or the release writes or deletes it again.)
             let overwritten = self
                 .backends
                 .insert(slot, *value)
@@ -439,10 +474,8 @@ impl PinnedState {
             store
                 .put_member(&member, u32::from(slot.index))
                 .map_err(map_error)?;
-            self.members.insert(member, u32::from(slot.index));
             if let Some(old) = overwritten.filter(|old| *old != member) {
                 store.delete_member(&old).map_err(map_error)?;
-                self.members.remove(&old);
             }
         }
         self.add_source_ranges(store, service_id, &entry.source_ranges)?;
@@ -540,16 +573,11 @@ impl PinnedState {
         let mut first_error = None;
         for key in &unreachable {
             let member = self.backends.get(key).map(|value| member_key(key, value));
-            if let Some(member) = member {
-                match store.delete_member(&member) {
-                    Ok(()) => {
-                        self.members.remove(&member);
-                    }
-                    Err(error) => {
-                        first_error.get_or_insert(error);
-                        continue;
-                    }
-                }
+            if let Some(member) = member
+                && let Err(error) = store.delete_member(&member)
+            {
+                first_error.get_or_insert(error);
+                continue;
             }
             match store.delete_backend(key) {
                 Ok(()) => {
@@ -564,40 +592,17 @@ impl PinnedState {
         (deleted, first_error)
     }
 
-    /// Deletes members whose generation is no longer live (left by an
-    /// agent that died while freeing retired slots). A pass over all of
-    /// MEMBERS: done at start and at full resyncs only.
+    /// Deletes the members no slot accounts for (left by an agent that
+    /// died while freeing retired slots), found when the maps were read.
     pub fn free_orphan_members<S: MapStore>(&mut self, store: &mut S) -> Option<S::Error> {
         let mut first_error = None;
-        for member in self.orphan_members() {
-            match store.delete_member(&member) {
-                Ok(()) => {
-                    self.members.remove(&member);
-                }
-                Err(error) => {
-                    first_error.get_or_insert(error);
-                }
+        for member in std::mem::take(&mut self.stray_members) {
+            if let Err(error) = store.delete_member(&member) {
+                first_error.get_or_insert(error);
+                self.stray_members.insert(member);
             }
         }
         first_error
-    }
-
-    /// Members without a slot (left by an agent that died while freeing retired slots).
-    fn orphan_members(&self) -> Vec<MemberKey> {
-        self.members
-            .iter()
-            .filter(|(member, index)| {
-                let slot = BackendKey {
-                    service_id: member.service_id,
-                    generation: member.generation,
-                    index: u16::try_from(**index).unwrap_or(u16::MAX),
-                };
-                self.backends
-                    .get(&slot)
-                    .is_none_or(|value| member_key(&slot, value) != **member)
-            })
-            .map(|(member, _)| *member)
-            .collect()
     }
 }
 

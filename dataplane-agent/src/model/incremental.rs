@@ -25,7 +25,10 @@ pub struct Model {
     cluster: ClusterState,
     /// The InternalIPs of the nodes that have one.
     node_addresses: BTreeMap<String, Ipv4Addr>,
-    slices_of: BTreeMap<ObjectName, BTreeSet<ObjectName>>,
+    /// (Service, EndpointSlice) pairs: one set rather than a set per
+    /// Service, as most Services have one slice and a set's first node
+    /// costs hundreds of bytes.
+    slices_of: BTreeSet<(ObjectName, ObjectName)>,
     outputs: BTreeMap<ObjectName, ServiceOutput>,
     /// Every Service that derives a frontend. The first in name order owns
     /// it (as in [`super::desired`]); the others are reported.
@@ -92,7 +95,7 @@ impl Model {
             },
             cluster: ClusterState::default(),
             node_addresses: BTreeMap::new(),
-            slices_of: BTreeMap::new(),
+            slices_of: BTreeSet::new(),
             outputs: BTreeMap::new(),
             claims: BTreeMap::new(),
             health_claims: BTreeMap::new(),
@@ -142,10 +145,7 @@ impl Model {
             Some(record) => {
                 if let Some(service) = record.service() {
                     self.dirty.insert(service.clone());
-                    self.slices_of
-                        .entry(service.clone())
-                        .or_default()
-                        .insert(name.clone());
+                    self.slices_of.insert((service.clone(), name.clone()));
                 }
                 self.cluster.endpoint_slices.insert(name.clone(), record)
             }
@@ -166,12 +166,7 @@ impl Model {
             && Some(old_owner) != new_owner
         {
             self.dirty.insert(old_owner.clone());
-            if let Some(slices) = self.slices_of.get_mut(old_owner) {
-                slices.remove(name);
-                if slices.is_empty() {
-                    self.slices_of.remove(old_owner);
-                }
-            }
+            self.slices_of.remove(&(old_owner.clone(), name.clone()));
         }
         self.changed_slices.insert(name.clone());
         true
@@ -282,7 +277,7 @@ impl Model {
             self.cluster
                 .services
                 .keys()
-                .chain(self.slices_of.keys())
+                .chain(self.slices_of.iter().map(|(service, _)| service))
                 .chain(self.outputs.keys())
                 .cloned()
                 .collect()
@@ -300,11 +295,7 @@ impl Model {
             this: &self.node,
             addresses: &self.node_addresses,
         };
-        let slices: Vec<(&ObjectName, &SliceRecord)> = self
-            .slices_of
-            .get(&name)
-            .into_iter()
-            .flatten()
+        let slices: Vec<(&ObjectName, &SliceRecord)> = slices_of_service(&self.slices_of, &name)
             .filter_map(|slice| Some((slice, self.cluster.endpoint_slices.get(slice)?)))
             .collect();
         let output = service_output(&name, self.cluster.services.get(&name), &slices, &nodes);
@@ -429,6 +420,18 @@ impl Model {
     }
 }
 
+/// The slices of `service` in a set of (Service, slice) pairs.
+fn slices_of_service<'a>(
+    pairs: &'a BTreeSet<(ObjectName, ObjectName)>,
+    service: &'a ObjectName,
+) -> impl Iterator<Item = &'a ObjectName> + 'a {
+    let first = (service.clone(), ObjectName::new("", ""));
+    pairs
+        .range(first..)
+        .take_while(move |(owner, _)| owner == service)
+        .map(|(_, slice)| slice)
+}
+
 fn union<'a, K: Ord + Clone + 'a>(
     a: impl Iterator<Item = &'a K>,
     b: impl Iterator<Item = &'a K>,
@@ -454,6 +457,8 @@ fn claim<K: Ord>(claims: &mut BTreeMap<K, Vec<ObjectName>>, key: K, name: &Objec
     let claimants = claims.entry(key).or_default();
     if let Err(position) = claimants.binary_search(name) {
         claimants.insert(position, name.clone());
+        // Almost every key has one claimant: no room kept for more.
+        claimants.shrink_to_fit();
     }
 }
 

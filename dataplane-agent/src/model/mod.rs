@@ -427,6 +427,10 @@ fn service_output(
             },
         ));
     }
+    // Kept for as long as the Service lives, for every Service: no spare
+    // capacity (a first push reserves room for four).
+    out.frontends.shrink_to_fit();
+    out.skipped.shrink_to_fit();
     out
 }
 

@@ -19,7 +19,9 @@ use crate::model::{Backend, SourceRange};
 /// points at a complete set of slots.
 #[derive(Default)]
 pub(crate) struct FakeMaps {
+    /// SERVICES, BACKENDS and SOURCE_RANGES (`stray_members` unused).
     pub(crate) state: PinnedState,
+    pub(crate) members: BTreeMap<MemberKey, u32>,
     pub(crate) log: Vec<String>,
     /// Fail writes of backends with this IP (a "full map" for that Service).
     pub(crate) fail_backend_ip: Option<Ipv4Addr>,
@@ -52,7 +54,7 @@ impl FakeMaps {
                     index: index as u16,
                 };
                 assert_eq!(
-                    self.state.members.get(&member_key(&slot, slot_value)),
+                    self.members.get(&member_key(&slot, slot_value)),
                     Some(&(index as u32)),
                     "{key:?}: a live slot has no member entry after {:?}",
                     self.log
@@ -74,10 +76,27 @@ impl FakeMaps {
     }
 }
 
+impl FakeMaps {
+    /// What a new agent reads from these maps.
+    pub(crate) fn read_back(&self) -> PinnedState {
+        PinnedState::from_maps(
+            self.state.services.clone(),
+            self.state.backends.clone(),
+            self.members.clone(),
+            self.state.source_ranges.clone(),
+        )
+    }
+
+    /// Whether MEMBERS holds exactly the members of the slots.
+    pub(crate) fn members_match_slots(&self) -> bool {
+        self.read_back().members().collect::<BTreeMap<_, _>>() == self.members
+    }
+}
+
 impl MapStore for FakeMaps {
     type Error = Injected;
     fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), Injected> {
-        self.state.members.insert(*key, index);
+        self.members.insert(*key, index);
         self.record(format!("put_member {}/{}", key.service_id, key.generation));
         Ok(())
     }
@@ -85,7 +104,7 @@ impl MapStore for FakeMaps {
         if self.fail_deletes {
             return Err(Injected);
         }
-        self.state.members.remove(key);
+        self.members.remove(key);
         self.record(format!(
             "delete_member {}/{}",
             key.service_id, key.generation

@@ -49,6 +49,7 @@ fn converge(mirror: &mut PinnedState, maps: &mut FakeMaps, want: &DesiredDatapla
     let retired = mirror.unreachable_backends();
     let (_, error) = mirror.free_retired(&retired, maps);
     assert!(error.is_none());
+    assert!(maps.members_match_slots(), "{:?}", maps.log);
     report
 }
 
@@ -146,7 +147,7 @@ fn service_ids_survive_a_restart_and_a_restarted_agent_rewrites_nothing() {
     let ids_before: Vec<u32> = maps.state.services.values().map(|v| v.service_id).collect();
 
     // A new agent starts from what it reads back from the pinned maps.
-    let mut restarted = maps.state.clone();
+    let mut restarted = maps.read_back();
     maps.log.clear();
     converge(&mut restarted, &mut maps, &want);
     assert!(maps.log.is_empty(), "{:?}", maps.log);
@@ -300,13 +301,11 @@ fn generations_wrap_around() {
         ..old_slot
     };
     maps.state.backends.insert(wrapped_slot, slot);
-    maps.state.members.remove(&member_key(&old_slot, &slot));
-    maps.state
-        .members
-        .insert(member_key(&wrapped_slot, &slot), 0);
+    maps.members.remove(&member_key(&old_slot, &slot));
+    maps.members.insert(member_key(&wrapped_slot, &slot), 0);
     value.generation = u16::MAX;
     maps.state.services.insert(key, value);
-    mirror = maps.state.clone();
+    mirror = maps.read_back();
 
     converge(&mut mirror, &mut maps, &desired(&[(10, &[2])]));
     let value = maps.state.services[&key];
@@ -403,9 +402,9 @@ fn members_follow_their_slots_through_updates_and_releases() {
         &mut maps,
         &desired(&[(10, &[1, 2]), (11, &[3])]),
     );
-    assert_eq!(maps.state.members.len(), 3);
+    assert_eq!(maps.members.len(), 3);
     converge(&mut mirror, &mut maps, &desired(&[(10, &[2, 4])]));
-    assert_eq!(maps.state.members.len(), 2);
+    assert_eq!(maps.members.len(), 2);
     assert_eq!(maps.state.backends.len(), 2);
     assert_eq!(mirror, maps.state);
 }
@@ -421,12 +420,17 @@ fn orphan_members_are_freed() {
         port_be: 80u16.to_be(),
         ip_be: 1,
     };
-    maps.state.members.insert(orphan, 0);
-    let mut restarted = maps.state.clone();
+    maps.members.insert(orphan, 0);
+    let mut restarted = maps.read_back();
+    assert_eq!(restarted.stray_members, BTreeSet::from([orphan]));
+    let ids = restarted.ids_in_use();
+    assert!(ids.contains(&99), "a stray member's id is not handed out");
     let error = restarted.free_orphan_members(&mut maps);
     assert!(error.is_none());
-    assert!(!maps.state.members.contains_key(&orphan));
-    assert_eq!(restarted, maps.state);
+    assert!(!maps.members.contains_key(&orphan));
+    assert!(maps.members_match_slots());
+    assert_eq!(restarted, maps.read_back());
+    assert!(restarted.stray_members.is_empty());
 }
 
 #[test]
