@@ -381,7 +381,7 @@ impl Agent {
                 .maps
                 .read_services()
                 .context("reading SERVICES for a resync")?;
-            if services == self.mirror.services {
+            if self.mirror.services == services {
                 self.health.updated(SystemTime::now());
                 return Ok(());
             }

@@ -142,9 +142,7 @@ impl KernelMaps {
             ));
         }
         Ok(PinnedState::from_maps(
-            read_all(&self.services, map_names::SERVICES)?
-                .into_iter()
-                .collect(),
+            read_all(&self.services, map_names::SERVICES)?,
             read_all(&self.backends, map_names::BACKENDS)?
                 .into_iter()
                 .collect(),

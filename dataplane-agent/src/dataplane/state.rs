@@ -46,7 +46,7 @@ impl DesiredFrontends for Model {
 /// updating it after every successful map write.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PinnedState {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub services: ServiceEntries,
     pub backends: BTreeMap<BackendKey, BackendValue>,
     /// MEMBERS entries no slot accounts for (an agent died while freeing
     /// retired slots). Every other MEMBERS entry is
@@ -151,7 +151,7 @@ impl PinnedState {
     /// The state a new agent reads from the maps: MEMBERS is checked
     /// against the slots rather than copied.
     pub fn from_maps(
-        services: BTreeMap<ServiceKey, ServiceValue>,
+        services: impl IntoIterator<Item = (ServiceKey, ServiceValue)>,
         backends: BTreeMap<BackendKey, BackendValue>,
         members: impl IntoIterator<Item = (MemberKey, u32)>,
         source_ranges: BTreeSet<(u32, SourceRange)>,
@@ -171,7 +171,7 @@ impl PinnedState {
             .map(|(member, _)| member)
             .collect();
         Self {
-            services,
+            services: services.into_iter().collect(),
             backends,
             stray_members,
             source_ranges,
@@ -357,10 +357,7 @@ impl PinnedState {
 
     /// Backends the Service entries currently balance over, in total.
     pub fn live_backend_count(&self) -> usize {
-        self.services
-            .values()
-            .map(|v| usize::from(v.backend_count))
-            .sum()
+        self.services.live_backends()
     }
 
     fn remove<S: MapStore>(
@@ -538,23 +535,20 @@ impl PinnedState {
     }
 
     /// Which of `keys` are slots no SERVICES entry reaches (freed ones are
-    /// not slots any more): costs one pass over SERVICES, not over
-    /// BACKENDS.
+    /// not slots any more): costs a lookup per key, whatever the size of
+    /// the maps.
     pub fn unreachable_of<'a>(
         &self,
         keys: impl IntoIterator<Item = &'a BackendKey>,
     ) -> BTreeSet<BackendKey> {
-        let live: std::collections::HashMap<u32, (u16, u16)> = self
-            .services
-            .values()
-            .map(|v| (v.service_id, (v.generation, v.backend_count)))
-            .collect();
         keys.into_iter()
             .filter(|key| self.backends.contains_key(key))
             .filter(|key| {
-                live.get(&key.service_id).is_none_or(|(generation, count)| {
-                    *generation != key.generation || key.index >= *count
-                })
+                self.services
+                    .by_id(key.service_id)
+                    .is_none_or(|(generation, count)| {
+                        generation != key.generation || key.index >= count
+                    })
             })
             .copied()
             .collect()
@@ -699,6 +693,9 @@ impl Default for Limits {
         }
     }
 }
+
+mod entries;
+pub use entries::ServiceEntries;
 
 #[cfg(test)]
 pub(crate) mod fake;

@@ -320,14 +320,12 @@ impl Model {
             claim(&mut self.claims, *frontend, &name);
             self.conflicts = self.conflicts + extra_claims(&self.claims, frontend) - before;
         }
-        if previous.health_check.as_ref().map(|(p, c)| (p, c))
-            != output.health_check.as_ref().map(|(p, c)| (p, c))
-        {
+        if previous.health_check != output.health_check {
             out.health_checks_changed = true;
-            if let Some((port, _)) = &previous.health_check {
+            if let Some((port, _)) = previous.health_check.as_deref() {
                 unclaim(&mut self.health_claims, port, &name);
             }
-            if let Some((port, _)) = &output.health_check {
+            if let Some((port, _)) = output.health_check.as_deref() {
                 claim(&mut self.health_claims, *port, &name);
             }
         }
@@ -377,7 +375,11 @@ impl Model {
         self.health_claims
             .iter()
             .filter_map(|(port, claimants)| {
-                let (_, check) = self.outputs.get(claimants.last()?)?.health_check.as_ref()?;
+                let (_, check) = self
+                    .outputs
+                    .get(claimants.last()?)?
+                    .health_check
+                    .as_deref()?;
                 Some((*port, check))
             })
             .collect()

@@ -266,7 +266,8 @@ pub struct DesiredDataplane {
 struct ServiceOutput {
     /// In the order they were derived; a frontend appears once.
     frontends: Vec<(Frontend, FrontendEntry)>,
-    health_check: Option<(u16, HealthCheck)>,
+    /// Boxed: few Services have one, and every Service's output is kept.
+    health_check: Option<Box<(u16, HealthCheck)>>,
     /// What is wrong with the Service or with its slices' link to it.
     skipped: Vec<Skipped>,
 }
@@ -331,7 +332,7 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
         for (frontend, entry) in output.frontends {
             insert_frontend(&mut out, name, frontend, entry);
         }
-        if let Some((port, check)) = output.health_check {
+        if let Some((port, check)) = output.health_check.map(|boxed| *boxed) {
             out.health_checks.insert(port, check);
         }
     }
@@ -419,13 +420,13 @@ fn service_output(
     if spec.external_traffic_local
         && let Some(port) = spec.health_check_node_port
     {
-        out.health_check = Some((
+        out.health_check = Some(Box::new((
             port,
             HealthCheck {
                 service: name.clone(),
                 local_endpoints: local_endpoint_ips.len(),
             },
-        ));
+        )));
     }
     // Kept for as long as the Service lives, for every Service: no spare
     // capacity (a first push reserves room for four).

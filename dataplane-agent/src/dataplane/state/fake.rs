@@ -39,7 +39,7 @@ impl FakeMaps {
     fn record(&mut self, op: String) {
         self.log.push(op);
         let mut visible = BTreeMap::new();
-        for (key, value) in &self.state.services {
+        for (key, value) in self.state.services.iter() {
             let slots = self.state.current_backends(value);
             assert_eq!(
                 slots.len(),
@@ -80,7 +80,7 @@ impl FakeMaps {
     /// What a new agent reads from these maps.
     pub(crate) fn read_back(&self) -> PinnedState {
         PinnedState::from_maps(
-            self.state.services.clone(),
+            self.state.services.iter().map(|(k, v)| (*k, *v)),
             self.state.backends.clone(),
             self.members.clone(),
             self.state.source_ranges.clone(),
