@@ -290,8 +290,23 @@ pub fn update_all<K: Pod, V: Pod>(
     entries: &[(K, V)],
     chunk: usize,
 ) -> Result<(), BatchError> {
+    check_layout::<K, V>(BatchCommand::Update, map_fd)?;
+    update_all_checked(map_fd, entries, chunk)
+}
+
+/// Whether [`update_all_checked`] may write `(K, V)` entries into this map:
+/// checked once rather than before every small batch.
+pub fn updates_supported<K: Pod, V: Pod>(map_fd: BorrowedFd<'_>) -> bool {
+    supported(map_fd) && check_layout::<K, V>(BatchCommand::Update, map_fd).is_ok()
+}
+
+/// [`update_all`] for a map [`updates_supported`] accepted.
+pub fn update_all_checked<K: Pod, V: Pod>(
+    map_fd: BorrowedFd<'_>,
+    entries: &[(K, V)],
+    chunk: usize,
+) -> Result<(), BatchError> {
     const COMMAND: BatchCommand = BatchCommand::Update;
-    check_layout::<K, V>(COMMAND, map_fd)?;
     let chunk = chunk.clamp(1, u32::MAX as usize);
     // The kernel takes keys and values as two arrays.
     let mut keys: Vec<K> = Vec::with_capacity(chunk.min(entries.len()));

@@ -37,6 +37,10 @@ impl MapWriteFailpoint {
         Self::default()
     }
 
+    pub fn armed(&self) -> bool {
+        self.writes_left.is_some()
+    }
+
     /// Called after every map write.
     pub fn wrote(&mut self) {
         let Some(left) = self.writes_left.as_mut() else {

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
 };
 
 use anyhow::{Context as _, Result};
@@ -15,6 +15,7 @@ use aya::{
         Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
         lpm_trie::{Key as LpmKey, LpmTrie},
     },
+    sys::SyscallError,
 };
 use dataplane_common::{
     AffinityKey, AffinityValue, BackendKey, BackendValue, ConfigValue, CtKey, CtValue, MemberKey,
@@ -36,7 +37,25 @@ pub struct KernelMaps {
     members: HashMap<MapData, MemberKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     failpoint: MapWriteFailpoint,
+    /// Slot and member writes not made yet. A frontend writes a whole
+    /// generation of slots and members before it flips its SERVICES entry,
+    /// and nothing reads them before the flip: they go in one syscall per
+    /// map instead of one per entry. Any other write sends them first, so
+    /// the order of effects is the order of calls.
+    pending: PendingWrites,
 }
+
+#[derive(Default)]
+struct PendingWrites {
+    /// Whether the kernel takes batch updates on BACKENDS and MEMBERS.
+    /// Off while the crash failpoint is armed, which counts single writes.
+    enabled: bool,
+    backends: Vec<(BackendKey, BackendValue)>,
+    members: Vec<(MemberKey, u32)>,
+}
+
+/// Entries per batch syscall.
+const WRITE_BATCH: usize = 4096;
 
 /// The SOURCE_RANGES key: all 32 bits of the id, then the prefix.
 fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRangeKey> {
@@ -52,24 +71,44 @@ fn source_range_key(service_id: u32, range: &SourceRange) -> LpmKey<SourceRangeK
 impl MapStore for KernelMaps {
     type Error = MapError;
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        self.flush()?;
         self.counted(|maps| maps.services.insert(key, value, 0))
     }
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        self.flush()?;
         self.counted(|maps| ignore_missing(maps.services.remove(key)))
     }
     fn put_backend(&mut self, key: &BackendKey, value: &BackendValue) -> Result<(), MapError> {
+        if self.pending.enabled {
+            self.pending.backends.push((*key, *value));
+            return Ok(());
+        }
         self.counted(|maps| maps.backends.insert(key, value, 0))
     }
     fn delete_backend(&mut self, key: &BackendKey) -> Result<(), MapError> {
+        self.flush()?;
         self.counted(|maps| ignore_missing(maps.backends.remove(key)))
     }
     fn put_member(&mut self, key: &MemberKey, index: u32) -> Result<(), MapError> {
+        if self.pending.enabled {
+            self.pending.members.push((*key, index));
+            return Ok(());
+        }
         self.counted(|maps| maps.members.insert(key, index, 0))
     }
     fn delete_member(&mut self, key: &MemberKey) -> Result<(), MapError> {
+        self.flush()?;
         self.counted(|maps| ignore_missing(maps.members.remove(key)))
     }
+    fn flush(&mut self) -> Result<(), MapError> {
+        // Slots before members: a member never names a missing slot.
+        let backends = std::mem::take(&mut self.pending.backends);
+        let members = std::mem::take(&mut self.pending.members);
+        write_batch(self.backends.map().fd().as_fd(), &backends)?;
+        write_batch(self.members.map().fd().as_fd(), &members)
+    }
     fn put_source_range(&mut self, service_id: u32, range: &SourceRange) -> Result<(), MapError> {
+        self.flush()?;
         self.counted(|maps| {
             maps.source_ranges
                 .insert(&source_range_key(service_id, range), 1, 0)
@@ -80,6 +119,7 @@ impl MapStore for KernelMaps {
         service_id: u32,
         range: &SourceRange,
     ) -> Result<(), MapError> {
+        self.flush()?;
         self.counted(|maps| {
             ignore_missing(
                 maps.source_ranges
@@ -87,6 +127,20 @@ impl MapStore for KernelMaps {
             )
         })
     }
+}
+
+/// Writes `entries` in batches; an error says which syscall failed, as a
+/// single write's would.
+fn write_batch<K: Pod, V: Pod>(map_fd: BorrowedFd<'_>, entries: &[(K, V)]) -> Result<(), MapError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    batch::update_all_checked(map_fd, entries, WRITE_BATCH).map_err(|error| {
+        MapError::SyscallError(SyscallError {
+            call: "bpf_map_update_batch",
+            io_error: std::io::Error::from_raw_os_error(error.errno().unwrap_or(libc::EIO)),
+        })
+    })
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
@@ -108,7 +162,19 @@ impl KernelMaps {
                 map_names::SOURCE_RANGES,
             )?,
             failpoint: MapWriteFailpoint::from_env(),
-        })
+            pending: PendingWrites::default(),
+        }
+        .with_batched_writes())
+    }
+
+    /// Turns batching on where the kernel has it.
+    fn with_batched_writes(mut self) -> Self {
+        self.pending.enabled = !self.failpoint.armed()
+            && batch::updates_supported::<BackendKey, BackendValue>(
+                self.backends.map().fd().as_fd(),
+            )
+            && batch::updates_supported::<MemberKey, u32>(self.members.map().fd().as_fd());
+        self
     }
 
     /// One map write, seen by the (test-only) failpoint.
@@ -257,7 +323,9 @@ pub fn open_pinned_maps(layout: &PinLayout) -> Result<KernelMaps> {
         members: open_pinned(layout, map_names::MEMBERS)?,
         source_ranges: open_pinned(layout, map_names::SOURCE_RANGES)?,
         failpoint: MapWriteFailpoint::default(),
-    })
+        pending: PendingWrites::default(),
+    }
+    .with_batched_writes())
 }
 
 /// Sums the per-CPU STATS counters.
@@ -329,4 +397,101 @@ pub fn monotonic_now_ns() -> u64 {
     // SAFETY: clock_gettime writes into the struct we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     u64::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// LPM tries must be created without preallocation.
+    const NO_PREALLOC: u32 = 1;
+
+    fn standalone_maps() -> KernelMaps {
+        KernelMaps {
+            services: HashMap::create(64, 0).expect("creating a hash map (needs CAP_BPF)"),
+            backends: HashMap::create(64, 0).expect("creating a hash map"),
+            members: HashMap::create(64, 0).expect("creating a hash map"),
+            source_ranges: LpmTrie::create(64, NO_PREALLOC).expect("creating an LPM trie"),
+            failpoint: MapWriteFailpoint::default(),
+            pending: PendingWrites::default(),
+        }
+        .with_batched_writes()
+    }
+
+    fn slot(index: u16) -> (BackendKey, BackendValue, MemberKey) {
+        let key = BackendKey {
+            service_id: 7,
+            generation: 0,
+            index,
+        };
+        let value = BackendValue {
+            ip_be: u32::from(Ipv4Addr::new(10, 0, 0, 1 + index as u8)).to_be(),
+            node_ip_be: 0,
+            port_be: 8080u16.to_be(),
+            flags: 0,
+        };
+        let member = super::super::codec::member_key(&key, &value);
+        (key, value, member)
+    }
+
+    #[test]
+    fn slots_and_members_wait_for_the_next_write_of_another_kind() {
+        let mut maps = standalone_maps();
+        assert!(maps.pending.enabled, "this kernel has batch updates");
+        let (slot0, value0, member0) = slot(0);
+        let (slot1, value1, member1) = slot(1);
+        maps.put_backend(&slot0, &value0).unwrap();
+        maps.put_member(&member0, 0).unwrap();
+        maps.put_backend(&slot1, &value1).unwrap();
+        maps.put_member(&member1, 1).unwrap();
+        assert!(maps.backends.get(&slot0, 0).is_err(), "held back");
+
+        let service = ServiceKey {
+            vip_be: u32::from(Ipv4Addr::new(10, 96, 0, 1)).to_be(),
+            port_be: 80u16.to_be(),
+            protocol: 6,
+            scope: 0,
+        };
+        let entry = ServiceValue {
+            service_id: 7,
+            backend_count: 2,
+            generation: 0,
+            flags: 0,
+            affinity_timeout_s: 0,
+        };
+        maps.put_service(&service, &entry).unwrap();
+        // The flip found both slots and both members written.
+        assert_eq!(maps.backends.get(&slot0, 0).unwrap(), value0);
+        assert_eq!(maps.backends.get(&slot1, 0).unwrap(), value1);
+        assert_eq!(maps.members.get(&member0, 0).unwrap(), 0);
+        assert_eq!(maps.members.get(&member1, 0).unwrap(), 1);
+        assert_eq!(maps.services.get(&service, 0).unwrap(), entry);
+
+        // A delete sends what is held back first; so does flush.
+        let (slot2, value2, _) = slot(2);
+        maps.put_backend(&slot2, &value2).unwrap();
+        maps.delete_member(&member1).unwrap();
+        assert_eq!(maps.backends.get(&slot2, 0).unwrap(), value2);
+        assert!(maps.members.get(&member1, 0).is_err());
+        let (slot3, value3, _) = slot(3);
+        maps.put_backend(&slot3, &value3).unwrap();
+        maps.flush().unwrap();
+        assert_eq!(maps.backends.get(&slot3, 0).unwrap(), value3);
+    }
+
+    #[test]
+    fn a_failed_batch_is_the_error_of_the_write_that_sent_it() {
+        let mut maps = standalone_maps();
+        // More slots than BACKENDS holds: the flip is refused.
+        for index in 0..65 {
+            let (key, value, _) = slot(index);
+            maps.put_backend(&key, &value).unwrap();
+        }
+        let error = maps.flush().unwrap_err();
+        assert!(
+            error.to_string().contains("bpf_map_update_batch"),
+            "{error}"
+        );
+        assert!(maps.pending.backends.is_empty(), "nothing is sent twice");
+    }
 }

@@ -74,6 +74,12 @@ pub trait MapStore {
         service_id: u32,
         range: &SourceRange,
     ) -> Result<(), Self::Error>;
+    /// Makes every write so far take effect. A store may hold slot and
+    /// member writes back until the next write of another kind (the
+    /// SERVICES flip that makes them reachable) or this.
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
 }
 
 /// The SERVICES value for a frontend's id, generation and settings.
@@ -299,6 +305,10 @@ impl PinnedState {
         for (frontend, entry) in wanted {
             self.apply_one(frontend, entry, store, &mut budget, &mut report);
         }
+        // Only writes of attempts that failed can still be held back; their
+        // slots are already reported unreachable, so whether they reach
+        // the map changes nothing that is served.
+        let _ = store.flush();
         report
     }
 
