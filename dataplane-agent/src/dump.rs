@@ -81,8 +81,8 @@ pub fn backend_rows(state: &PinnedState) -> Vec<BackendRow> {
             service_id: key.service_id,
             generation: key.generation,
             index: key.index,
-            backend: codec::backend_of(value).to_string(),
-            live: !unreachable.contains(key),
+            backend: codec::backend_of(&value).to_string(),
+            live: !unreachable.contains(&key),
         })
         .collect()
 }

@@ -209,9 +209,7 @@ impl KernelMaps {
         }
         Ok(PinnedState::from_maps(
             read_all(&self.services, map_names::SERVICES)?,
-            read_all(&self.backends, map_names::BACKENDS)?
-                .into_iter()
-                .collect(),
+            read_all(&self.backends, map_names::BACKENDS)?,
             read_all(&self.members, map_names::MEMBERS)?,
             source_ranges,
         ))

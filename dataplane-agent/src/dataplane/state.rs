@@ -47,7 +47,7 @@ impl DesiredFrontends for Model {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PinnedState {
     pub services: ServiceEntries,
-    pub backends: BTreeMap<BackendKey, BackendValue>,
+    pub backends: Slots,
     /// MEMBERS entries no slot accounts for (an agent died while freeing
     /// retired slots). Every other MEMBERS entry is
     /// `member_key(slot, value) -> slot.index` of a slot in `backends`, so
@@ -158,10 +158,14 @@ impl PinnedState {
     /// against the slots rather than copied.
     pub fn from_maps(
         services: impl IntoIterator<Item = (ServiceKey, ServiceValue)>,
-        backends: BTreeMap<BackendKey, BackendValue>,
+        backends: impl IntoIterator<Item = (BackendKey, BackendValue)>,
         members: impl IntoIterator<Item = (MemberKey, u32)>,
         source_ranges: BTreeSet<(u32, SourceRange)>,
     ) -> Self {
+        // In key order, so each generation is sealed once, when complete.
+        let mut backends: Vec<(BackendKey, BackendValue)> = backends.into_iter().collect();
+        backends.sort_unstable_by_key(|(key, _)| *key);
+        let backends: Slots = backends.into_iter().collect();
         let stray_members = members
             .into_iter()
             .filter(|(member, index)| {
@@ -188,7 +192,7 @@ impl PinnedState {
     pub fn members(&self) -> impl Iterator<Item = (MemberKey, u32)> + '_ {
         self.backends
             .iter()
-            .map(|(slot, value)| (member_key(slot, value), u32::from(slot.index)))
+            .map(|(slot, value)| (member_key(&slot, &value), u32::from(slot.index)))
     }
 
     /// The backends a frontend currently balances over, in slot order.
@@ -226,7 +230,6 @@ impl PinnedState {
                         .get(&k.service_id)
                         .is_none_or(|count| k.index >= *count)
             })
-            .copied()
             .collect()
     }
 
@@ -235,7 +238,7 @@ impl PinnedState {
     /// release; a new frontend must never start on top of them).
     fn ids_in_use(&self) -> BTreeSet<u32> {
         let mut ids: Vec<u32> = self.services.values().map(|v| v.service_id).collect();
-        ids.extend(distinct_ids(&self.backends, |k| k.service_id, first_slot));
+        ids.extend(self.backends.ids());
         ids.extend(self.stray_members.iter().map(|member| member.service_id));
         ids.extend(self.source_ranges.iter().map(|(id, _)| *id));
         ids.into_iter().collect()
@@ -346,19 +349,9 @@ impl PinnedState {
                         .get(&key)
                         .is_none_or(|live| live.generation != generation)
                 {
-                    let first = BackendKey {
-                        service_id: id,
-                        generation,
-                        index: 0,
-                    };
-                    report.unreachable.extend(
-                        self.backends
-                            .range(first..)
-                            .map(|(slot, _)| *slot)
-                            .take_while(|slot| {
-                                slot.service_id == id && slot.generation == generation
-                            }),
-                    );
+                    report
+                        .unreachable
+                        .extend(self.backends.of_generation(id, generation));
                 }
                 report.failed.push((*frontend, error));
             }
@@ -485,6 +478,7 @@ impl PinnedState {
                 store.delete_member(&old).map_err(map_error)?;
             }
         }
+        self.backends.seal(service_id, generation);
         self.add_source_ranges(store, service_id, &entry.source_ranges)?;
         let value = service_value(service_id, generation, count, entry);
         store.put_service(&key, &value).map_err(map_error)?;
@@ -610,14 +604,6 @@ impl PinnedState {
     }
 }
 
-fn first_slot(service_id: u32) -> BackendKey {
-    BackendKey {
-        service_id,
-        generation: 0,
-        index: 0,
-    }
-}
-
 /// The slots a SERVICES entry points at.
 fn slots_of(value: &ServiceValue) -> impl Iterator<Item = BackendKey> + '_ {
     (0..value.backend_count).map(|index| BackendKey {
@@ -625,25 +611,6 @@ fn slots_of(value: &ServiceValue) -> impl Iterator<Item = BackendKey> + '_ {
         generation: value.generation,
         index,
     })
-}
-
-/// The distinct ids of a map ordered by id first, found by jumping from
-/// one id to the next rather than visiting every entry.
-fn distinct_ids<K: Ord + Copy, V>(
-    map: &BTreeMap<K, V>,
-    id_of: impl Fn(&K) -> u32,
-    first_key_of: impl Fn(u32) -> K,
-) -> Vec<u32> {
-    let mut ids = Vec::new();
-    let mut next = map.keys().next().copied();
-    while let Some(key) = next {
-        let id = id_of(&key);
-        ids.push(id);
-        next = id
-            .checked_add(1)
-            .and_then(|after| map.range(first_key_of(after)..).next().map(|(k, _)| *k));
-    }
-    ids
 }
 
 /// What one apply may still hand out: ids, and room for backends.
@@ -705,7 +672,9 @@ impl Default for Limits {
 }
 
 mod entries;
+mod slots;
 pub use entries::ServiceEntries;
+pub use slots::Slots;
 
 #[cfg(test)]
 pub(crate) mod fake;

@@ -81,7 +81,7 @@ impl FakeMaps {
     pub(crate) fn read_back(&self) -> PinnedState {
         PinnedState::from_maps(
             self.state.services.iter().map(|(k, v)| (*k, *v)),
-            self.state.backends.clone(),
+            self.state.backends.iter(),
             self.members.clone(),
             self.state.source_ranges.clone(),
         )
