@@ -72,7 +72,8 @@ pub(super) struct SlicePort {
 pub(super) struct EndpointRecord {
     /// The first address, when it is IPv4.
     pub ip: Option<Ipv4Addr>,
-    pub node_name: Option<Box<str>>,
+    /// Shared with every other endpoint on that node.
+    pub node_name: Option<Arc<str>>,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -218,7 +219,7 @@ impl EndpointRecord {
                 .addresses
                 .first()
                 .and_then(|a| a.parse::<Ipv4Addr>().ok()),
-            node_name: endpoint.node_name.as_deref().map(Box::from),
+            node_name: endpoint.node_name.as_deref().map(super::interned::interned),
             ready: ready.unwrap_or(true),
             serving: conditions.and_then(|c| c.serving).or(ready).unwrap_or(true),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),

@@ -7,6 +7,7 @@
 mod endpoints;
 mod incremental;
 mod input;
+mod interned;
 mod service;
 
 use std::{
@@ -29,9 +30,10 @@ pub struct ObjectName {
 }
 
 impl ObjectName {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl Into<String>) -> Self {
         Self {
-            namespace: Arc::from(namespace.into()),
+            // A cluster has few namespaces and many objects in each.
+            namespace: interned::interned(namespace.as_ref()),
             name: Arc::from(name.into()),
         }
     }
