@@ -36,7 +36,7 @@ pub fn write_names(bpffs_dir: &Path, model: &Model) -> Result<()> {
                 frontend.to_string(),
                 FrontendName {
                     service: entry.service.to_string(),
-                    port_name: entry.port_name.clone(),
+                    port_name: entry.port_name.to_string(),
                 },
             )
         })

@@ -208,7 +208,7 @@ mod tests {
             Frontend::cluster(Ipv4Addr::new(10, 96, 0, 10), 53, Protocol::Udp),
             FrontendEntry {
                 service: ObjectName::new("kube-system", "dns"),
-                port_name: String::new(),
+                port_name: "".into(),
                 backends: vec![Backend::routed(Ipv4Addr::new(10, 0, 0, 1), 5353)],
                 affinity_timeout_s: None,
                 source_ranges: vec![],

@@ -58,7 +58,8 @@ pub(super) enum SliceOwner {
 /// A port of an EndpointSlice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct SlicePort {
-    pub name: String,
+    /// Interned, as the Service's port names.
+    pub name: Arc<str>,
     /// None for a protocol kube-proxy does not know.
     pub protocol: Option<Protocol>,
     /// None for a missing or out-of-range number.
@@ -167,7 +168,7 @@ impl SliceRecord {
                     .iter()
                     .flatten()
                     .map(|port| SlicePort {
-                        name: port.name.clone().unwrap_or_default(),
+                        name: super::interned::interned(port.name.as_deref().unwrap_or_default()),
                         protocol: Protocol::parse(port.protocol.as_deref()).ok(),
                         port: port
                             .port

@@ -214,7 +214,7 @@ impl fmt::Display for SourceRange {
 pub struct FrontendEntry {
     pub service: ObjectName,
     /// The Service port's name ("" when unnamed), for operators.
-    pub port_name: String,
+    pub port_name: Arc<str>,
     /// Sorted and de-duplicated. Empty means connections are refused (or
     /// dropped, see `drop_without_backends`).
     pub backends: Vec<Backend>,

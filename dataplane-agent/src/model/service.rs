@@ -1,6 +1,6 @@
 //! Which Services kube-proxy would proxy, and their validated frontends.
 
-use std::{fmt, net::IpAddr, net::Ipv4Addr};
+use std::{fmt, net::IpAddr, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::core::v1::Service;
 
@@ -60,7 +60,8 @@ impl fmt::Display for Protocol {
 /// A Service port, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServicePort {
-    pub name: String,
+    /// Interned: most ports of a cluster are named alike ("http").
+    pub name: Arc<str>,
     pub port: u16,
     pub protocol: Protocol,
     /// Set for NodePort and LoadBalancer Services (unless
@@ -172,7 +173,7 @@ pub(super) fn classify(name: &ObjectName, service: &Service) -> Result<Classifie
             ),
         };
         validated.push(ServicePort {
-            name: port_name,
+            name: super::interned::interned(&port_name),
             port: number,
             protocol,
             node_port,

@@ -611,7 +611,7 @@ fn frontends_remember_their_service_and_port_name() {
     );
     let entry = desired.frontends.values().next().expect("one frontend");
     assert_eq!(entry.service, ObjectName::new("default", "web"));
-    assert_eq!(entry.port_name, "http");
+    assert_eq!(&*entry.port_name, "http");
 }
 
 #[test]

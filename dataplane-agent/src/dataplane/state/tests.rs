@@ -24,7 +24,7 @@ fn desired(frontends: &[(u8, &[u8])]) -> DesiredDataplane {
                     frontend(*f),
                     FrontendEntry {
                         service: ObjectName::new("default", format!("svc-{f}")),
-                        port_name: String::new(),
+                        port_name: "".into(),
                         backends: backends(b),
                         affinity_timeout_s: None,
                         source_ranges: Vec::new(),
