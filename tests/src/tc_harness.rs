@@ -196,7 +196,7 @@ impl TcHarness {
         };
         let entry = |name: &str, backends: Vec<Backend>| FrontendEntry {
             service: ObjectName::new("default", name),
-            port_name: String::new(),
+            port_name: "".into(),
             backends,
             affinity_timeout_s: None,
             source_ranges: Vec::new(),
