@@ -32,7 +32,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Parser as _;
 use dataplane_testbed::{Host, Testbed, interrupt::Interrupt, manifests, probe::BenchRun};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Benchmarks: ours beside kube-proxy's iptables and nftables modes and
 /// direct pod-to-pod, at several Service counts, in one run (as root).
@@ -75,6 +75,11 @@ pub struct BenchArgs {
     /// target/bench; the committed full-mode results live in docs/bench).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Measure nothing: render results.md, summary.md, the charts (and
+    /// the README's summary, for docs/bench) again from this results.json,
+    /// as a change to the report's wording needs.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    render: Option<PathBuf>,
 }
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
@@ -245,7 +250,7 @@ fn endpoint_change_latency(tb: &Testbed, set: &ServiceSet, changes: usize) -> Re
     ))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Dataplane {
     Direct,
@@ -268,7 +273,7 @@ impl Dataplane {
 }
 
 /// One probe run, with the machine's CPU time it took.
-#[derive(Clone, Debug, Default, serde::Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 struct Run {
     #[serde(flatten)]
     probe: BenchRun,
@@ -278,7 +283,7 @@ struct Run {
 }
 
 /// The median run (by rate) of the rounds, with the spread of the rates.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 struct Figure {
     median: Run,
     rate_min: f64,
@@ -362,7 +367,7 @@ impl Load {
     }
 }
 
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 struct Row {
     services: usize,
     dataplane: Option<Dataplane>,
@@ -397,7 +402,7 @@ impl Row {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Deserialize, Serialize)]
 struct Results {
     commit: String,
     /// The agent's build: "release" unless the bench was built without
@@ -667,6 +672,18 @@ struct Loaded<'a> {
 }
 
 fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
+    if let Some(path) = &args.render {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let results: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bench's results.json", path.display()))?;
+        let out_dir = args
+            .out
+            .clone()
+            .or_else(|| path.parent().map(PathBuf::from))
+            .context("no directory to render into")?;
+        return write_results(&results, &out_dir);
+    }
     if args.control_plane_only {
         let scales = control_plane_scales(args);
         let rows = control_plane::measure(
@@ -828,21 +845,26 @@ fn run_bench(args: &BenchArgs, interrupt: &Interrupt) -> Result<()> {
         control_plane,
         program_costs,
     };
-    let out_dir = out_dir(args);
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    write_results(&results, &out_dir(args))
+}
+
+/// results.json, results.md, summary.md, the charts, and the README's
+/// summary for docs/bench.
+fn write_results(results: &Results, out_dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     std::fs::write(
         out_dir.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
+        serde_json::to_string_pretty(results)?,
     )?;
-    let table = report::markdown(&results);
+    let table = report::markdown(results);
     std::fs::write(out_dir.join("results.md"), &table)?;
-    let summary = report::summary(&results);
+    let summary = report::summary(results);
     std::fs::write(out_dir.join("summary.md"), &summary)?;
-    if readme::is_committed_results_dir(&out_dir) {
+    if readme::is_committed_results_dir(out_dir) {
         readme::update_readme(&summary)?;
         println!("bench: README.md quotes the new summary");
     }
-    charts::draw(&results, &out_dir)?;
+    charts::draw(results, &out_dir)?;
     println!("\n{table}\nbench: wrote {}", out_dir.display());
     Ok(())
 }

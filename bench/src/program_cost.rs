@@ -9,17 +9,19 @@ use dataplane_testbed::{
     packets::{self, Endpoint, TCP_ACK, TCP_SYN},
     tc_harness::{Hook, TcHarness, standard::*},
 };
-use serde::Serialize;
+use std::borrow::Cow;
 
-#[derive(Debug, Serialize)]
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize, Serialize)]
 pub(crate) struct Cost {
-    pub packet: &'static str,
-    pub program: &'static str,
+    pub packet: Cow<'static, str>,
+    pub program: Cow<'static, str>,
     /// How it was timed: the kernel's repeat loop over one packet (only for
     /// packets the program leaves unchanged: a repeat runs on the packet as
     /// the previous run left it), or single runs (their own timer overhead
     /// included, so the floor is timed the same way).
-    pub method: &'static str,
+    pub method: Cow<'static, str>,
     pub ns_per_packet: f64,
     pub floor_ns_per_packet: f64,
 }
@@ -70,9 +72,9 @@ fn measure_here(repeat: u32) -> Result<Vec<Cost>> {
         &[0u8; 64],
     );
     report(Cost {
-        packet: "not a Service (node's own port 22)",
-        program: "tc_ingress",
-        method: "mean of in-kernel repeats",
+        packet: "not a Service (node's own port 22)".into(),
+        program: "tc_ingress".into(),
+        method: "mean of in-kernel repeats".into(),
         ns_per_packet: ns(harness.time(Hook::Ingress, &stranger, repeat)?),
         floor_ns_per_packet: ns(harness.time(Hook::Noop, &stranger, repeat)?),
     });
@@ -145,13 +147,14 @@ fn measure_here(repeat: u32) -> Result<Vec<Cost>> {
             floor.push(ns(harness.time(Hook::Noop, packet, 1)?));
         }
         report(Cost {
-            packet: name,
+            packet: name.into(),
             program: if hook == Hook::Egress {
                 "tc_egress"
             } else {
                 "tc_ingress"
-            },
-            method: "median of single runs",
+            }
+            .into(),
+            method: "median of single runs".into(),
             ns_per_packet: median(runs),
             floor_ns_per_packet: median(floor),
         });
@@ -169,9 +172,9 @@ fn measure_here(repeat: u32) -> Result<Vec<Cost>> {
         floor.push(ns(harness.time(Hook::Noop, &syn, 1)?));
     }
     report(Cost {
-        packet: "new flow, SYN -> nodePort (backend choice, conntrack pair, DNAT)",
-        program: "tc_ingress",
-        method: "median of single runs",
+        packet: "new flow, SYN -> nodePort (backend choice, conntrack pair, DNAT)".into(),
+        program: "tc_ingress".into(),
+        method: "median of single runs".into(),
         ns_per_packet: median(runs),
         floor_ns_per_packet: median(floor),
     });

@@ -10,27 +10,66 @@ use super::{
 
 pub(crate) const MIN_RUNS_FOR_A_RATIO: usize = 3;
 
-/// How `ours` compares with `theirs`: the ratio of the medians with the
-/// range the two spreads allow, or "~1.0 (within noise)" when the ranges
-/// overlap (no round-to-round evidence that one is faster).
-pub(crate) fn compare(ours: &Figure, theirs: &Figure) -> String {
+/// How `ours` compares with `theirs`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Comparison {
+    /// One of them has failed exchanges: no rate to compare.
+    Failures,
+    TooFewRounds,
+    /// The ranges of the rounds overlap: no round-to-round evidence that
+    /// one is faster.
+    WithinNoise,
+    /// The ratio of the medians, with the range the two spreads allow.
+    Ratio {
+        median: f64,
+        low: f64,
+        high: f64,
+    },
+}
+
+pub(crate) fn comparison(ours: &Figure, theirs: &Figure) -> Comparison {
     if ours.invalid() || theirs.invalid() {
-        return "n/a (failures)".to_owned();
+        return Comparison::Failures;
     }
     // Fewer runs than this give no range worth the name.
     if ours.runs.min(theirs.runs) < MIN_RUNS_FOR_A_RATIO {
-        return format!("n/a (fewer than {MIN_RUNS_FOR_A_RATIO} rounds)");
+        return Comparison::TooFewRounds;
     }
     let overlap = ours.rate_min <= theirs.rate_max && theirs.rate_min <= ours.rate_max;
     if overlap || theirs.rate_min <= 0.0 {
-        return "~1.0 (within noise)".to_owned();
+        return Comparison::WithinNoise;
     }
-    format!(
-        "{:.2} [{:.2}..{:.2}]",
-        ours.median.probe.rate / theirs.median.probe.rate,
-        ours.rate_min / theirs.rate_max,
-        ours.rate_max / theirs.rate_min
-    )
+    Comparison::Ratio {
+        median: ours.median.probe.rate / theirs.median.probe.rate,
+        low: ours.rate_min / theirs.rate_max,
+        high: ours.rate_max / theirs.rate_min,
+    }
+}
+
+/// A table cell under a "vs X" heading: the ratio with its range, or
+/// "~1.0 (within noise)" when the ranges overlap.
+pub(crate) fn compare(ours: &Figure, theirs: &Figure) -> String {
+    match comparison(ours, theirs) {
+        Comparison::Failures => "n/a (failures)".to_owned(),
+        Comparison::TooFewRounds => format!("n/a (fewer than {MIN_RUNS_FOR_A_RATIO} rounds)"),
+        Comparison::WithinNoise => "~1.0 (within noise)".to_owned(),
+        Comparison::Ratio { median, low, high } => format!("{median:.2} [{low:.2}..{high:.2}]"),
+    }
+}
+
+/// The same in a sentence: "1.22x iptables [1.07..1.59]", "within noise
+/// of the floor".
+pub(crate) fn versus(ours: &Figure, theirs: &Figure, name: &str) -> String {
+    match comparison(ours, theirs) {
+        Comparison::Failures => format!("no ratio to {name} (failed exchanges)"),
+        Comparison::TooFewRounds => {
+            format!("no ratio to {name} (fewer than {MIN_RUNS_FOR_A_RATIO} rounds)")
+        }
+        Comparison::WithinNoise => format!("within noise of {name}"),
+        Comparison::Ratio { median, low, high } => {
+            format!("{median:.2}x {name} [{low:.2}..{high:.2}]")
+        }
+    }
 }
 
 /// A figure above the floor's whole range: impossible for a dataplane that
@@ -317,7 +356,7 @@ pub(crate) fn summary(results: &Results) -> String {
             .map(|(dataplane, name)| {
                 let theirs = row_of(results, services, dataplane);
                 match theirs.and_then(|row| row.figure(load)) {
-                    Some(theirs) => format!("{} {name}", compare(figure, theirs)),
+                    Some(theirs) => versus(figure, theirs, name),
                     None if theirs.is_some() => format!("{name} did not load"),
                     None => format!("{name} not measured"),
                 }
@@ -376,9 +415,10 @@ pub(crate) fn summary(results: &Results) -> String {
         .into_iter()
         .filter_map(|(variant, name)| {
             let theirs = tunnel_row(&results.tunnel, variant)?;
-            Some(format!(
-                "{} {name}",
-                compare(&tunnel.short_connections, &theirs.short_connections)
+            Some(versus(
+                &tunnel.short_connections,
+                &theirs.short_connections,
+                name,
             ))
         })
         .collect();
@@ -441,6 +481,20 @@ mod tests {
         let theirs = figure(10_000.0, 9_400.0, 10_600.0, 0);
         assert_eq!(compare(&ours, &theirs), "~1.0 (within noise)");
         assert_eq!(compare(&theirs, &ours), "~1.0 (within noise)");
+    }
+
+    #[test]
+    fn a_sentence_names_the_peer_after_the_ratio() {
+        let ours = figure(12_000.0, 11_000.0, 13_000.0, 0);
+        let theirs = figure(10_000.0, 9_000.0, 10_000.0, 0);
+        assert_eq!(
+            versus(&ours, &theirs, "iptables"),
+            "1.20x iptables [1.10..1.44]"
+        );
+        assert_eq!(
+            versus(&ours, &ours, "the floor"),
+            "within noise of the floor"
+        );
     }
 
     #[test]
@@ -523,7 +577,7 @@ mod tests {
         );
         assert!(
             summary.contains(
-                "ClusterIP new connections 6100/s (~1.0 (within noise) the floor, iptables did not load, 1.52 [1.44..1.62] nftables)"
+                "ClusterIP new connections 6100/s (within noise of the floor, iptables did not load, 1.52x nftables [1.44..1.62])"
             ),
             "{summary}"
         );

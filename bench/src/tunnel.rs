@@ -13,14 +13,14 @@ use dataplane_testbed::{
     manifests::{Ep, Svc, join, node_with_ip, slice},
     testbed::ip,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Figure, Run, ServiceSet, figure, peers, probe_run};
 
 const NODE_PORT: u16 = 30080;
 const PODS: usize = 4;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum TunnelVariant {
     Direct,
@@ -50,7 +50,7 @@ impl TunnelVariant {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Deserialize, Serialize)]
 pub(crate) struct TunnelRow {
     pub(crate) variant: TunnelVariant,
     pub(crate) short_connections: Figure,
