@@ -864,7 +864,7 @@ fn write_results(results: &Results, out_dir: &std::path::Path) -> Result<()> {
         readme::update_readme(&summary)?;
         println!("bench: README.md quotes the new summary");
     }
-    charts::draw(results, &out_dir)?;
+    charts::draw(results, out_dir)?;
     println!("\n{table}\nbench: wrote {}", out_dir.display());
     Ok(())
 }
