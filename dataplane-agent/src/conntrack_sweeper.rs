@@ -5,11 +5,11 @@
 //! are live, it tells the loop which ports the remaining flows use (the
 //! loop owns PORTS and trims it).
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use anyhow::Result;
 use dataplane_common::Stat;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tracing::warn;
 
 use crate::{
@@ -38,20 +38,26 @@ pub struct FlowPorts {
 pub type FlowPortsSender = watch::Sender<Option<FlowPorts>>;
 
 /// Starts the sweeper; it runs as long as the process, each pass off the
-/// async workers.
+/// async workers: every sweep period, and at once when `sweep_now` is
+/// notified (a sync took backends away from UDP frontends: their flows are
+/// cut at sync time, as kube-proxy clears their conntrack entries).
 pub fn spawn(
     layout: PinLayout,
     external: ExternalConfig,
     metrics: Metrics,
     live_backends: watch::Receiver<Option<BTreeSet<LiveBackend>>>,
     flow_ports: FlowPortsSender,
+    sweep_now: Arc<Notify>,
 ) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(external.conntrack_sweep_period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let layout_for_stats = layout.clone();
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = sweep_now.notified() => {}
+            }
             let layout = layout.clone();
             let timeouts = external.conntrack;
             let live_backends = live_backends.clone();

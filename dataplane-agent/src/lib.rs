@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod run;
 pub mod service_health;
+pub mod socket_reaper;
 pub mod source;
 
 #[cfg(test)]

@@ -85,6 +85,7 @@ pub struct Metrics {
     pub conntrack_expired_total: Counter,
     /// Completed passes of the conntrack sweeper.
     pub conntrack_sweeps_total: Counter,
+    pub sockets_destroyed_total: Counter,
     /// Entries the conntrack LRU evicted under pressure since the maps
     /// were created.
     pub conntrack_evicted: Gauge,
@@ -114,6 +115,11 @@ impl Metrics {
         }
         self.conntrack_expired_total.inc_by(expired as u64);
         self.conntrack_sweeps_total.inc();
+    }
+
+    /// Records one pass of the socket reaper.
+    pub fn record_sockets_destroyed(&self, destroyed: usize) {
+        self.sockets_destroyed_total.inc_by(destroyed as u64);
     }
 
     /// Records what one sync did.
@@ -194,6 +200,7 @@ impl Metrics {
             map_capacity: Family::default(),
             conntrack_expired_total: Counter::default(),
             conntrack_sweeps_total: Counter::default(),
+            sockets_destroyed_total: Counter::default(),
             conntrack_evicted: Gauge::default(),
         };
         let mut registry = Registry::default();
@@ -261,6 +268,11 @@ impl Metrics {
             "dataplane_conntrack_evicted",
             "Conntrack entries evicted by the LRU under pressure since the maps were created (written - expired - present)",
             metrics.conntrack_evicted.clone(),
+        );
+        registry.register(
+            "dataplane_sockets_destroyed",
+            "Connected UDP sockets destroyed because their backend left the Service they dialled",
+            metrics.sockets_destroyed_total.clone(),
         );
         registry.register_collector(Box::new(DatapathStats { layout }));
         (metrics, registry)

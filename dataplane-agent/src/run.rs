@@ -2,7 +2,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -10,9 +10,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use dataplane_common::{
     BackendKey, CONNTRACK_MAX_ENTRIES, ConfigValue, EXTERNAL_MODE_SNAT, EXTERNAL_MODE_TUNNEL,
+    IPPROTO_UDP, ServiceKey, ServiceValue,
 };
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{Notify, mpsc, watch},
     time::Instant,
 };
 use tracing::{error, info, info_span, warn};
@@ -21,7 +22,7 @@ use crate::{
     config::{ExternalConfig, ExternalMode, RunConfig, SourceConfig},
     conntrack_sweeper::{self, FlowPorts, LiveBackendsSender},
     dataplane::{
-        codec::ipv4_be,
+        codec::{self, ipv4_be, ipv4_of_be},
         interfaces,
         loader::LoadedObject,
         maps::{InterfaceMaps, KernelMaps},
@@ -35,6 +36,7 @@ use crate::{
     metrics::{self, Metrics, SyncOutcome},
     model::{Frontend, Model, NodeInfo, ObjectName, Protocol},
     service_health::{ServiceHealthServers, ServiceHealthTarget},
+    socket_reaper::{self, Reaper},
     source::{
         Change, Changes,
         kube::{self, KubeSource},
@@ -132,6 +134,12 @@ struct Agent {
     /// The backends each UDP frontend id uses after the last sync, for the
     /// conntrack sweep's stale-UDP check; None until the first sync.
     live_backends: LiveBackendsSender,
+    /// Wakes the conntrack sweeper when a sync took backends away from UDP
+    /// frontends.
+    sweep_now: Arc<Notify>,
+    /// Destroys connected UDP sockets to such backends; None where the
+    /// kernel cannot.
+    socket_reaper: Option<Reaper>,
     /// PORTS, when the interface programs run: the sync sets the bits of
     /// new frontends, [`Agent::trim_ports`] clears those no frontend and no
     /// flow uses.
@@ -183,6 +191,11 @@ impl Agent {
         let mut changed = recomputed.frontends.clone();
         changed.extend(self.failing.keys().copied());
         let udp_changed = full || changed.iter().any(|f| f.protocol == Protocol::Udp);
+        let udp_before = if udp_changed {
+            self.udp_backends(&changed, full)
+        } else {
+            BTreeMap::new()
+        };
         if udp_changed {
             // While the maps change, which backends are live is unknown to
             // the conntrack sweep: it cuts no UDP flow until the sync
@@ -206,6 +219,7 @@ impl Agent {
         self.retire(&report.unreachable);
         if udp_changed {
             self.publish_live_backends();
+            self.cut_lost_udp_backends(udp_before);
         }
         if (full || recomputed.nodes_changed)
             && let Some(maps) = &mut self.interface_maps
@@ -322,13 +336,79 @@ impl Agent {
         }
     }
 
+    /// What the UDP frontends a sync may change (all of them for a full
+    /// sync) balance over before it writes.
+    fn udp_backends(
+        &self,
+        changed: &BTreeSet<Frontend>,
+        full: bool,
+    ) -> BTreeMap<ServiceKey, BTreeSet<(u32, u16)>> {
+        let of = |key: &ServiceKey, value: &ServiceValue| (*key, self.backend_set(value));
+        if full {
+            self.mirror
+                .services
+                .iter()
+                .filter(|(key, _)| key.protocol == IPPROTO_UDP)
+                .map(|(key, value)| of(key, value))
+                .collect()
+        } else {
+            changed
+                .iter()
+                .filter(|f| f.protocol == Protocol::Udp)
+                .map(codec::service_key)
+                .filter_map(|key| Some(of(&key, self.mirror.services.get(&key)?)))
+                .collect()
+        }
+    }
+
+    fn backend_set(&self, value: &ServiceValue) -> BTreeSet<(u32, u16)> {
+        self.mirror
+            .current_backends(value)
+            .iter()
+            .map(|b| (b.ip_be, b.port_be))
+            .collect()
+    }
+
+    /// UDP has no connection to end, so flows and connected sockets to a
+    /// backend that left its frontend are cut as soon as the maps say so:
+    /// the sweep runs now rather than at its next period, and the socket
+    /// reaper destroys the connected sockets socket LB pointed at it.
+    fn cut_lost_udp_backends(&self, before: BTreeMap<ServiceKey, BTreeSet<(u32, u16)>>) {
+        let mut affected = socket_reaper::Affected::new();
+        for (key, backends) in before {
+            let now = self
+                .mirror
+                .services
+                .get(&key)
+                .map(|value| self.backend_set(value))
+                .unwrap_or_default();
+            if backends.is_subset(&now) {
+                continue;
+            }
+            let service = codec::frontend_of(&key)
+                .and_then(|f| self.model.entry(&f))
+                .map_or_else(|| "(removed)".to_owned(), |e| e.service.to_string());
+            affected.insert(
+                SocketAddrV4::new(ipv4_of_be(key.vip_be), u16::from_be(key.port_be)),
+                service,
+            );
+        }
+        if affected.is_empty() {
+            return;
+        }
+        self.sweep_now.notify_one();
+        if let Some(reaper) = &self.socket_reaper {
+            reaper.reap(affected);
+        }
+    }
+
     /// The backends of the UDP frontends, the only ones the sweep checks.
     fn publish_live_backends(&self) {
         let live = self
             .mirror
             .services
             .iter()
-            .filter(|(key, _)| key.protocol == dataplane_common::IPPROTO_UDP)
+            .filter(|(key, _)| key.protocol == IPPROTO_UDP)
             .flat_map(|(_, value)| {
                 self.mirror
                     .current_backends(value)
@@ -614,6 +694,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
         health_checks_failing: false,
         interface_maps,
         live_backends: watch::Sender::new(None),
+        sweep_now: Arc::new(Notify::new()),
+        socket_reaper: None,
         port_filter,
         tunnel_source,
         warned_tunnel_source: None,
@@ -650,6 +732,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }
     }
     loaded.attach_socket_lb(&agent.config.cgroup)?;
+    agent.socket_reaper = socket_reaper::spawn(
+        PinLayout::new(&agent.config.bpffs_dir),
+        agent.metrics.clone(),
+    );
     // Kept here when no sweeper runs, so the loop's receiver never closes.
     let (flow_ports_sender, mut flow_ports) = watch::channel(None);
     if let Some(external) = &agent.config.external {
@@ -661,6 +747,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             agent.metrics.clone(),
             agent.live_backends.subscribe(),
             flow_ports_sender.clone(),
+            agent.sweep_now.clone(),
         );
     }
     for previous in &previous_layouts {
