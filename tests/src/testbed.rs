@@ -826,6 +826,121 @@ impl Hold {
     }
 }
 
+/// One exchange of `dataplane-probe udp-stream`.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct StreamExchange {
+    /// Unix time in milliseconds, when the answer (or the error) came.
+    pub at_ms: u64,
+    /// Which socket: 1 for the first, +1 for each reconnect after an error.
+    pub socket: u32,
+    /// The pod that answered.
+    pub backend: Option<String>,
+    /// The error instead (0: no answer within the interval).
+    pub errno: Option<i32>,
+}
+
+/// A running `dataplane-probe udp-stream`: one connected UDP socket
+/// exchanging a datagram every 50 ms, each exchange collected as it
+/// happens. Killed on drop.
+pub struct UdpStream {
+    child: Child,
+    exchanges: std::sync::Arc<Mutex<Vec<StreamExchange>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Testbed {
+    /// Starts a [`UdpStream`] from `netns` (inside the testbed's cgroup if
+    /// `in_cgroup`) to `to`.
+    pub fn udp_stream_in(&self, netns: &str, in_cgroup: bool, to: &str) -> Result<UdpStream> {
+        let mut child = self
+            .command_in(netns, in_cgroup, sibling_binary("dataplane-probe")?)?
+            .args(["udp-stream", "--to", to])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the probe's udp-stream")?;
+        let stdout = child.stdout.take().context("udp-stream has no stdout")?;
+        let exchanges = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let collected = exchanges.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(exchange) = serde_json::from_str::<StreamExchange>(&line) {
+                    collected
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .push(exchange);
+                }
+            }
+        });
+        Ok(UdpStream {
+            child,
+            exchanges,
+            reader: Some(reader),
+        })
+    }
+}
+
+impl UdpStream {
+    /// The exchanges so far.
+    pub fn exchanges(&self) -> Vec<StreamExchange> {
+        self.exchanges
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Waits (at most `within`) until `done` holds for the exchanges so
+    /// far.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&[StreamExchange]) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let exchanges = self.exchanges();
+            if done(&exchanges) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let tail: Vec<_> = exchanges.iter().rev().take(10).collect();
+                bail!(
+                    "udp-stream: {what} did not happen within {within:?}; last exchanges: {tail:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Ends the stream and returns every exchange.
+    pub fn stop(mut self) -> Result<Vec<StreamExchange>> {
+        drop(self.child.stdin.take());
+        self.child.wait().context("waiting for udp-stream")?;
+        if let Some(reader) = self.reader.take() {
+            reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("the udp-stream reader panicked"))?;
+        }
+        Ok(self.exchanges())
+    }
+}
+
+impl Drop for UdpStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Now, as Unix time in milliseconds (what [`StreamExchange::at_ms`]
+/// counts).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// The line the agent logs once its programs are attached.
 pub const READY_MARK: &str = "socket load balancing attached; ready";
 

@@ -19,7 +19,9 @@ use dataplane_testbed::{
     cluster::{Cluster, NODE_INTERFACE},
     manifests::{Ep, Svc, join, node_with_ip, slice},
     probe::{Attempt, tally},
-    testbed::{AgentSource, Hold, loaded_program_ids, pinned_program_ids_of},
+    testbed::{
+        AgentSource, Hold, StreamExchange, loaded_program_ids, pinned_program_ids_of, unix_ms,
+    },
 };
 
 const NODE_PORT: u16 = 30080;
@@ -780,6 +782,62 @@ fn idle_and_stale_udp_flows_leave_the_conntrack_table() {
             || Ok(to_pod2(&flows(0)) == 0),
         )
         .unwrap();
+}
+
+#[test]
+fn a_connected_udp_client_outside_follows_an_endpoint_that_moves_to_another_node() {
+    let setup = two_nodes();
+    let c = &setup.cluster;
+    let on = |pod: &Host, node: &str| {
+        manifests(&setup, web("NodePort"), &[Ep::ready(pod).on_node(node)])
+    };
+    c.write_manifest("web.yaml", &on(&setup.pod1, "node-1"))
+        .unwrap();
+    // The default sweep period (10 s): the flow must be cut at sync time.
+    c.start_agents(&[]).unwrap();
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    let stream = c.nodes[0]
+        .udp_stream_in(&setup.client.netns, false, &dialled)
+        .unwrap();
+    let answered_by = |pod: &'static str| {
+        move |exchanges: &[StreamExchange]| {
+            exchanges.iter().any(|e| e.backend.as_deref() == Some(pod))
+        }
+    };
+    stream
+        .wait_until("pod1 answers", Duration::from_secs(10), answered_by("pod1"))
+        .unwrap();
+
+    // pod1 keeps serving: only the agent can move the flow.
+    let moved_at_ms = unix_ms();
+    c.write_manifest("web.yaml", &on(&setup.pod2, "node-2"))
+        .unwrap();
+    stream
+        .wait_until("pod2 answers", Duration::from_secs(10), answered_by("pod2"))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let exchanges = stream.stop().unwrap();
+    let first = exchanges
+        .iter()
+        .position(|e| e.backend.as_deref() == Some("pod2"))
+        .unwrap();
+    let took = exchanges[first].at_ms.saturating_sub(moved_at_ms);
+    assert!(
+        took <= 1_000,
+        "reached pod2 {took} ms after the change: {exchanges:?}"
+    );
+    let strays: Vec<_> = exchanges[first..]
+        .iter()
+        .filter(|e| e.backend.as_deref() != Some("pod2"))
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "after the move only pod2 answers: {strays:?}"
+    );
+    assert!(
+        exchanges.iter().all(|e| e.socket == 1),
+        "the client's socket stays connected to the nodePort: {exchanges:?}"
+    );
 }
 
 #[test]

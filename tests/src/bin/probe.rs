@@ -52,6 +52,19 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         interval_ms: u64,
     },
+    /// One connected UDP socket, as a DNS resolver keeps: sends a datagram
+    /// every `interval_ms` until its stdin closes (or `seconds`), and
+    /// prints a JSON line per exchange. After an error (the socket was
+    /// destroyed, or refused) it opens and connects a new socket, as a
+    /// resolver re-resolves; a timeout keeps the socket.
+    UdpStream {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 50)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+    },
     /// Load for benchmarks: for `seconds`, either new connections (connect,
     /// read the greeting, close) or request/response on one kept-alive
     /// connection; prints count, rate and latency percentiles as JSON.
@@ -267,6 +280,72 @@ fn attempt(to: SocketAddr, timeout: Duration, mode: Mode, udp_source_port: u16) 
     }
 }
 
+fn connected_udp(to: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect(to)?;
+    Ok(socket)
+}
+
+/// See `Command::UdpStream`. Each line: `at_ms` (Unix time), `socket` (1
+/// for the first, +1 per reconnect), and either `backend` (who answered)
+/// or `errno` (0 for a timeout).
+fn udp_stream(to: SocketAddr, interval: Duration, seconds: u64) -> Result<()> {
+    let caller_done = stdin_closed();
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut generation = 1u32;
+    let mut socket = connected_udp(to, interval)?;
+    let mut out = std::io::stdout().lock();
+    let mut buffer = [0u8; 1500];
+    while Instant::now() < deadline && !caller_done.load(std::sync::atomic::Ordering::SeqCst) {
+        let started = Instant::now();
+        let result = socket.send(b"hello").and_then(|_| socket.recv(&mut buffer));
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        let line = match result {
+            Ok(received) => {
+                let answer = String::from_utf8_lossy(&buffer[..received]).into_owned();
+                let backend = answer.split_whitespace().next().unwrap_or("").to_owned();
+                serde_json::json!({"at_ms": at_ms, "socket": generation, "backend": backend})
+            }
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                serde_json::json!({"at_ms": at_ms, "socket": generation, "errno": 0})
+            }
+            Err(error) => {
+                let line = serde_json::json!({
+                    "at_ms": at_ms,
+                    "socket": generation,
+                    "errno": error.raw_os_error().unwrap_or(-1),
+                });
+                generation += 1;
+                socket = connected_udp(to, interval)?;
+                line
+            }
+        };
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        std::thread::sleep(interval.saturating_sub(started.elapsed()));
+    }
+    Ok(())
+}
+
+/// A flag raised when this process's stdin closes: the caller is done.
+fn stdin_closed() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let caller_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = caller_done.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    caller_done
+}
+
 /// Holds long-lived connections and reports every failed exchange.
 fn hold(to: SocketAddr, connections: usize, seconds: u64, interval: Duration) -> Result<()> {
     let mut open = Vec::new();
@@ -292,12 +371,7 @@ fn hold(to: SocketAddr, connections: usize, seconds: u64, interval: Duration) ->
     println!("{}", serde_json::json!({"opened": open.len()}));
     std::io::stdout().flush()?;
     // The hold also ends early when its stdin closes: the caller is done.
-    let caller_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let done = caller_done.clone();
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
-    });
+    let caller_done = stdin_closed();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut exchanges = 0u64;
     while Instant::now() < deadline && !caller_done.load(std::sync::atomic::Ordering::SeqCst) {
@@ -784,6 +858,11 @@ fn main() -> Result<()> {
             load,
             parallel,
         } => bench(&to, seconds, &load, parallel),
+        Command::UdpStream {
+            to,
+            interval_ms,
+            seconds,
+        } => udp_stream(to, Duration::from_millis(interval_ms), seconds),
         Command::ServeClosing { listen } => serve_closing(listen),
         Command::ServeWrongEcho { listen } => serve_wrong_echo(listen),
         Command::Hold {
