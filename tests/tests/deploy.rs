@@ -187,8 +187,13 @@ fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
         tally(&external)["pod1"].sources.keys().collect::<Vec<_>>(),
         [&client.ip.to_string()]
     );
+    assert!(
+        log.contains("sock_diag SOCK_DESTROY"),
+        "connected UDP sockets can be destroyed with the granted capabilities: {log}"
+    );
     // The agent really ran with nothing but the granted capabilities
-    // (CAP_NET_ADMIN is bit 12, CAP_PERFMON bit 38, CAP_BPF bit 39).
+    // (CAP_NET_ADMIN is bit 12, CAP_SYS_ADMIN bit 21, CAP_PERFMON bit 38,
+    // CAP_BPF bit 39).
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", tb.agent_pid().unwrap())).unwrap();
     let effective = status
@@ -196,10 +201,13 @@ fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
         .find_map(|l| l.strip_prefix("CapEff:"))
         .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
         .unwrap();
-    assert_eq!(capabilities, ["+bpf", "+net_admin", "+perfmon"]);
+    assert_eq!(
+        capabilities,
+        ["+bpf", "+net_admin", "+perfmon", "+sys_admin"]
+    );
     assert_eq!(
         effective,
-        (1 << 12) | (1 << 38) | (1 << 39),
+        (1 << 12) | (1 << 21) | (1 << 38) | (1 << 39),
         "CapEff {effective:#x}"
     );
     let health = tb.http_get_in_node("127.0.0.1:10256", "/healthz").unwrap();
