@@ -5,7 +5,10 @@
 //! established flows, as with kube-proxy's conntrack).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use dataplane_common::{CT_FLAG_FIN_SEEN, CT_FLAG_RST_SEEN, CtKey, CtValue, Stat};
+use dataplane_common::{
+    CT_FLAG_FIN_SEEN, CT_FLAG_RST_SEEN, CT_FLAG_SNAT, CT_REPLY, CT_TUNNEL_RETURN, CtKey, CtValue,
+    Stat,
+};
 
 use crate::{
     maps::{CONNTRACK, count},
@@ -111,6 +114,40 @@ pub fn is_stale_reply(flow: &Flow, reply: &CtValue) -> bool {
             flags & (CT_FLAG_FIN_SEEN | CT_FLAG_RST_SEEN) != 0
         }
         None => true,
+    }
+}
+
+/// Ends the translated flow whose tuple a UDP packet from outside now uses
+/// straight to the backend (not through a frontend): the client talks to
+/// the backend directly, so the old flow is over. Left alone, its reply
+/// entry would rewrite (or tunnel back) the direct flow's replies, and be
+/// kept alive by them. TCP needs no such check: a new connection on the
+/// tuple starts with a SYN (`is_stale_reply`).
+#[inline(always)]
+pub fn end_flow_replaced_by_direct(flow: &Flow) {
+    let reply_key = CtKey::new(
+        flow.dst_be,
+        flow.dst_port_be,
+        flow.src_be,
+        flow.src_port_be,
+        flow.protocol,
+    );
+    let Some(entry) = lookup(&reply_key) else {
+        return;
+    };
+    // SAFETY: copied out of the map value at once.
+    let reply = unsafe { *entry };
+    if reply.kind == CT_REPLY && reply.flags & CT_FLAG_SNAT == 0 {
+        forget(&CtKey::new(
+            flow.src_be,
+            flow.src_port_be,
+            reply.nat_ip_be,
+            reply.nat_port_be,
+            flow.protocol,
+        ));
+        forget(&reply_key);
+    } else if reply.kind == CT_TUNNEL_RETURN {
+        forget(&reply_key);
     }
 }
 

@@ -65,6 +65,11 @@ pub fn ingress(ctx: &TcContext) -> i32 {
                 }
                 return PASS;
             }
+            if flow.protocol == IPPROTO_UDP
+                && port_in_use(PORT_KIND_BACKEND, flow.protocol, flow.dst_port_be)
+            {
+                conntrack::end_flow_replaced_by_direct(&flow);
+            }
             if !may_be_inbound(&config, &flow) {
                 return PASS;
             }

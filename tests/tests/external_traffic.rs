@@ -7,7 +7,10 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use aya::maps::{Array, MapData};
 use dataplane_agent::dataplane::{failpoint, maps, pins::PinLayout, ports};
@@ -18,9 +21,10 @@ use dataplane_testbed::{
     Host,
     cluster::{Cluster, NODE_INTERFACE},
     manifests::{Ep, Svc, join, node_with_ip, slice},
-    probe::{Attempt, tally},
+    probe::{Attempt, parse_attempts, tally},
     testbed::{
-        AgentSource, Hold, StreamExchange, loaded_program_ids, pinned_program_ids_of, unix_ms,
+        AgentSource, Hold, StreamExchange, loaded_program_ids, pinned_program_ids_of,
+        sibling_binary, unix_ms,
     },
 };
 
@@ -838,6 +842,63 @@ fn a_connected_udp_client_outside_follows_an_endpoint_that_moves_to_another_node
         exchanges.iter().all(|e| e.socket == 1),
         "the client's socket stays connected to the nodePort: {exchanges:?}"
     );
+}
+
+#[test]
+fn a_client_that_turns_from_a_node_port_to_the_pod_itself_gets_the_pods_own_answers() {
+    let setup = serving_both_pods(&[]);
+    let c = &setup.cluster;
+    // Pod addresses routed to their nodes, as on a flat network.
+    c.route_to_node(&setup.client, &format!("{}/32", setup.pod1.ip), 0)
+        .unwrap();
+    c.route_to_node(&setup.client, &format!("{}/32", setup.pod2.ip), 1)
+        .unwrap();
+    let probe = sibling_binary("dataplane-probe").unwrap();
+    let probe = probe.to_str().unwrap();
+    let connected_udp_from = |port: u16, to: &str| -> Attempt {
+        let port = port.to_string();
+        let args = [
+            "connect",
+            "--to",
+            to,
+            "--mode",
+            "udp",
+            "--udp-source-port",
+            &port,
+        ];
+        parse_attempts(&c.run_in(&setup.client.netns, probe, &args).unwrap())
+            .unwrap()
+            .remove(0)
+    };
+    // A source port whose nodePort flow (on node-1) went to each pod: pod1
+    // is local to node-1 (DNAT), pod2 behind the tunnel.
+    let node_port = format!("{}:{NODE_PORT}", c.node_ip(0));
+    let mut port_of = BTreeMap::new();
+    for port in 42_000..42_200 {
+        let through_node_port = connected_udp_from(port, &node_port);
+        assert!(through_node_port.ok, "{through_node_port:?}");
+        port_of
+            .entry(through_node_port.backend.unwrap())
+            .or_insert(port);
+        if port_of.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(port_of.len(), 2, "both pods answer through the nodePort");
+    // The same client port, now straight to the pod, within the flows' UDP
+    // timeout: the answers must come from the pod itself, not be rewritten
+    // (or tunnelled back) as the nodePort flow's.
+    for (pod, host) in [("pod1", &setup.pod1), ("pod2", &setup.pod2)] {
+        let pod_address = format!("{}:8080", host.ip);
+        let direct = connected_udp_from(port_of[pod], &pod_address);
+        assert!(direct.ok, "{pod} answers the direct flow: {direct:?}");
+        assert_eq!(direct.peer.as_deref(), Some(pod_address.as_str()));
+        assert_eq!(direct.backend.as_deref(), Some(pod));
+        assert_eq!(
+            direct.source_seen.as_deref(),
+            Some(setup.client.ip.to_string().as_str())
+        );
+    }
 }
 
 #[test]
