@@ -930,10 +930,7 @@ fn a_syn_flood_through_a_node_port_evicts_the_flood_and_keeps_active_flows() {
     let flood = c
         .run_in(
             &flooder.netns,
-            dataplane_testbed::testbed::sibling_binary("dataplane-probe")
-                .unwrap()
-                .to_str()
-                .unwrap(),
+            sibling_binary("dataplane-probe").unwrap().to_str().unwrap(),
             &[
                 "flood",
                 "--to",
