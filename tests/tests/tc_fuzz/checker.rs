@@ -200,6 +200,12 @@ impl Checker {
             ));
         }
         let view = view_of(input);
+        if hook == Hook::Ingress
+            && let View::Ports { tuple, .. } = view
+            && !self.model.is_our_vxlan(input, &view)
+        {
+            self.end_flow_replaced_by_direct(&tuple);
+        }
         let changed = out.packet != input;
         if !changed && out.verdict == VERDICT_PASS {
             return Ok(Effect::Untouched);
@@ -232,6 +238,30 @@ impl Checker {
             return self.check_wrapped(harness, hook, input, &view, output);
         }
         self.check_rewritten(harness, hook, input, &view, output)
+    }
+
+    /// A UDP packet from outside on the reversed tuple of a reply entry
+    /// (the client now talks to the backend directly) ends the translated
+    /// flow (conntrack.rs `end_flow_replaced_by_direct`).
+    fn end_flow_replaced_by_direct(&mut self, tuple: &Tuple) {
+        if tuple.protocol != IPPROTO_UDP {
+            return;
+        }
+        let reply = tuple.reversed();
+        match self.shadow.get(&reply) {
+            Some(Tracked::Reply {
+                frontend,
+                client: None,
+            }) => {
+                let forward = Tuple::new(tuple.src, *frontend, tuple.protocol);
+                self.shadow.remove(&forward);
+                self.shadow.remove(&reply);
+            }
+            Some(Tracked::TunnelReturn { .. }) => {
+                self.shadow.remove(&reply);
+            }
+            _ => {}
+        }
     }
 
     /// Invariant 2: whether the program may change or drop the packet.

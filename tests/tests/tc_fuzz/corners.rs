@@ -243,6 +243,57 @@ fn corner_cases_keep_the_invariants() {
         &[Untouched],
     );
 
+    // A client that turns from a translated UDP flow to the pod itself, on
+    // the same tuple, ends the translated flow: the pod's answers to it
+    // are neither rewritten nor tunnelled back.
+    let to_pod = packets::udp(client(40030), pod(LOCAL_POD), b"q");
+    let from_pod = packets::udp(pod(LOCAL_POD), client(40030), b"a");
+    c.expect(
+        "UDP to an externalIP with a local pod",
+        ingress,
+        &packets::udp(client(40030), endpoint(EXTERNAL_IP, 80), b"q"),
+        &[Rewritten],
+    );
+    c.expect("the pod's answer", egress, &from_pod, &[Rewritten]);
+    c.expect(
+        "the same tuple straight to the pod",
+        ingress,
+        &to_pod,
+        &[Untouched],
+    );
+    c.expect(
+        "the pod's answer to the direct flow",
+        egress,
+        &from_pod,
+        &[Untouched],
+    );
+    let to_pod = packets::udp(client(40031), pod(LOCAL_POD), b"q");
+    let from_pod = packets::udp(pod(LOCAL_POD), client(40031), b"a");
+    c.expect(
+        "UDP tunnelled from the peer to a local pod",
+        ingress,
+        &packets::vxlan(PEER, NODE, TUNNEL_PORT, VNI, &to_pod),
+        &[Unwrapped],
+    );
+    c.expect(
+        "the pod's answer into the tunnel",
+        egress,
+        &from_pod,
+        &[Wrapped],
+    );
+    c.expect(
+        "the same tuple straight to the pod, not tunnelled",
+        ingress,
+        &to_pod,
+        &[Untouched],
+    );
+    c.expect(
+        "the pod's answer to the direct flow, not tunnelled",
+        egress,
+        &from_pod,
+        &[Untouched],
+    );
+
     // The tunnel.
     let tunnelled = packets::tcp(client(40020), pod(LOCAL_POD), TCP_SYN, b"");
     c.expect(
