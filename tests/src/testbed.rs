@@ -892,24 +892,18 @@ impl UdpStream {
             .clone()
     }
 
-    /// Waits (at most `within`) until `done` holds for the exchanges so
-    /// far.
-    pub fn wait_until(
-        &self,
-        what: &str,
-        within: Duration,
-        done: impl Fn(&[StreamExchange]) -> bool,
-    ) -> Result<()> {
+    /// Waits (at most `within`) until `pod` has answered.
+    pub fn wait_for_answer_from(&self, pod: &str, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
             let exchanges = self.exchanges();
-            if done(&exchanges) {
+            if exchanges.iter().any(|e| e.backend.as_deref() == Some(pod)) {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 let tail: Vec<_> = exchanges.iter().rev().take(10).collect();
                 bail!(
-                    "udp-stream: {what} did not happen within {within:?}; last exchanges: {tail:?}"
+                    "udp-stream: {pod} did not answer within {within:?}; last exchanges: {tail:?}"
                 );
             }
             std::thread::sleep(Duration::from_millis(20));

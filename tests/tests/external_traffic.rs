@@ -23,8 +23,7 @@ use dataplane_testbed::{
     manifests::{Ep, Svc, join, node_with_ip, slice},
     probe::{Attempt, parse_attempts, tally},
     testbed::{
-        AgentSource, Hold, StreamExchange, loaded_program_ids, pinned_program_ids_of,
-        sibling_binary, unix_ms,
+        AgentSource, Hold, loaded_program_ids, pinned_program_ids_of, sibling_binary, unix_ms,
     },
 };
 
@@ -803,13 +802,8 @@ fn a_connected_udp_client_outside_follows_an_endpoint_that_moves_to_another_node
     let stream = c.nodes[0]
         .udp_stream_in(&setup.client.netns, false, &dialled)
         .unwrap();
-    let answered_by = |pod: &'static str| {
-        move |exchanges: &[StreamExchange]| {
-            exchanges.iter().any(|e| e.backend.as_deref() == Some(pod))
-        }
-    };
     stream
-        .wait_until("pod1 answers", Duration::from_secs(10), answered_by("pod1"))
+        .wait_for_answer_from("pod1", Duration::from_secs(10))
         .unwrap();
 
     // pod1 keeps serving: only the agent can move the flow.
@@ -817,7 +811,7 @@ fn a_connected_udp_client_outside_follows_an_endpoint_that_moves_to_another_node
     c.write_manifest("web.yaml", &on(&setup.pod2, "node-2"))
         .unwrap();
     stream
-        .wait_until("pod2 answers", Duration::from_secs(10), answered_by("pod2"))
+        .wait_for_answer_from("pod2", Duration::from_secs(10))
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let exchanges = stream.stop().unwrap();

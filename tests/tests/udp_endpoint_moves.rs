@@ -54,10 +54,6 @@ fn sockets_destroyed(tb: &Testbed) -> u64 {
         .expect("dataplane_sockets_destroyed_total is exported")
 }
 
-fn answered_by(pod: &str) -> impl Fn(&[StreamExchange]) -> bool + '_ {
-    move |exchanges| exchanges.iter().any(|e| e.backend.as_deref() == Some(pod))
-}
-
 /// After `moved_at_ms` the stream reached `new_pod` in time, on its second
 /// socket, after at most one error (the destroyed socket's), and never
 /// heard from another pod again.
@@ -109,7 +105,7 @@ fn connected_udp_clients_in_a_pod_and_on_the_host_follow_a_moved_endpoint() {
     let on_host = tb.udp_stream_in(&tb.node_netns, true, &to).unwrap();
     for stream in [&in_pod, &on_host] {
         stream
-            .wait_until("pod1 answers", Duration::from_secs(10), answered_by("pod1"))
+            .wait_for_answer_from("pod1", Duration::from_secs(10))
             .unwrap();
     }
 
@@ -119,7 +115,7 @@ fn connected_udp_clients_in_a_pod_and_on_the_host_follow_a_moved_endpoint() {
         .unwrap();
     for stream in [&in_pod, &on_host] {
         stream
-            .wait_until("pod2 answers", Duration::from_secs(10), answered_by("pod2"))
+            .wait_for_answer_from("pod2", Duration::from_secs(10))
             .unwrap();
     }
     // A few more exchanges, to see that nothing goes back to pod1.
@@ -162,10 +158,10 @@ fn a_connected_udp_socket_whose_backend_stays_is_never_destroyed() {
         .udp_stream_in(&client.netns, true, &format!("{OTHER_VIP}:53"))
         .unwrap();
     stays
-        .wait_until("pod1 answers", Duration::from_secs(10), answered_by("pod1"))
+        .wait_for_answer_from("pod1", Duration::from_secs(10))
         .unwrap();
     leaves
-        .wait_until("pod4 answers", Duration::from_secs(10), answered_by("pod4"))
+        .wait_for_answer_from("pod4", Duration::from_secs(10))
         .unwrap();
 
     // 100 changes, each taking a backend away from the Service (so each
@@ -194,7 +190,7 @@ fn a_connected_udp_socket_whose_backend_stays_is_never_destroyed() {
     tb.write_manifest("other.yaml", &dns_service("other", OTHER_VIP, &[pod2]))
         .unwrap();
     leaves
-        .wait_until("pod2 answers", Duration::from_secs(10), answered_by("pod2"))
+        .wait_for_answer_from("pod2", Duration::from_secs(10))
         .unwrap();
 
     let exchanges = stays.stop().unwrap();

@@ -14,7 +14,10 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use dataplane_testbed::probe::{Attempt, BenchRun, is_greeting, keepalive_request};
+use dataplane_testbed::{
+    probe::{Attempt, BenchRun, is_greeting, keepalive_request},
+    testbed::unix_ms,
+};
 
 #[derive(Parser)]
 struct Cli {
@@ -300,9 +303,7 @@ fn udp_stream(to: SocketAddr, interval: Duration, seconds: u64) -> Result<()> {
     while Instant::now() < deadline && !caller_done.load(std::sync::atomic::Ordering::SeqCst) {
         let started = Instant::now();
         let result = socket.send(b"hello").and_then(|_| socket.recv(&mut buffer));
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64;
+        let at_ms = unix_ms();
         let line = match result {
             Ok(received) => {
                 let answer = String::from_utf8_lossy(&buffer[..received]).into_owned();
