@@ -7,7 +7,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
-use dataplane_testbed::{interrupt::Interrupt, testbed::AgentSource};
+use dataplane_testbed::{
+    interrupt::Interrupt,
+    testbed::{AgentSource, Testbed},
+};
 use serde::{Deserialize, Serialize};
 
 use super::{Dataplane, OUR_AGENT_ARGS, ServiceSet, Site, endpoint_change_latency, rss_mib};
@@ -16,7 +19,11 @@ use super::{Dataplane, OUR_AGENT_ARGS, ServiceSet, Site, endpoint_change_latency
 pub(crate) struct ControlPlaneRow {
     pub(crate) services: usize,
     /// From the agent's start to its ready line: every Service programmed.
+    /// The median of [`PROGRAM_STARTS`] starts on empty maps.
     pub(crate) program_seconds: f64,
+    /// The fastest and slowest of those starts.
+    #[serde(default)]
+    pub(crate) program_seconds_range: Option<(f64, f64)>,
     /// An endpoint change written to the SERVICES entry flipped, with the
     /// default --min-sync-period of 100 ms.
     pub(crate) change_p50_ms: f64,
@@ -36,6 +43,10 @@ pub(crate) struct ControlPlaneRow {
 /// How long the agent may take to program the largest set from start.
 const READY_WITHIN: Duration = Duration::from_secs(300);
 
+/// Starts on empty maps timed per scale: one start is at the mercy of
+/// whatever else wakes on a shared machine.
+const PROGRAM_STARTS: usize = 3;
+
 pub(crate) fn measure(
     scales: &[usize],
     changes: usize,
@@ -49,9 +60,18 @@ pub(crate) fn measure(
         interrupt.check()?;
         let set = ServiceSet::new(services, &site.pods);
         set.write_manifests(tb)?;
-        let started = Instant::now();
-        tb.start_agent_within(&AgentSource::Manifests, &OUR_AGENT_ARGS, READY_WITHIN)?;
-        let program_seconds = started.elapsed().as_secs_f64();
+        let mut starts = Vec::new();
+        for _ in 1..PROGRAM_STARTS {
+            starts.push(time_start(tb)?);
+            tb.stop_agent_within(libc::SIGTERM, Duration::from_secs(120))?;
+            tb.agent_cli(&["cleanup"])?;
+            interrupt.check()?;
+        }
+        // The last start stays up for the other measurements.
+        starts.push(time_start(tb)?);
+        starts.sort_by(f64::total_cmp);
+        let program_seconds = starts[starts.len() / 2];
+        let program_seconds_range = Some((starts[0], starts[starts.len() - 1]));
         let (change_p50_ms, change_p99_ms) = endpoint_change_latency(tb, &set, changes)?;
         let pid = tb.agent_pid().context("the agent is not running")?;
         let rss_mib = rss_mib(pid);
@@ -70,6 +90,7 @@ pub(crate) fn measure(
         let row = ControlPlaneRow {
             services,
             program_seconds,
+            program_seconds_range,
             change_p50_ms,
             change_p99_ms,
             unpaced_change_p50_ms,
@@ -79,8 +100,10 @@ pub(crate) fn measure(
             idle_seconds: idle.as_secs_f64(),
         };
         println!(
-            "bench: control plane {services:>7} Services  programmed in {:.2} s  change p50/p99 {:.0}/{:.0} ms (unpaced {:.1}/{:.1})  RSS {:.0} MiB  idle CPU {:.2}%",
+            "bench: control plane {services:>7} Services  programmed in {:.2} s [{:.2}..{:.2}]  change p50/p99 {:.0}/{:.0} ms (unpaced {:.1}/{:.1})  RSS {:.0} MiB  idle CPU {:.2}%",
             row.program_seconds,
+            starts[0],
+            starts[starts.len() - 1],
             row.change_p50_ms,
             row.change_p99_ms,
             row.unpaced_change_p50_ms,
@@ -93,6 +116,17 @@ pub(crate) fn measure(
     Ok(rows)
 }
 
+/// Starts the agent on empty maps; seconds until it reports ready.
+fn time_start(tb: &Testbed) -> Result<f64> {
+    // The kernel frees a removed map's entries after the removal returns:
+    // a start right after the previous run's cleanup would share the cores
+    // with that.
+    wait_for_quiet_cores()?;
+    let started = Instant::now();
+    tb.start_agent_within(&AgentSource::Manifests, &OUR_AGENT_ARGS, READY_WITHIN)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
 /// The CPU time `pid` (all its threads) uses over `window`, in percent of
 /// one core.
 fn cpu_percent(pid: u32, window: Duration) -> Result<f64> {
@@ -103,6 +137,45 @@ fn cpu_percent(pid: u32, window: Duration) -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok(ticks as f64 / per_second / started.elapsed().as_secs_f64() * 100.0)
+}
+
+/// Waits until the machine's cores are at least 90% idle over 200 ms, for
+/// at most 10 s.
+fn wait_for_quiet_cores() -> Result<()> {
+    const QUIET: f64 = 0.9;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let before = cpu_idle_and_total()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let after = cpu_idle_and_total()?;
+        let total = after.1.saturating_sub(before.1).max(1);
+        let idle = after.0.saturating_sub(before.0) as f64 / total as f64;
+        if idle >= QUIET {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            println!(
+                "bench: the cores are only {:.0}% idle; timing the start anyway",
+                idle * 100.0
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// Idle (idle + iowait) and total clock ticks of all cores (proc(5)).
+fn cpu_idle_and_total() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .map(|field| field.parse().context("a non-numeric field in /proc/stat"))
+        .collect::<Result<_>>()?;
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((idle, ticks.iter().sum()))
 }
 
 /// utime + stime of a process, in clock ticks (proc(5)).

@@ -280,14 +280,16 @@ pub(crate) fn markdown(results: &Results) -> String {
         }
     }
     out += "\n### Control plane (ours)\n\n";
-    out += "| Services | all programmed from start, s | endpoint change to map, p50 ms | p99 ms | unpaced p50 ms | unpaced p99 ms | agent RSS MiB | idle CPU, % of a core |\n";
+    out += "| Services | all programmed from start, s (median [min..max] of 3 starts) | endpoint change to map, p50 ms | p99 ms | unpaced p50 ms | unpaced p99 ms | agent RSS MiB | idle CPU, % of a core |\n";
     out += "|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for row in &results.control_plane {
         let _ = writeln!(
             out,
-            "| {} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {:.2} |",
+            "| {} | {:.2}{} | {:.0} | {:.0} | {:.1} | {:.1} | {} | {:.2} |",
             row.services,
             row.program_seconds,
+            row.program_seconds_range
+                .map_or_else(String::new, |(min, max)| format!(" [{min:.2}..{max:.2}]")),
             row.change_p50_ms,
             row.change_p99_ms,
             row.unpaced_change_p50_ms,

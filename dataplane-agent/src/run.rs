@@ -56,11 +56,20 @@ enum Source {
 }
 
 impl Source {
-    async fn start(config: &RunConfig, changes: Changes) -> Result<Self> {
+    /// `prefetch`: the manifest directory as read while the programs
+    /// loaded.
+    async fn start(
+        config: &RunConfig,
+        changes: Changes,
+        prefetch: Option<manifests::Prefetch>,
+    ) -> Result<Self> {
         Ok(match &config.source {
             SourceConfig::Manifests(dir) => Self::Manifests {
                 _watcher: manifests::watch_dir(dir, changes)?,
-                dir: ManifestDir::new(dir),
+                dir: match prefetch {
+                    Some(prefetch) => ManifestDir::with_prefetch(dir, prefetch),
+                    None => ManifestDir::new(dir),
+                },
                 changed: true,
             },
             SourceConfig::Kube { kubeconfig } => {
@@ -137,8 +146,8 @@ struct Agent {
     /// Wakes the conntrack sweeper when a sync took backends away from UDP
     /// frontends.
     sweep_now: Arc<Notify>,
-    /// Destroys connected UDP sockets to such backends; None where the
-    /// kernel cannot.
+    /// Destroys connected UDP sockets to such backends; None until the
+    /// programs attach.
     socket_reaper: Option<Reaper>,
     /// PORTS, when the interface programs run: the sync sets the bits of
     /// new frontends, [`Agent::trim_ports`] clears those no frontend and no
@@ -627,6 +636,10 @@ async fn bind_retrying(address: SocketAddr, what: &str) -> tokio::net::TcpListen
 
 pub async fn run(config: RunConfig) -> Result<()> {
     crate::dataplane::capabilities::check(config.external.is_some())?;
+    let prefetch = match &config.source {
+        SourceConfig::Manifests(dir) => Some(manifests::Prefetch::start(dir)),
+        SourceConfig::Kube { .. } => None,
+    };
     let layout = PinLayout::new(&config.bpffs_dir);
     pins::ensure_bpffs_dir(&layout)?;
     let previous_layouts = layout.others()?;
@@ -666,7 +679,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let (changes_sender, mut changes) = mpsc::unbounded_channel();
     let queued = health.clone();
     let notifier = Changes::new(changes_sender, move || queued.queued(SystemTime::now()));
-    let mut source = Source::start(&config, notifier).await?;
+    let mut source = Source::start(&config, notifier, prefetch).await?;
     let config_health_ip = config.health_check_bind_ip;
     let health_for_checks = health.clone();
     let mut model = Model::new(&config.node_name);
@@ -706,8 +719,15 @@ pub async fn run(config: RunConfig) -> Result<()> {
         warn!(%error, "could not delete every orphaned member entry");
     }
     // Converge before attaching, so the first connect() through the new
-    // programs already sees every Service.
-    agent.sync(SyncScope::Everything)?;
+    // programs already sees every Service. The verifier checks the
+    // programs meanwhile, on another core.
+    let verify_interfaces = agent.config.external.is_some();
+    let (synced, verified) = std::thread::scope(|scope| {
+        let verifier = scope.spawn(|| loaded.load_programs(verify_interfaces));
+        (agent.sync(SyncScope::Everything), verifier.join())
+    });
+    synced?;
+    verified.map_err(|_| anyhow::anyhow!("loading the programs panicked"))??;
     return_freed_memory();
     // Flows an agent of another pin layout left: carried over before the
     // new programs attach, so they find them at once.
@@ -732,10 +752,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
         }
     }
     loaded.attach_socket_lb(&agent.config.cgroup)?;
-    agent.socket_reaper = socket_reaper::spawn(
+    agent.socket_reaper = Some(socket_reaper::spawn(
         PinLayout::new(&agent.config.bpffs_dir),
         agent.metrics.clone(),
-    );
+    ));
     // Kept here when no sweeper runs, so the loop's receiver never closes.
     let (flow_ports_sender, mut flow_ports) = watch::channel(None);
     if let Some(external) = &agent.config.external {

@@ -259,24 +259,29 @@ impl Reaper {
     }
 }
 
-/// Probes the kernel, logs what it found, and starts the reaper if
-/// sockets can be destroyed here.
-pub fn spawn(layout: PinLayout, metrics: Metrics) -> Option<Reaper> {
-    match probe() {
-        Mechanism::SockDiag => info!(
-            mechanism = "sock_diag SOCK_DESTROY",
-            "connected UDP sockets to backends that leave a Service are destroyed at sync time"
-        ),
-        Mechanism::Unavailable(why) => {
-            warn!(
-                why,
-                "connected UDP sockets cannot be destroyed on this kernel: one connected to a backend that leaves its Service keeps that backend until the application reconnects"
-            );
-            return None;
-        }
-    }
+/// Starts the reaper: it probes the kernel first (off the start-up's
+/// path), logs what it found, and stops taking requests if sockets cannot
+/// be destroyed here.
+pub fn spawn(layout: PinLayout, metrics: Metrics) -> Reaper {
     let (requests, mut pending) = mpsc::unbounded_channel::<Affected>();
     tokio::spawn(async move {
+        match tokio::task::spawn_blocking(probe).await {
+            Ok(Mechanism::SockDiag) => info!(
+                mechanism = "sock_diag SOCK_DESTROY",
+                "connected UDP sockets to backends that leave a Service are destroyed at sync time"
+            ),
+            Ok(Mechanism::Unavailable(why)) => {
+                warn!(
+                    why,
+                    "connected UDP sockets cannot be destroyed on this kernel: one connected to a backend that leaves its Service keeps that backend until the application reconnects"
+                );
+                return;
+            }
+            Err(error) => {
+                warn!(%error, "the socket reaper's kernel probe failed; connected UDP sockets are not destroyed");
+                return;
+            }
+        }
         while let Some(mut affected) = pending.recv().await {
             while let Ok(more) = pending.try_recv() {
                 affected.extend(more);
@@ -298,7 +303,7 @@ pub fn spawn(layout: PinLayout, metrics: Metrics) -> Option<Reaper> {
             }
         }
     });
-    Some(Reaper { requests })
+    Reaper { requests }
 }
 
 #[cfg(test)]

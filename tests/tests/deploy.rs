@@ -187,10 +187,13 @@ fn the_daemonset_agent_programs_services_with_only_its_granted_capabilities() {
         tally(&external)["pod1"].sources.keys().collect::<Vec<_>>(),
         [&client.ip.to_string()]
     );
-    assert!(
-        log.contains("sock_diag SOCK_DESTROY"),
-        "connected UDP sockets can be destroyed with the granted capabilities: {log}"
-    );
+    // The reaper probes the kernel once the agent is ready.
+    tb.wait_until(
+        "connected UDP sockets can be destroyed with the granted capabilities",
+        std::time::Duration::from_secs(10),
+        || Ok(tb.agent_log().contains("sock_diag SOCK_DESTROY")),
+    )
+    .unwrap();
     // The agent really ran with nothing but the granted capabilities
     // (CAP_NET_ADMIN is bit 12, CAP_SYS_ADMIN bit 21, CAP_PERFMON bit 38,
     // CAP_BPF bit 39).

@@ -155,11 +155,26 @@ impl LoadedObject {
 
     /// Loads a TC program (through the verifier) if it is not loaded yet.
     pub fn load_tc_program(&mut self, name: &str) -> Result<()> {
-        let program = self.tc_program(name)?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        load_once(self.tc_program(name)?, name)
+    }
+
+    /// Puts every program the agent attaches through the verifier (the
+    /// node-interface ones when `interfaces`), without attaching any: the
+    /// agent does it on another core while its first sync writes the maps.
+    pub fn load_programs(&mut self, interfaces: bool) -> Result<()> {
+        for name in SOCKET_PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()
+                .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
+            load_once(program, name)?;
+        }
+        if interfaces {
+            for (name, _) in INTERFACE_PROGRAMS {
+                self.load_tc_program(name)?;
+            }
         }
         Ok(())
     }
@@ -266,11 +281,7 @@ impl LoadedObject {
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()
             .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
-        }
+        load_once(program, name)?;
         // A cgroup bpf_link is always multi-attach and the kernel rejects
         // any flag on it (kernel/bpf/cgroup.c, cgroup_bpf_link_attach), so
         // `Single` (flags 0) is right here.
@@ -346,4 +357,38 @@ fn staged_path(pin: &Path) -> std::path::PathBuf {
     let mut name = pin.file_name().unwrap_or_default().to_os_string();
     name.push("_staged");
     pin.with_file_name(name)
+}
+
+/// Loads `program` (through the verifier) unless it is loaded already.
+fn load_once<P: LoadOnce>(program: &mut P, name: &str) -> Result<()> {
+    if !program.is_loaded() {
+        program
+            .load_program()
+            .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+    }
+    Ok(())
+}
+
+/// The two kinds of programs the agent loads, for [`load_once`].
+trait LoadOnce {
+    fn is_loaded(&self) -> bool;
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl LoadOnce for CgroupSockAddr {
+    fn is_loaded(&self) -> bool {
+        self.fd().is_ok()
+    }
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl LoadOnce for SchedClassifier {
+    fn is_loaded(&self) -> bool {
+        self.fd().is_ok()
+    }
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
 }
