@@ -8,12 +8,14 @@
 
 mod config;
 mod conntrack;
+mod maglev;
 mod service;
 mod socket;
 mod stats;
 
 pub use config::*;
 pub use conntrack::*;
+pub use maglev::*;
 pub use service::*;
 pub use socket::*;
 pub use stats::*;

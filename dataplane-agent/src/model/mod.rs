@@ -8,6 +8,7 @@ mod endpoints;
 mod incremental;
 mod input;
 mod interned;
+pub mod maglev;
 mod service;
 
 use std::{
