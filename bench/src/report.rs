@@ -280,7 +280,7 @@ pub(crate) fn markdown(results: &Results) -> String {
         }
     }
     out += "\n### Control plane (ours)\n\n";
-    out += "| Services | all programmed from start, s (median [min..max] of 3 starts) | endpoint change to map, p50 ms | p99 ms | unpaced p50 ms | unpaced p99 ms | agent RSS MiB | idle CPU, % of a core |\n";
+    out += "| Services | all programmed from start, s (median [min..max] of the starts) | endpoint change to map, p50 ms | p99 ms | unpaced p50 ms | unpaced p99 ms | agent RSS MiB | idle CPU, % of a core |\n";
     out += "|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for row in &results.control_plane {
         let _ = writeln!(
@@ -289,7 +289,12 @@ pub(crate) fn markdown(results: &Results) -> String {
             row.services,
             row.program_seconds,
             row.program_seconds_range
-                .map_or_else(String::new, |(min, max)| format!(" [{min:.2}..{max:.2}]")),
+                .map_or_else(String::new, |(min, max)| format!(" [{min:.2}..{max:.2}]"))
+                + if row.busy_starts > 0 {
+                    " (cores busy)"
+                } else {
+                    ""
+                },
             row.change_p50_ms,
             row.change_p99_ms,
             row.unpaced_change_p50_ms,
@@ -301,7 +306,7 @@ pub(crate) fn markdown(results: &Results) -> String {
     if let Some(row) = results.control_plane.first() {
         let _ = writeln!(
             out,
-            "\n(Endpoint changes: {ENDPOINTS_PER_SERVICE} endpoints per Service, one endpoint dropped per change, timed from the manifest write to the SERVICES entry's flip. Paced: the agent's default 100 ms --min-sync-period, which coalesces bursts (kube-proxy's iptables mode defaults to 1 s); unpaced: --min-sync-period 0. Idle CPU over {:.0} s with nothing changing, periodic full resyncs (every 30 s) included.)",
+            "\n(Endpoint changes: {ENDPOINTS_PER_SERVICE} endpoints per Service, one endpoint dropped per change, timed from the manifest write to the SERVICES entry's flip. Paced: the agent's default 100 ms --min-sync-period, which coalesces bursts (kube-proxy's iptables mode defaults to 1 s); unpaced: --min-sync-period 0. Idle CPU over {:.0} s with nothing changing, periodic full resyncs (every 30 s) included. Programming: starts on empty maps, each once the cores were 90% idle over 200 ms, as the kernel frees the previous run's maps after its cleanup returns; \"cores busy\" marks a start timed after waiting 10 s for that in vain.)",
             row.idle_seconds
         );
     }

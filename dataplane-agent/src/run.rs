@@ -25,7 +25,7 @@ use crate::{
         codec::{self, ipv4_be, ipv4_of_be},
         interfaces,
         loader::LoadedObject,
-        maps::{InterfaceMaps, KernelMaps},
+        maps::{InterfaceMaps, KernelMaps, ServicesReader},
         names,
         pins::{self, PinLayout},
         ports::{self, PortFilter},
@@ -149,6 +149,10 @@ struct Agent {
     /// Destroys connected UDP sockets to such backends; None until the
     /// programs attach.
     socket_reaper: Option<Reaper>,
+    /// SERVICES for the periodic check, read off the sync loop.
+    services_reader: Arc<ServicesReader>,
+    /// Syncs run so far: a services check read while one ran is void.
+    syncs: u64,
     /// PORTS, when the interface programs run: the sync sets the bits of
     /// new frontends, [`Agent::trim_ports`] clears those no frontend and no
     /// flow uses.
@@ -172,6 +176,7 @@ impl Agent {
     fn sync(&mut self, scope: SyncScope) -> Result<()> {
         let span = info_span!("sync");
         let _entered = span.enter();
+        self.syncs += 1;
         let started = std::time::Instant::now();
         self.source.refresh(&mut self.model)?;
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -459,23 +464,60 @@ impl Agent {
     /// --full-resync-period, a full resync: what the kernel maps hold
     /// becomes the starting point again, every Service is recomputed, and
     /// the maps converge.
-    fn resync(&mut self) -> Result<()> {
+    /// The periodic safety net. Unless a full resync is due, it only
+    /// starts reading SERVICES on another thread (at 100,000 Services that
+    /// takes tens of milliseconds, which a change arriving meanwhile would
+    /// otherwise wait for); [`Agent::finish_services_check`] compares.
+    fn resync(&mut self) -> Result<Option<ServicesCheck>> {
         if let (Some(maps), Some(external)) = (&mut self.interface_maps, &self.config.external) {
             // Node addresses can change (DHCP, a new LB address on the node).
             let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
             maps.set_node_ips(&addresses)?;
         }
         if self.last_full_resync.elapsed() < self.config.full_resync_period {
-            let services = self
-                .maps
-                .read_services()
-                .context("reading SERVICES for a resync")?;
-            if self.mirror.services == services {
-                self.health.updated(SystemTime::now());
-                return Ok(());
-            }
-            warn!("SERVICES differs from what this agent wrote: full resync");
+            return Ok(Some(self.start_services_check(1)));
         }
+        self.full_resync()?;
+        Ok(None)
+    }
+
+    fn start_services_check(&self, attempt: u32) -> ServicesCheck {
+        let reader = self.services_reader.clone();
+        ServicesCheck {
+            syncs_before: self.syncs,
+            attempt,
+            read: tokio::task::spawn_blocking(move || reader.read()),
+        }
+    }
+
+    /// Compares what a services check read with the mirror, unless a sync
+    /// wrote meanwhile (then the read may hold half of its writes: it is
+    /// read again, and after a few tries read here, where no sync runs).
+    fn finish_services_check(
+        &mut self,
+        check: ServicesCheck,
+        read: Result<BTreeMap<ServiceKey, ServiceValue>>,
+    ) -> Result<Option<ServicesCheck>> {
+        const TRIES_ALONGSIDE_SYNCS: u32 = 3;
+        let services = if self.syncs == check.syncs_before {
+            read.context("reading SERVICES for a resync")?
+        } else if check.attempt < TRIES_ALONGSIDE_SYNCS {
+            return Ok(Some(self.start_services_check(check.attempt + 1)));
+        } else {
+            self.maps
+                .read_services()
+                .context("reading SERVICES for a resync")?
+        };
+        if self.mirror.services == services {
+            self.health.updated(SystemTime::now());
+            return Ok(None);
+        }
+        warn!("SERVICES differs from what this agent wrote: full resync");
+        self.full_resync()?;
+        Ok(None)
+    }
+
+    fn full_resync(&mut self) -> Result<()> {
         self.mirror = self
             .maps
             .read()
@@ -634,6 +676,15 @@ async fn bind_retrying(address: SocketAddr, what: &str) -> tokio::net::TcpListen
     }
 }
 
+/// What a panicking thread said, as far as it said a string.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned());
+    format!("panicked: {}", text.as_deref().unwrap_or("(no message)"))
+}
+
 pub async fn run(config: RunConfig) -> Result<()> {
     crate::dataplane::capabilities::check(config.external.is_some())?;
     let prefetch = match &config.source {
@@ -709,6 +760,10 @@ pub async fn run(config: RunConfig) -> Result<()> {
         live_backends: watch::Sender::new(None),
         sweep_now: Arc::new(Notify::new()),
         socket_reaper: None,
+        services_reader: Arc::new(
+            ServicesReader::open(&loaded.layout).context("opening SERVICES for resyncs")?,
+        ),
+        syncs: 0,
         port_filter,
         tunnel_source,
         warned_tunnel_source: None,
@@ -726,8 +781,16 @@ pub async fn run(config: RunConfig) -> Result<()> {
         let verifier = scope.spawn(|| loaded.load_programs(verify_interfaces));
         (agent.sync(SyncScope::Everything), verifier.join())
     });
+    let verified = verified.unwrap_or_else(|panic| Err(anyhow::anyhow!("{}", panic_text(&*panic))));
+    if let (Err(_), Err(error)) = (&synced, &verified) {
+        // Only one error can be returned; the other is not to be lost.
+        error!(
+            error = format!("{error:#}"),
+            "loading the programs failed too"
+        );
+    }
     synced?;
-    verified.map_err(|_| anyhow::anyhow!("loading the programs panicked"))??;
+    verified?;
     return_freed_memory();
     // Flows an agent of another pin layout left: carried over before the
     // new programs attach, so they find them at once.
@@ -806,6 +869,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     // After a stall, one resync, not a burst of them.
     full_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     full_resync.reset();
+    let mut services_check: Option<ServicesCheck> = None;
     loop {
         tokio::select! {
             change = changes.recv() => {
@@ -823,9 +887,19 @@ pub async fn run(config: RunConfig) -> Result<()> {
                     error!(error = format!("{error:#}"), "sync failed; the dataplane keeps its last state");
                 }
             }
-            _ = full_resync.tick() => {
-                if let Err(error) = agent.resync() {
-                    error!(error = format!("{error:#}"), "full resync failed; the dataplane keeps its last state");
+            _ = full_resync.tick(), if services_check.is_none() => {
+                match agent.resync() {
+                    Ok(check) => services_check = check,
+                    Err(error) => error!(error = format!("{error:#}"), "full resync failed; the dataplane keeps its last state"),
+                }
+            }
+            read = services_read(&mut services_check) => {
+                if let Some(check) = services_check.take() {
+                    let read = read.unwrap_or_else(|error| Err(anyhow::anyhow!("the SERVICES reader failed: {error}")));
+                    match agent.finish_services_check(check, read) {
+                        Ok(again) => services_check = again,
+                        Err(error) => error!(error = format!("{error:#}"), "full resync failed; the dataplane keeps its last state"),
+                    }
                 }
             }
             () = sleep_until_or_forever(agent.next_slot_release()) => agent.free_retired_slots(),
@@ -891,6 +965,24 @@ fn return_freed_memory() {
     // lists; it has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// A resync's read of SERVICES, running on a blocking thread.
+struct ServicesCheck {
+    /// [`Agent::syncs`] when the read started.
+    syncs_before: u64,
+    attempt: u32,
+    read: tokio::task::JoinHandle<Result<BTreeMap<ServiceKey, ServiceValue>>>,
+}
+
+/// The result of the running services check; never, when none runs.
+async fn services_read(
+    check: &mut Option<ServicesCheck>,
+) -> Result<Result<BTreeMap<ServiceKey, ServiceValue>>, tokio::task::JoinError> {
+    match check {
+        Some(check) => (&mut check.read).await,
+        None => std::future::pending().await,
     }
 }
 

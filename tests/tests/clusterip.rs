@@ -306,3 +306,78 @@ fn tcp_and_udp_on_one_port_number_are_independent_frontends() {
         }
     }
 }
+
+/// The periodic check reads SERVICES off the sync loop; a read that a sync
+/// overlapped is void (never a false alarm), and a frontend another writer
+/// deleted comes back.
+#[test]
+fn the_periodic_check_restores_a_frontend_deleted_behind_the_agents_back() {
+    use aya::maps::{HashMap, MapData};
+    use dataplane_agent::dataplane::{maps::open_pinned, pins::PinLayout};
+    use dataplane_common::{IPPROTO_TCP, SCOPE_CLUSTER, ServiceKey, ServiceValue, map_names};
+
+    let (tb, client, pod1, pod2) = two_backends();
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
+        .unwrap();
+    let mut agent = tb
+        .agent_command(
+            &AgentSource::Manifests,
+            &["--sync-period", "200ms", "--min-sync-period", "0s"],
+        )
+        .unwrap();
+    // Every check's read returns 100 ms after it read the map, so the
+    // syncs below overlap them: each must drop its read (or make it where
+    // no sync runs), never compare a stale one and call for a full resync.
+    agent.env(
+        dataplane_agent::dataplane::failpoint::HOLD_SERVICES_READ_MS,
+        "100",
+    );
+    tb.launch_agent(agent).unwrap();
+    for round in 0..40 {
+        let endpoints: &[&Host] = if round % 2 == 0 {
+            &[&pod1]
+        } else {
+            &[&pod1, &pod2]
+        };
+        tb.write_manifest("web.yaml", &service("web", VIP, 80, endpoints))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    tb.write_manifest("web.yaml", &service("web", VIP, 80, &[&pod1, &pod2]))
+        .unwrap();
+    let layout = PinLayout::new(&tb.pin_dir);
+    let mut services: HashMap<MapData, ServiceKey, ServiceValue> =
+        open_pinned(&layout, map_names::SERVICES).unwrap();
+    let key = ServiceKey {
+        vip_be: u32::from(VIP.parse::<std::net::Ipv4Addr>().unwrap()).to_be(),
+        port_be: 80u16.to_be(),
+        protocol: IPPROTO_TCP,
+        scope: SCOPE_CLUSTER,
+    };
+    tb.wait_until("both endpoints are back", Duration::from_secs(5), || {
+        Ok(services.get(&key, 0).is_ok_and(|v| v.backend_count == 2))
+    })
+    .unwrap();
+    assert!(
+        !tb.agent_log().contains("SERVICES differs"),
+        "a check that overlapped a sync raised a false alarm:\n{}",
+        tb.agent_log()
+    );
+
+    // Another writer (an operator's bpftool, a crashed tool) deletes it.
+    services.remove(&key).unwrap();
+    tb.wait_until(
+        "the periodic check restores the frontend",
+        Duration::from_secs(10),
+        || Ok(services.get(&key, 0).is_ok()),
+    )
+    .unwrap();
+    assert!(
+        tb.agent_log()
+            .contains("SERVICES differs from what this agent wrote: full resync"),
+        "{}",
+        tb.agent_log()
+    );
+    let attempts = tb.connect(&client, &format!("{VIP}:80"), 10).unwrap();
+    assert!(attempts.iter().all(|a| a.ok), "{attempts:?}");
+}

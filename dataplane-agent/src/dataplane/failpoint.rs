@@ -73,3 +73,22 @@ pub fn pin_layout_version_override() -> Option<u32> {
     }
     None
 }
+
+/// Set to N: a resync's read of SERVICES returns N milliseconds after it
+/// read the map, so a test can make syncs overlap it every time.
+pub const HOLD_SERVICES_READ_MS: &str = "DATAPLANE_FAILPOINT_HOLD_SERVICES_READ_MS";
+
+/// The hold [`HOLD_SERVICES_READ_MS`] asks for, in builds with debug
+/// assertions only.
+pub fn services_read_hold() -> Option<std::time::Duration> {
+    #[cfg(debug_assertions)]
+    if let Ok(value) = std::env::var(HOLD_SERVICES_READ_MS) {
+        match value.parse::<u64>() {
+            Ok(ms) => return Some(std::time::Duration::from_millis(ms)),
+            Err(_) => {
+                tracing::error!("{HOLD_SERVICES_READ_MS}={value:?} is not a number; ignored");
+            }
+        }
+    }
+    None
+}

@@ -230,6 +230,33 @@ fn read_all<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Result<
     }
 }
 
+/// SERVICES opened a second time, so a resync can read it on a thread of
+/// its own while the sync loop goes on.
+pub struct ServicesReader {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// The test failpoint's delay between reading and returning.
+    hold: Option<std::time::Duration>,
+}
+
+impl ServicesReader {
+    pub fn open(layout: &PinLayout) -> Result<Self> {
+        Ok(Self {
+            services: open_pinned(layout, map_names::SERVICES)?,
+            hold: super::failpoint::services_read_hold(),
+        })
+    }
+
+    pub fn read(&self) -> Result<BTreeMap<ServiceKey, ServiceValue>> {
+        let services = read_all(&self.services, map_names::SERVICES)?
+            .into_iter()
+            .collect();
+        if let Some(hold) = self.hold {
+            std::thread::sleep(hold);
+        }
+        Ok(services)
+    }
+}
+
 /// CONFIG and NODE_IPS: how the node-interface programs behave, and which
 /// addresses are this node's.
 pub struct InterfaceMaps {

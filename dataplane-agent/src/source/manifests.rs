@@ -974,32 +974,53 @@ items:
 
     #[test]
     fn the_first_refresh_uses_what_was_read_ahead_and_reads_files_changed_since() {
-        let service =
-            |name: &str| SERVICE_AND_SLICE.replace("name: web,", &format!("name: {name},"));
+        let service = |name: &str| {
+            SERVICE_AND_SLICE
+                .replace("name: web,", &format!("name: {name},"))
+                .replace("name: web-abc", &format!("name: {name}-abc"))
+        };
         let scratch = ScratchDir::new("manifest-prefetch");
         scratch.write("a.yaml", &service("aaa"));
         scratch.write("b.yaml", &service("bbb"));
+        scratch.write("c.yaml", &service("ccc"));
+        scratch.write("d.yaml", &service("ddd"));
+        scratch.write("e.yaml", "kind: Service\nmetadata: [half-written");
         let prefetch = Prefetch::start(&scratch.0);
         while !prefetch.reader.is_finished() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        let set_modified = |file: &str, modified: std::time::SystemTime| {
+            std::fs::File::options()
+                .write(true)
+                .open(scratch.0.join(file))
+                .unwrap()
+                .set_modified(modified)
+                .unwrap();
+        };
+        let modified_of = |file: &str| {
+            std::fs::metadata(scratch.0.join(file))
+                .unwrap()
+                .modified()
+                .unwrap()
+        };
 
         // Replaced by rename (another inode): read again.
         scratch.write(".a.tmp", &service("new"));
         std::fs::rename(scratch.0.join(".a.tmp"), scratch.0.join("a.yaml")).unwrap();
         // Rewritten in place with its stamp kept: the read-ahead objects
         // stand, which shows they were used rather than the file read again.
-        let b = scratch.0.join("b.yaml");
-        let modified = std::fs::metadata(&b).unwrap().modified().unwrap();
-        scratch.write("b.yaml", &service("ccc"));
-        std::fs::File::options()
-            .write(true)
-            .open(&b)
-            .unwrap()
-            .set_modified(modified)
-            .unwrap();
+        let b_modified = modified_of("b.yaml");
+        scratch.write("b.yaml", &service("bbc"));
+        set_modified("b.yaml", b_modified);
+        // Rewritten in place, same inode and length, a later mtime: read
+        // again.
+        let c_modified = modified_of("c.yaml");
+        scratch.write("c.yaml", &service("ccd"));
+        set_modified("c.yaml", c_modified + std::time::Duration::from_secs(1));
+        // Deleted after the read-ahead: gone.
+        std::fs::remove_file(scratch.0.join("d.yaml")).unwrap();
         // Created after the read-ahead: read.
-        scratch.write("c.yaml", &service("ddd"));
+        scratch.write("f.yaml", &service("fff"));
 
         let mut dir = ManifestDir::with_prefetch(&scratch.0, prefetch);
         let loaded = dir.load().unwrap();
@@ -1009,7 +1030,11 @@ items:
             .keys()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(names, ["shop/bbb", "shop/ddd", "shop/new"]);
+        assert_eq!(names, ["shop/bbb", "shop/ccd", "shop/fff", "shop/new"]);
+        // The broken file read ahead reports its problem, once.
+        let problems: Vec<String> = loaded.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("e.yaml"), "{problems:?}");
         assert!(dir.prefetched.is_none(), "used once");
     }
 }
