@@ -23,12 +23,14 @@ pub fn maglev_flow_hash(
     // Two rounds of a 64-bit finalizer (the mixing step of SplitMix64):
     // every input bit moves about half the output bits, so tuples that
     // differ in one port land in unrelated table positions.
-    let mixed = mix64(mix64(addresses) ^ ports);
+    let mixed = maglev_mix64(maglev_mix64(addresses) ^ ports);
     (mixed ^ (mixed >> 32)) as u32
 }
 
+/// SplitMix64's finalizer: the mixing step of the flow hash here and of
+/// the agent's backend-name hash, so both stay one fixed arithmetic.
 #[inline(always)]
-const fn mix64(value: u64) -> u64 {
+pub const fn maglev_mix64(value: u64) -> u64 {
     let mut z = value.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

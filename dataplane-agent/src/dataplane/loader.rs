@@ -163,13 +163,7 @@ impl LoadedObject {
     /// agent does it on another core while its first sync writes the maps.
     pub fn load_programs(&mut self, interfaces: bool) -> Result<()> {
         for name in SOCKET_PROGRAMS {
-            let program: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()
-                .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
-            load_once(program, name)?;
+            load_once(self.cgroup_program(name)?, name)?;
         }
         if interfaces {
             for (name, _) in INTERFACE_PROGRAMS {
@@ -177,6 +171,14 @@ impl LoadedObject {
             }
         }
         Ok(())
+    }
+
+    fn cgroup_program(&mut self, name: &str) -> Result<&mut CgroupSockAddr> {
+        self.ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a cgroup sock_addr program"))
     }
 
     fn tc_program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
@@ -275,12 +277,7 @@ impl LoadedObject {
     }
 
     fn attach_cgroup(&mut self, name: &str, cgroup_dir: &File, cgroup: &Path) -> Result<FdLink> {
-        let program: &mut CgroupSockAddr = self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()
-            .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
+        let program = self.cgroup_program(name)?;
         load_once(program, name)?;
         // A cgroup bpf_link is always multi-attach and the kernel rejects
         // any flag on it (kernel/bpf/cgroup.c, cgroup_bpf_link_attach), so

@@ -113,7 +113,8 @@ impl Permutation {
 const OFFSET_SEED: u64 = 0x6d61_676c_6576_6f66;
 const SKIP_SEED: u64 = 0x6d61_676c_6576_736b;
 
-/// FNV-1a over the name from `seed`, then SplitMix64's finalizer: fixed
+/// FNV-1a over the name from `seed`, then SplitMix64's finalizer (the
+/// flow hash's, from dataplane-common): fixed
 /// arithmetic (never the standard library's hasher, which may change
 /// between Rust releases), and two seeds give the two independent hashes
 /// the paper's offset and skip need.
@@ -124,10 +125,7 @@ fn name_hash(name: &[u8], seed: u64) -> u64 {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(FNV_PRIME);
     }
-    let mut z = hash.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    dataplane_common::maglev_mix64(hash)
 }
 
 fn is_prime(n: u32) -> bool {
