@@ -83,6 +83,7 @@ pub fn spawn(
                         external.conntrack_max_entries,
                         report.expired,
                         evicted,
+                        walked_at.elapsed(),
                     );
                     flow_ports.send_replace(Some(FlowPorts {
                         walked_at,

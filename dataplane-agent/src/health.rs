@@ -33,11 +33,24 @@ impl Default for Times {
     }
 }
 
+/// Called with (`/livez`?, status code) for every answer the server gives.
+type AnswerCounter = Arc<dyn Fn(bool, u16) + Send + Sync>;
+
 /// Shared between the sync loop (which reports) and the server.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Health {
     times: Arc<Mutex<Times>>,
     timeout: Duration,
+    count_answer: Option<AnswerCounter>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("times", &self.times)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// kube-proxy's response body.
@@ -54,7 +67,18 @@ impl Health {
         Self {
             times: Arc::new(Mutex::new(Times::default())),
             timeout,
+            count_answer: None,
         }
+    }
+
+    /// Counts every answer of the server (kube-proxy's
+    /// `kubeproxy_proxy_healthz_total` and `..._livez_total`).
+    pub fn with_answer_counter(
+        mut self,
+        count: impl Fn(bool, u16) + Send + Sync + 'static,
+    ) -> Self {
+        self.count_answer = Some(Arc::new(count));
+        self
     }
 
     fn times(&self) -> std::sync::MutexGuard<'_, Times> {
@@ -114,19 +138,26 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health) -> Result<
 }
 
 async fn respond_healthz(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
-    respond(health.check(SystemTime::now()))
+    respond(&health, false, health.check(SystemTime::now()))
 }
 
 async fn respond_livez(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
-    respond(health.live(SystemTime::now()))
+    respond(&health, true, health.live(SystemTime::now()))
 }
 
-fn respond((healthy, body): (bool, HealthBody)) -> (StatusCode, Json<HealthBody>) {
+fn respond(
+    health: &Health,
+    livez: bool,
+    (healthy, body): (bool, HealthBody),
+) -> (StatusCode, Json<HealthBody>) {
     let status = if healthy {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    if let Some(count) = &health.count_answer {
+        count(livez, status.as_u16());
+    }
     (status, Json(body))
 }
 

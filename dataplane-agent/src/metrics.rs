@@ -27,19 +27,78 @@ use crate::{
         pins::PinLayout,
         state::{FrontendError, PinnedState},
     },
-    model::Frontend,
+    model::{ChangeTally, Frontend, NoLocalEndpoints, SkipCounts, SkipReason},
 };
+
+/// The only family served until the IPv6 datapath exists; kube-proxy
+/// labels its per-proxier series with it.
+const IPV4: &str = "IPv4";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IpFamilyLabels {
+    pub ip_family: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficPolicyLabels {
+    pub traffic_policy: String,
+    pub ip_family: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: String,
+}
+
+type Histograms = Family<IpFamilyLabels, Histogram, fn() -> Histogram>;
+
+fn ipv4() -> IpFamilyLabels {
+    IpFamilyLabels {
+        ip_family: IPV4.into(),
+    }
+}
+
+/// kube-proxy's sync histograms: 1 ms doubling 15 times (to ~16 s).
+fn sync_histograms() -> Histograms {
+    Family::new_with_constructor(|| Histogram::new(sync_buckets()))
+}
+
+fn sync_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 2.0, 15)
+}
+
+/// kube-proxy's network programming buckets: 0, 0.25 s, 0.5 s, every
+/// second to 59 s, every 5 s to 115 s, every 30 s to 300 s.
+fn network_programming_buckets() -> impl Iterator<Item = f64> {
+    let linear =
+        |start: f64, width: f64, count: u32| (0..count).map(move |i| start + width * f64::from(i));
+    std::iter::once(0.0)
+        .chain(linear(0.25, 0.25, 2))
+        .chain(linear(1.0, 1.0, 59))
+        .chain(linear(60.0, 5.0, 12))
+        .chain(linear(120.0, 30.0, 7))
+}
+
+/// The `reason` of manifests that do not parse, beside [`SkipReason`]'s.
+const UNREADABLE_MANIFEST: &str = "unreadable_manifest";
 
 /// What one sync did, for [`Metrics::record_sync`].
 pub struct SyncOutcome<'a> {
+    /// Every Service recomputed and compared (kube-proxy's full sync), or
+    /// only what changed (its partial sync).
+    pub full: bool,
+    pub changes: ChangeTally,
+    pub no_local_endpoints: NoLocalEndpoints,
     /// Frontends not programmed now: (reason, Service).
     pub failing: &'a BTreeMap<Frontend, (&'static str, String)>,
     /// What failed in this sync (each failure is counted once).
     pub new_failures: &'a [(Frontend, FrontendError)],
     /// The maps as the sync left them.
     pub programmed: &'a PinnedState,
-    /// Objects the source could not read or the model could not use.
-    pub invalid_objects: usize,
+    /// Objects the model could not use, by reason.
+    pub skipped: SkipCounts,
+    /// Manifests the source could not read.
+    pub unreadable_manifests: usize,
     pub elapsed: std::time::Duration,
 }
 
@@ -66,16 +125,33 @@ pub struct MapLabels {
 }
 
 /// Every series the agent updates. Cloning shares the underlying values.
+/// The kube-proxy series carry kube-proxy's names, types, labels and
+/// buckets (pkg/proxy/metrics, 1.34); the `ip_family` ones are held here
+/// for IPv4, the only family served so far.
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub sync_duration_seconds: Histogram,
+    pub sync_full_duration_seconds: Histogram,
+    pub sync_partial_duration_seconds: Histogram,
     pub network_programming_duration_seconds: Histogram,
     pub last_sync_timestamp_seconds: Gauge<f64, AtomicU64>,
+    pub last_queued_timestamp_seconds: Gauge<f64, AtomicU64>,
+    pub endpoint_changes_pending: Gauge,
+    pub endpoint_changes_total: Counter,
+    pub service_changes_pending: Gauge,
+    pub service_changes_total: Counter,
+    pub no_local_endpoints: Family<TrafficPolicyLabels, Gauge>,
+    pub healthz_total: Family<CodeLabels, Counter>,
+    pub livez_total: Family<CodeLabels, Counter>,
+    pub conntrack_reconciler_duration_seconds: Histogram,
+    pub conntrack_reconciler_deleted_total: Counter,
     pub frontends_programmed: Gauge,
     pub backends_programmed: Gauge,
     /// Objects currently skipped as invalid (a gauge: it falls when the
     /// object is fixed).
     pub invalid_objects: Gauge,
+    /// The same, by reason.
+    pub objects_skipped: Family<ReasonLabels, Gauge>,
     /// Frontends currently not programmed, by Service and reason.
     pub frontend_errors: Family<FrontendErrorLabels, Gauge>,
     pub frontend_errors_total: Family<ReasonLabels, Counter>,
@@ -101,7 +177,12 @@ impl Metrics {
         capacity: u32,
         expired: usize,
         evicted: Option<u64>,
+        elapsed: std::time::Duration,
     ) {
+        self.conntrack_reconciler_duration_seconds
+            .observe(elapsed.as_secs_f64());
+        self.conntrack_reconciler_deleted_total
+            .inc_by(expired as u64);
         let labels = MapLabels {
             map: map_names::CONNTRACK.into(),
         };
@@ -122,22 +203,91 @@ impl Metrics {
         self.sockets_destroyed_total.inc_by(destroyed as u64);
     }
 
+    /// A change arrived that the dataplane does not reflect yet.
+    pub fn record_queued(&self) {
+        self.last_queued_timestamp_seconds.set(unix_now_seconds());
+    }
+
+    /// The change events taken in so far.
+    pub fn record_changes(&self, changes: &ChangeTally) {
+        // kube-proxy's counters only grow: raised to the model's totals.
+        let raise = |counter: &Counter, total: u64| {
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        raise(&self.service_changes_total, changes.service_events);
+        raise(&self.endpoint_changes_total, changes.slice_events);
+        self.service_changes_pending
+            .set(gauge(changes.services_pending));
+        self.endpoint_changes_pending
+            .set(i64::try_from(changes.slice_changes_pending).unwrap_or(i64::MAX));
+    }
+
+    /// A `/healthz` (or `/livez`) answer.
+    pub fn record_health_answer(&self, livez: bool, code: u16) {
+        let family = if livez {
+            &self.livez_total
+        } else {
+            &self.healthz_total
+        };
+        family
+            .get_or_create(&CodeLabels {
+                code: code.to_string(),
+            })
+            .inc();
+    }
+
     /// Records what one sync did.
     pub fn record_sync(&self, outcome: &SyncOutcome<'_>) {
         let SyncOutcome {
+            full,
+            changes,
+            no_local_endpoints,
             failing,
             new_failures,
             programmed,
-            invalid_objects,
+            skipped,
+            unreadable_manifests,
             elapsed,
         } = outcome;
         let m = self;
         m.sync_duration_seconds.observe(elapsed.as_secs_f64());
+        let by_kind = if *full {
+            &m.sync_full_duration_seconds
+        } else {
+            &m.sync_partial_duration_seconds
+        };
+        by_kind.observe(elapsed.as_secs_f64());
         m.last_sync_timestamp_seconds.set(unix_now_seconds());
+        m.record_changes(changes);
+        for (policy, count) in [
+            ("internal", no_local_endpoints.internal),
+            ("external", no_local_endpoints.external),
+        ] {
+            m.no_local_endpoints
+                .get_or_create(&TrafficPolicyLabels {
+                    traffic_policy: policy.into(),
+                    ip_family: IPV4.into(),
+                })
+                .set(gauge(count));
+        }
         m.frontends_programmed.set(gauge(programmed.services.len()));
         m.backends_programmed
             .set(gauge(programmed.live_backend_count()));
-        m.invalid_objects.set(gauge(*invalid_objects));
+        m.invalid_objects
+            .set(gauge(skipped.total() + unreadable_manifests));
+        // Every reason is written, zeros too, so an alert on one has a
+        // series to read from the first scrape on.
+        let by_reason = SkipReason::ALL
+            .into_iter()
+            .map(|reason| (reason.label(), skipped.get(reason)))
+            .chain([(UNREADABLE_MANIFEST, *unreadable_manifests)]);
+        for (reason, count) in by_reason {
+            m.objects_skipped
+                .get_or_create(&ReasonLabels {
+                    reason: reason.into(),
+                })
+                .set(gauge(count));
+        }
         m.frontend_errors.clear();
         for (frontend, (reason, service)) in failing.iter() {
             m.frontend_errors
@@ -184,16 +334,39 @@ impl Metrics {
     /// The metrics and a registry holding them, plus the datapath counters
     /// read from the pinned STATS map at each scrape.
     pub fn new(layout: PinLayout) -> (Self, Registry) {
+        let sync_duration = sync_histograms();
+        let sync_full_duration = sync_histograms();
+        let sync_partial_duration = sync_histograms();
+        let conntrack_duration = sync_histograms();
+        let network_programming: Histograms =
+            Family::new_with_constructor(|| Histogram::new(network_programming_buckets()));
+        let last_sync = Family::<IpFamilyLabels, Gauge<f64, AtomicU64>>::default();
+        let last_queued = Family::<IpFamilyLabels, Gauge<f64, AtomicU64>>::default();
+        let conntrack_deleted = Family::<IpFamilyLabels, Counter>::default();
         let metrics = Self {
-            // kube-proxy's buckets: 1ms doubling up to ~16s.
-            sync_duration_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
-            network_programming_duration_seconds: Histogram::new(exponential_buckets(
-                0.001, 2.0, 20,
-            )),
-            last_sync_timestamp_seconds: Gauge::default(),
+            sync_duration_seconds: sync_duration.get_or_create(&ipv4()).clone(),
+            sync_full_duration_seconds: sync_full_duration.get_or_create(&ipv4()).clone(),
+            sync_partial_duration_seconds: sync_partial_duration.get_or_create(&ipv4()).clone(),
+            network_programming_duration_seconds: network_programming
+                .get_or_create(&ipv4())
+                .clone(),
+            last_sync_timestamp_seconds: last_sync.get_or_create(&ipv4()).clone(),
+            last_queued_timestamp_seconds: last_queued.get_or_create(&ipv4()).clone(),
+            endpoint_changes_pending: Gauge::default(),
+            endpoint_changes_total: Counter::default(),
+            service_changes_pending: Gauge::default(),
+            service_changes_total: Counter::default(),
+            no_local_endpoints: Family::default(),
+            healthz_total: Family::default(),
+            livez_total: Family::default(),
+            conntrack_reconciler_duration_seconds: conntrack_duration
+                .get_or_create(&ipv4())
+                .clone(),
+            conntrack_reconciler_deleted_total: conntrack_deleted.get_or_create(&ipv4()).clone(),
             frontends_programmed: Gauge::default(),
             backends_programmed: Gauge::default(),
             invalid_objects: Gauge::default(),
+            objects_skipped: Family::default(),
             frontend_errors: Family::default(),
             frontend_errors_total: Family::default(),
             map_entries: Family::default(),
@@ -207,17 +380,79 @@ impl Metrics {
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
-            metrics.sync_duration_seconds.clone(),
+            sync_duration,
+        );
+        registry.register(
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            sync_full_duration,
+        );
+        registry.register(
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            sync_partial_duration,
         );
         registry.register(
             "kubeproxy_network_programming_duration_seconds",
-            "In-cluster network programming latency in seconds",
-            metrics.network_programming_duration_seconds.clone(),
+            "In Cluster Network Programming Latency in seconds",
+            network_programming,
         );
         registry.register(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "The last time proxy rules were successfully synced",
-            metrics.last_sync_timestamp_seconds.clone(),
+            last_sync,
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            last_queued,
+        );
+        // Counters are registered without `_total`: the encoder appends it.
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            metrics.endpoint_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            metrics.endpoint_changes_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            metrics.service_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            metrics.service_changes_total.clone(),
+        );
+        // A gauge despite its name, as in kube-proxy.
+        registry.register(
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            metrics.no_local_endpoints.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            metrics.healthz_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            metrics.livez_total.clone(),
+        );
+        registry.register(
+            "kubeproxy_conntrack_reconciler_sync_duration_seconds",
+            "ReconcileConntrackFlowsLatency latency in seconds",
+            conntrack_duration,
+        );
+        registry.register(
+            "kubeproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by conntrack reconciler",
+            conntrack_deleted,
         );
         registry.register(
             "dataplane_frontends_programmed",
@@ -233,6 +468,11 @@ impl Metrics {
             "dataplane_invalid_objects",
             "Manifests and Kubernetes objects skipped as invalid at the last sync",
             metrics.invalid_objects.clone(),
+        );
+        registry.register(
+            "dataplane_objects_skipped",
+            "Objects (or parts of one) not served now, by reason; each is logged once, when it appears or changes",
+            metrics.objects_skipped.clone(),
         );
         registry.register(
             "dataplane_frontends_failing",

@@ -192,12 +192,12 @@ impl Agent {
         self.check_tunnel_source(&node);
         for service in &recomputed.services {
             for skipped in &service.skipped {
-                warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
+                warn!(kind = skipped.kind, object = %skipped.object, category = skipped.category.label(), reason = %skipped.reason, "skipping invalid object");
             }
         }
         for slice in &recomputed.slices {
             for skipped in self.model.slice_problems(slice) {
-                warn!(kind = skipped.kind, object = %skipped.object, reason = %skipped.reason, "skipping invalid object");
+                warn!(kind = skipped.kind, object = %skipped.object, category = skipped.category.label(), reason = %skipped.reason, "skipping invalid object");
             }
         }
 
@@ -245,11 +245,17 @@ impl Agent {
             self.serve_health_checks();
         }
         self.health.updated(SystemTime::now());
-        let invalid_objects = self.source.problem_count() + self.model.skipped_count();
+        let skipped = self.model.skipped();
+        let unreadable_manifests = self.source.problem_count();
+        let invalid_objects = skipped.total() + unreadable_manifests;
         self.metrics.record_sync(&SyncOutcome {
+            full,
+            changes: self.model.changes(),
+            no_local_endpoints: self.model.no_local_endpoints(),
             failing: &self.failing,
             programmed: &self.mirror,
-            invalid_objects,
+            skipped,
+            unreadable_manifests,
             elapsed: started.elapsed(),
             new_failures: &report.failed,
         });
@@ -722,14 +728,21 @@ pub async fn run(config: RunConfig) -> Result<()> {
         "adopted pinned maps"
     );
     let (metrics, registry) = Metrics::new(PinLayout::new(&config.bpffs_dir));
-    let health = Health::new(2 * config.sync_period);
+    let health = Health::new(2 * config.sync_period).with_answer_counter({
+        let metrics = metrics.clone();
+        move |livez, code| metrics.record_health_answer(livez, code)
+    });
     start_servers(&config, registry, &health);
 
     // Until the source has its first complete view, the programs a
     // previous agent left keep serving the pinned state untouched.
     let (changes_sender, mut changes) = mpsc::unbounded_channel();
     let queued = health.clone();
-    let notifier = Changes::new(changes_sender, move || queued.queued(SystemTime::now()));
+    let queued_metrics = metrics.clone();
+    let notifier = Changes::new(changes_sender, move || {
+        queued.queued(SystemTime::now());
+        queued_metrics.record_queued();
+    });
     let mut source = Source::start(&config, notifier, prefetch).await?;
     let config_health_ip = config.health_check_bind_ip;
     let health_for_checks = health.clone();
@@ -877,12 +890,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
                     anyhow::bail!("the source stopped sending changes");
                 };
                 agent.source.take(change, &mut agent.model);
+                agent.metrics.record_changes(&agent.model.changes());
                 // Coalesce a burst of changes into one sync, as kube-proxy's
                 // BoundedFrequencyRunner does.
                 tokio::time::sleep(agent.config.min_sync_period).await;
                 while let Ok(change) = changes.try_recv() {
                     agent.source.take(change, &mut agent.model);
                 }
+                agent.metrics.record_changes(&agent.model.changes());
                 if let Err(error) = agent.sync(SyncScope::Changes) {
                     error!(error = format!("{error:#}"), "sync failed; the dataplane keeps its last state");
                 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use dataplane_testbed::{
     Host, Testbed,
     apiserver::{ApiServer, Mode},
-    manifests::{Ep, Svc, http_service, http_service_on, objects},
+    manifests::{Ep, Svc, http_service, http_service_on, join, node, objects, slice},
     probe::{Attempt, tally},
     testbed::AgentSource,
 };
@@ -305,20 +305,185 @@ fn programming_latency_and_sync_metrics_are_exported() {
     c.start_agent();
     let metrics = c.tb.metrics().unwrap();
     assert!(
-        metrics.contains("kubeproxy_network_programming_duration_seconds_count 0"),
+        metrics.contains(
+            r#"kubeproxy_network_programming_duration_seconds_count{ip_family="IPv4"} 0"#
+        ),
         "an hour-old change is not counted:\n{metrics}"
     );
     std::thread::sleep(Duration::from_millis(1100));
     c.api.apply_all(stamped(0)).unwrap();
     c.tb.wait_until("the change is measured", Duration::from_secs(10), || {
-        Ok(c.tb
-            .metrics()?
-            .contains("kubeproxy_network_programming_duration_seconds_count 1"))
+        Ok(c.tb.metrics()?.contains(
+            r#"kubeproxy_network_programming_duration_seconds_count{ip_family="IPv4"} 1"#,
+        ))
     })
     .unwrap();
     assert!(
         c.tb.metrics()
             .unwrap()
-            .contains("kubeproxy_sync_proxy_rules_duration_seconds_count")
+            .contains(r#"kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}"#)
+    );
+}
+
+/// The value of one series in a scrape (`name{labels}` exactly as
+/// written), or None when it is not there.
+fn series(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+#[test]
+fn kube_proxys_metrics_count_what_happened_and_skipped_objects_are_logged_once() {
+    let c = cluster();
+    // web: internalTrafficPolicy Local with its only endpoint on another
+    // node; sig: an SCTP port beside a TCP one; v6: IPv6 only; an FQDN
+    // slice (for a controller of its own, passed over in silence).
+    let web_on = |endpoints: &[Ep]| {
+        join(&[
+            Svc::new("web", "10.96.0.10")
+                .port("http", 80, "TCP", 8080)
+                .spec("internalTrafficPolicy: Local")
+                .yaml(),
+            slice("web-1", "web", &[("http", 8080, "TCP")], endpoints),
+        ])
+    };
+    c.apply(&join(&[
+        web_on(&[Ep::ready(&c.pods[0]).on_node("node-b")]),
+        Svc::new("sig", "10.96.0.11")
+            .port("http", 80, "TCP", 8080)
+            .port("sig", 3868, "SCTP", 3868)
+            .yaml(),
+        Svc::new("v6", "fd00::11")
+            .port("http", 80, "TCP", 8080)
+            .yaml(),
+        slice(
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[Ep::ready(&c.pods[0]).on_node("node-b")],
+        )
+        .replace("name: web-1", "name: names-1")
+        .replace("addressType: IPv4", "addressType: FQDN"),
+    ]));
+    c.start_agent();
+    let metrics = c.tb.metrics().unwrap();
+    let expect = |metrics: &str, wanted: &[(&str, f64)]| {
+        for (name, value) in wanted {
+            assert_eq!(series(metrics, name), Some(*value), "{name} in\n{metrics}");
+        }
+    };
+    expect(
+        &metrics,
+        &[
+            (
+                r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal",ip_family="IPv4"}"#,
+                1.0,
+            ),
+            (
+                r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="external",ip_family="IPv4"}"#,
+                0.0,
+            ),
+            // The first lists: one event per object.
+            ("kubeproxy_sync_proxy_rules_service_changes_total", 3.0),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_total", 2.0),
+            ("kubeproxy_sync_proxy_rules_service_changes_pending", 0.0),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_pending", 0.0),
+            (
+                r#"dataplane_objects_skipped{reason="unsupported_protocol"}"#,
+                1.0,
+            ),
+            (
+                r#"dataplane_objects_skipped{reason="unsupported_ip_family"}"#,
+                1.0,
+            ),
+            (r#"dataplane_objects_skipped{reason="invalid"}"#, 0.0),
+            ("dataplane_invalid_objects", 2.0),
+        ],
+    );
+    // No local endpoint for internalTrafficPolicy Local: refused at once
+    // (kube-proxy drops; see docs/install.md).
+    let refused = c.tb.connect(&c.client, TARGET, 1).unwrap();
+    assert_eq!(refused[0].errno, Some(libc::ECONNREFUSED), "{refused:?}");
+
+    // A local endpoint arrives: one slice event, and the port is served.
+    c.apply(&slice(
+        "web-1",
+        "web",
+        &[("http", 8080, "TCP")],
+        &[
+            Ep::ready(&c.pods[0]).on_node("node-b"),
+            Ep::ready(&c.pods[1]),
+        ],
+    ));
+    c.tb.wait_until("the local endpoint is counted", Duration::from_secs(10), || {
+        Ok(series(
+            &c.tb.metrics()?,
+            r#"kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal",ip_family="IPv4"}"#,
+        ) == Some(0.0))
+    })
+    .unwrap();
+    assert_eq!(c.served_by(10), ["pod2"]);
+    // This node's zone changes: every Service is recomputed, none of the
+    // skipped ones is logged again.
+    let syncs = || c.tb.agent_log().matches("synced").count();
+    let syncs_before = syncs();
+    c.apply(&node("node-a", "zone-x"));
+    c.tb.wait_until("the Node change is synced", Duration::from_secs(10), || {
+        Ok(syncs() > syncs_before)
+    })
+    .unwrap();
+    for path in ["/healthz", "/healthz", "/livez"] {
+        let answer = c.tb.http_get_in_node("127.0.0.1:10256", path).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let metrics = c.tb.metrics().unwrap();
+    expect(
+        &metrics,
+        &[
+            ("kubeproxy_sync_proxy_rules_service_changes_total", 3.0),
+            ("kubeproxy_sync_proxy_rules_endpoint_changes_total", 3.0),
+            (r#"kubeproxy_proxy_healthz_total{code="200"}"#, 2.0),
+            (r#"kubeproxy_proxy_livez_total{code="200"}"#, 1.0),
+            (
+                r#"dataplane_objects_skipped{reason="unsupported_protocol"}"#,
+                1.0,
+            ),
+        ],
+    );
+    let queued = series(
+        &metrics,
+        r#"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"}"#,
+    )
+    .unwrap();
+    let synced = series(
+        &metrics,
+        r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#,
+    )
+    .unwrap();
+    assert!(
+        queued > 0.0 && queued <= synced,
+        "queued {queued}, synced {synced}"
+    );
+    assert!(
+        series(
+            &metrics,
+            r#"kubeproxy_sync_partial_proxy_rules_duration_seconds_count{ip_family="IPv4"}"#
+        )
+        .is_some_and(|count| count >= 2.0),
+        "{metrics}"
+    );
+    let log = c.tb.agent_log();
+    for object in ["default/sig", "default/v6"] {
+        let lines = log
+            .lines()
+            .filter(|line| line.contains("skipping invalid object") && line.contains(object))
+            .count();
+        assert_eq!(lines, 1, "{object} logged once:\n{log}");
+    }
+    assert!(
+        !log.contains("names-1"),
+        "the FQDN slice is not reported:\n{log}"
     );
 }

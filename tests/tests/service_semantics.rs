@@ -371,8 +371,8 @@ fn a_service_over_a_capacity_limit_is_refused_whole_with_a_metric() {
         "dataplane_backends_programmed 2",
         r#"dataplane_datapath_events_total{event="sock_translated"} 30"#,
         r#"dataplane_map_entries{map="SERVICES"} 1"#,
-        "kubeproxy_sync_proxy_rules_duration_seconds_count 1",
-        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        r#"kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"} 1"#,
+        r#"kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"}"#,
     ] {
         assert!(metrics.contains(series), "missing {series:?} in\n{metrics}");
     }

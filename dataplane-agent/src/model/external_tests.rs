@@ -3,7 +3,8 @@
 //! healthCheckNodePort and loadBalancerSourceRanges semantics.
 
 use k8s_openapi::api::core::v1::{
-    LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus, Service, ServiceStatus,
+    LoadBalancerIngress, LoadBalancerStatus, Node, NodeAddress, NodeStatus, Service,
+    ServiceSpec as ApiServiceSpec, ServiceStatus,
 };
 
 use super::{fixtures::*, *};
@@ -334,4 +335,84 @@ fn two_services_on_one_node_port_keep_the_first() {
         "{:?}",
         desired.skipped
     );
+}
+
+#[test]
+fn ports_with_a_local_policy_and_endpoints_only_elsewhere_are_counted_per_policy() {
+    let internal_local = |spec: &mut ApiServiceSpec| {
+        spec.internal_traffic_policy = Some("Local".into());
+    };
+    let external_local = |spec: &mut ApiServiceSpec| {
+        spec.external_traffic_policy = Some("Local".into());
+    };
+    let both_local = |spec: &mut ApiServiceSpec| {
+        internal_local(spec);
+        external_local(spec);
+    };
+    let node_c = NodeInfo {
+        name: "node-c".into(),
+        ..this_node()
+    };
+    let counts = |internal, external| NoLocalEndpoints { internal, external };
+    // (what, Service, seen from, with endpoints, expected)
+    let cases: [(&str, Service, &NodeInfo, bool, NoLocalEndpoints); 7] = [
+        (
+            "iTP Local with a local endpoint",
+            web("ClusterIP", internal_local),
+            &this_node(),
+            true,
+            counts(0, 0),
+        ),
+        (
+            "iTP Local with endpoints elsewhere only",
+            web("ClusterIP", internal_local),
+            &node_c,
+            true,
+            counts(1, 0),
+        ),
+        (
+            "iTP Local without any endpoint: refused everywhere, not counted",
+            web("ClusterIP", internal_local),
+            &node_c,
+            false,
+            counts(0, 0),
+        ),
+        (
+            "eTP Local NodePort with endpoints elsewhere only",
+            web("NodePort", external_local),
+            &node_c,
+            true,
+            counts(0, 1),
+        ),
+        (
+            "eTP Local NodePort with a local endpoint",
+            web("NodePort", external_local),
+            &this_node(),
+            true,
+            counts(0, 0),
+        ),
+        (
+            "both Local, endpoints elsewhere only",
+            web("NodePort", both_local),
+            &node_c,
+            true,
+            counts(1, 1),
+        ),
+        (
+            "eTP Local on a ClusterIP Service: no external frontend, not counted",
+            web("ClusterIP", external_local),
+            &node_c,
+            true,
+            counts(0, 0),
+        ),
+    ];
+    for (what, service, seen_from, with_endpoints, expected) in cases {
+        let mut state = cluster_with(service);
+        if !with_endpoints {
+            state.endpoint_slices.clear();
+        }
+        state.insert_node(&node_with_ip("node-c", Some("192.0.2.13")));
+        let desired = desired(&state, seen_from);
+        assert_eq!(desired.no_local_endpoints, expected, "{what}");
+    }
 }

@@ -11,9 +11,9 @@ use std::{
 };
 
 use super::{
-    ClusterState, DesiredDataplane, Frontend, FrontendEntry, HealthCheck, NodeInfo, NodeRecord,
-    ObjectName, ServiceOutput, ServiceRecord, Skipped, SliceRecord, endpoints, node_addresses,
-    service_output, slice_problems,
+    ClusterState, DesiredDataplane, Frontend, FrontendEntry, HealthCheck, NoLocalEndpoints,
+    NodeInfo, NodeRecord, ObjectName, ServiceOutput, ServiceRecord, SkipCounts, SkipReason,
+    Skipped, SliceRecord, endpoints, node_addresses, service_output, slice_problems,
 };
 
 /// The cluster, this node's view of it, and what every Service asks of
@@ -45,10 +45,29 @@ pub struct Model {
     nodes_changed: bool,
     /// Problems of the Services' outputs and of the slices themselves,
     /// counted as they change so the metric costs nothing per sync.
-    skipped_in_outputs: usize,
+    skipped_in_outputs: SkipCounts,
     skipped_in_slices: usize,
     /// Claims beyond the first, over all frontends.
     conflicts: usize,
+    /// Over every Service's output, kept as they change.
+    no_local_endpoints: NoLocalEndpoints,
+    changes: ChangeTally,
+    /// Services whose record changed since the last recompute.
+    pending_services: BTreeSet<ObjectName>,
+}
+
+/// Change events taken in, counted as kube-proxy's change trackers count
+/// them (`kubeproxy_sync_proxy_rules_{service,endpoint}_changes_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChangeTally {
+    /// Every Service event since the start, those that changed nothing
+    /// included (a relist counts each object once).
+    pub service_events: u64,
+    pub slice_events: u64,
+    /// Distinct Services changed since the last recompute.
+    pub services_pending: usize,
+    /// EndpointSlice events that changed a slice since the last recompute.
+    pub slice_changes_pending: u64,
 }
 
 /// One change a source saw.
@@ -103,9 +122,12 @@ impl Model {
             all_dirty: false,
             changed_slices: BTreeSet::new(),
             nodes_changed: false,
-            skipped_in_outputs: 0,
+            skipped_in_outputs: SkipCounts::default(),
             skipped_in_slices: 0,
             conflicts: 0,
+            no_local_endpoints: NoLocalEndpoints::default(),
+            changes: ChangeTally::default(),
+            pending_services: BTreeSet::new(),
         }
     }
 
@@ -120,6 +142,7 @@ impl Model {
     /// Sets (Some) or removes (None) a Service. Returns whether anything
     /// the model reads changed.
     pub fn set_service(&mut self, name: &ObjectName, record: Option<ServiceRecord>) -> bool {
+        self.changes.service_events += 1;
         let changed = match record {
             Some(record) => {
                 self.cluster.services.get(name) != Some(&record) && {
@@ -131,6 +154,7 @@ impl Model {
         };
         if changed {
             self.dirty.insert(name.clone());
+            self.pending_services.insert(name.clone());
         }
         changed
     }
@@ -138,9 +162,11 @@ impl Model {
     /// Sets or removes an EndpointSlice: its Service (before and after) is
     /// recomputed.
     pub fn set_slice(&mut self, name: &ObjectName, record: Option<SliceRecord>) -> bool {
+        self.changes.slice_events += 1;
         if self.cluster.endpoint_slices.get(name) == record.as_ref() {
             return false;
         }
+        self.changes.slice_changes_pending += 1;
         let previous = match record {
             Some(record) => {
                 if let Some(service) = record.service() {
@@ -265,8 +291,18 @@ impl Model {
         self.all_dirty || !self.dirty.is_empty() || self.nodes_changed
     }
 
+    /// The change events taken in so far, and those not recomputed yet.
+    pub fn changes(&self) -> ChangeTally {
+        ChangeTally {
+            services_pending: self.pending_services.len(),
+            ..self.changes
+        }
+    }
+
     /// Recomputes the out-of-date Services.
     pub fn recompute(&mut self) -> Recomputed {
+        self.pending_services.clear();
+        self.changes.slice_changes_pending = 0;
         let mut out = Recomputed {
             slices: std::mem::take(&mut self.changed_slices),
             nodes_changed: std::mem::take(&mut self.nodes_changed),
@@ -300,8 +336,14 @@ impl Model {
             .collect();
         let output = service_output(&name, self.cluster.services.get(&name), &slices, &nodes);
         let previous = self.outputs.remove(&name).unwrap_or_default();
-        self.skipped_in_outputs -= previous.skipped.len();
-        self.skipped_in_outputs += output.skipped.len();
+        for skipped in &previous.skipped {
+            self.skipped_in_outputs.remove(skipped.category, 1);
+        }
+        for skipped in &output.skipped {
+            self.skipped_in_outputs.add(skipped.category, 1);
+        }
+        self.no_local_endpoints.remove(previous.no_local_endpoints);
+        self.no_local_endpoints.add(output.no_local_endpoints);
         if output == previous {
             if !output.is_empty() {
                 self.outputs.insert(name, output);
@@ -350,6 +392,7 @@ impl Model {
                 (owner != name).then(|| Skipped {
                     kind: "Service",
                     object: name.clone(),
+                    category: SkipReason::FrontendConflict,
                     reason: format!("frontend {frontend} is already used by Service {owner}"),
                 })
             })
@@ -391,7 +434,20 @@ impl Model {
 
     /// How many objects are skipped now, each reason counted once.
     pub fn skipped_count(&self) -> usize {
-        self.skipped_in_outputs + self.skipped_in_slices + self.conflicts
+        self.skipped().total()
+    }
+
+    /// What [`Model::skipped_count`] counts, by reason.
+    pub fn skipped(&self) -> SkipCounts {
+        let mut counts = self.skipped_in_outputs;
+        counts.add(SkipReason::Invalid, self.skipped_in_slices);
+        counts.add(SkipReason::FrontendConflict, self.conflicts);
+        counts
+    }
+
+    /// Service ports with a Local traffic policy served by other nodes only.
+    pub fn no_local_endpoints(&self) -> NoLocalEndpoints {
+        self.no_local_endpoints
     }
 
     /// The problems of one EndpointSlice that do not depend on its Service.
@@ -418,6 +474,7 @@ impl Model {
                 .collect(),
             node_addresses: self.node_addresses(),
             skipped: Vec::new(),
+            no_local_endpoints: self.no_local_endpoints,
         }
     }
 }

@@ -13,7 +13,7 @@ use k8s_openapi::api::{
 
 use super::{
     ObjectName,
-    service::{self, Classified, HEADLESS_LABEL, Protocol, SERVICE_PROXY_NAME_LABEL},
+    service::{self, Classified, HEADLESS_LABEL, Protocol, Rejection, SERVICE_PROXY_NAME_LABEL},
 };
 
 /// The label kube-proxy uses to find the Service an EndpointSlice belongs to.
@@ -32,14 +32,14 @@ const AUTOSCALER_DELETION_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 /// A Service, validated: what kube-proxy would proxy, or why it cannot.
 /// Shared, not copied, between a source's bookkeeping and the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceRecord(Arc<Result<Classified, String>>);
+pub struct ServiceRecord(Arc<Result<Classified, Rejection>>);
 
 impl ServiceRecord {
     pub fn new(name: &ObjectName, service: &Service) -> Self {
         Self(Arc::new(service::classify(name, service)))
     }
 
-    pub(super) fn classified(&self) -> &Result<Classified, String> {
+    pub(super) fn classified(&self) -> &Result<Classified, Rejection> {
         &self.0
     }
 }
@@ -151,8 +151,10 @@ impl SliceRecord {
                 }
                 // Dual-stack clusters carry an IPv6 slice beside every IPv4
                 // one; that is normal, not an error, until the IPv6
-                // datapath exists.
-                (Some(_), "IPv6") => SliceOwner::Ignored,
+                // datapath exists. FQDN slices are for controllers of their
+                // own, never for a proxy: kube-proxy passes over them
+                // without a word too.
+                (Some(_), "IPv6" | "FQDN") => SliceOwner::Ignored,
                 (Some(_), other) => {
                     SliceOwner::Invalid(format!("addressType {other:?} is not supported"))
                 }

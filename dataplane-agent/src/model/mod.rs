@@ -18,7 +18,7 @@ use std::{
     sync::Arc,
 };
 
-pub use incremental::{Model, Recomputed, SyncedService, Update};
+pub use incremental::{ChangeTally, Model, Recomputed, SyncedService, Update};
 pub use input::{ClusterState, NodeRecord, ServiceRecord, SliceRecord};
 pub use service::Protocol;
 
@@ -245,7 +245,67 @@ pub struct HealthCheck {
 pub struct Skipped {
     pub kind: &'static str,
     pub object: ObjectName,
+    pub category: SkipReason,
     pub reason: String,
+}
+
+/// Why an object (or a part of one) is not served, as the `reason` label
+/// of `dataplane_objects_skipped`: a fixed set, so the series stay few
+/// whatever the cluster holds; the log line has the details.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SkipReason {
+    /// Breaks the API's rules: a bad address or port, a missing label.
+    Invalid,
+    /// IPv6 only: served once the IPv6 datapath exists.
+    UnsupportedIpFamily,
+    /// An SCTP port (the Service's other ports are served).
+    UnsupportedProtocol,
+    /// A frontend another Service owns (the first in name order keeps it).
+    FrontendConflict,
+    /// An EndpointSlice whose Service does not exist.
+    UnknownService,
+}
+
+impl SkipReason {
+    pub const ALL: [Self; 5] = [
+        Self::Invalid,
+        Self::UnsupportedIpFamily,
+        Self::UnsupportedProtocol,
+        Self::FrontendConflict,
+        Self::UnknownService,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::UnsupportedIpFamily => "unsupported_ip_family",
+            Self::UnsupportedProtocol => "unsupported_protocol",
+            Self::FrontendConflict => "frontend_conflict",
+            Self::UnknownService => "unknown_service",
+        }
+    }
+}
+
+/// How many objects are skipped, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkipCounts([usize; SkipReason::ALL.len()]);
+
+impl SkipCounts {
+    pub fn get(&self, reason: SkipReason) -> usize {
+        self.0[reason as usize]
+    }
+
+    pub fn total(&self) -> usize {
+        self.0.iter().sum()
+    }
+
+    fn add(&mut self, reason: SkipReason, count: usize) {
+        self.0[reason as usize] += count;
+    }
+
+    fn remove(&mut self, reason: SkipReason, count: usize) {
+        self.0[reason as usize] -= count;
+    }
 }
 
 impl fmt::Display for Skipped {
@@ -262,6 +322,7 @@ pub struct DesiredDataplane {
     /// The InternalIPs of the cluster's nodes: the tunnel's peers.
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub skipped: Vec<Skipped>,
+    pub no_local_endpoints: NoLocalEndpoints,
 }
 
 /// What one Service (with its EndpointSlices) asks of this node.
@@ -273,6 +334,32 @@ struct ServiceOutput {
     health_check: Option<Box<(u16, HealthCheck)>>,
     /// What is wrong with the Service or with its slices' link to it.
     skipped: Vec<Skipped>,
+    no_local_endpoints: NoLocalEndpoints,
+}
+
+/// Service ports with a Local traffic policy whose endpoints are all on
+/// other nodes: kube-proxy's `sync_proxy_rules_no_local_endpoints_total`.
+/// Such a port is not broken (other nodes serve it) but this node cannot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoLocalEndpoints {
+    /// internalTrafficPolicy Local: in-cluster clients on this node are
+    /// refused.
+    pub internal: usize,
+    /// externalTrafficPolicy Local: external traffic arriving here is
+    /// dropped (the load balancer's health check steers it elsewhere).
+    pub external: usize,
+}
+
+impl NoLocalEndpoints {
+    fn add(&mut self, other: Self) {
+        self.internal += other.internal;
+        self.external += other.external;
+    }
+
+    fn remove(&mut self, other: Self) {
+        self.internal -= other.internal;
+        self.external -= other.external;
+    }
 }
 
 impl ServiceOutput {
@@ -293,6 +380,7 @@ fn slice_problems(name: &ObjectName, slice: &SliceRecord) -> Vec<Skipped> {
     let skip = |reason: &String| Skipped {
         kind: "EndpointSlice",
         object: name.clone(),
+        category: SkipReason::Invalid,
         reason: reason.clone(),
     };
     match &slice.owner {
@@ -332,6 +420,7 @@ pub fn desired(cluster: &ClusterState, node: &NodeInfo) -> DesiredDataplane {
             .unwrap_or(&[]);
         let output = service_output(name, Some(service), slices, &nodes);
         out.skipped.extend(output.skipped);
+        out.no_local_endpoints.add(output.no_local_endpoints);
         for (frontend, entry) in output.frontends {
             insert_frontend(&mut out, name, frontend, entry);
         }
@@ -346,6 +435,7 @@ fn unknown_service(slice: &ObjectName, service: &ObjectName) -> Skipped {
     Skipped {
         kind: "EndpointSlice",
         object: slice.clone(),
+        category: SkipReason::UnknownService,
         reason: format!("its Service {service} is unknown"),
     }
 }
@@ -368,11 +458,12 @@ fn service_output(
     let spec = match service.classified() {
         Ok(service::Classified::Proxied(spec)) => spec,
         Ok(service::Classified::Ignored) => return out,
-        Err(reason) => {
+        Err(rejection) => {
             out.skipped.push(Skipped {
                 kind: "Service",
                 object: name.clone(),
-                reason: reason.clone(),
+                category: rejection.category,
+                reason: rejection.reason.clone(),
             });
             return out;
         }
@@ -384,6 +475,7 @@ fn service_output(
             out.skipped.push(Skipped {
                 kind: "Service",
                 object: name.clone(),
+                category: SkipReason::UnsupportedProtocol,
                 reason: format!(
                     "port {}/SCTP is not load-balanced yet (its other ports are)",
                     port.port
@@ -393,7 +485,18 @@ fn service_output(
         }
         let views = endpoints::views_for_port(port, spec, &slices, nodes);
         local_endpoint_ips.extend(views.external.iter().map(|b| b.ip));
-        for (frontend, backends, view_of) in frontends_of_port(spec, port, &views) {
+        let frontends = frontends_of_port(spec, port, &views);
+        let elsewhere_only = |local: &[Backend]| local.is_empty() && !views.cluster.is_empty();
+        if spec.internal_traffic_local && elsewhere_only(&views.internal) {
+            out.no_local_endpoints.internal += 1;
+        }
+        if spec.external_traffic_local
+            && elsewhere_only(&views.external)
+            && frontends.iter().any(|(f, _, _)| f.scope != Scope::Cluster)
+        {
+            out.no_local_endpoints.external += 1;
+        }
+        for (frontend, backends, view_of) in frontends {
             if out.frontends.iter().any(|(f, _)| *f == frontend) {
                 continue;
             }
@@ -514,6 +617,7 @@ fn insert_frontend(
             out.skipped.push(Skipped {
                 kind: "Service",
                 object: name.clone(),
+                category: SkipReason::FrontendConflict,
                 reason: format!(
                     "frontend {frontend} is already used by Service {}",
                     existing.service

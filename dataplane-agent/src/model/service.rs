@@ -4,7 +4,7 @@ use std::{fmt, net::IpAddr, net::Ipv4Addr, sync::Arc};
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::{ObjectName, SourceRange};
+use super::{ObjectName, SkipReason, SourceRange};
 
 /// Services and EndpointSlices with this label belong to another proxy;
 /// kube-proxy without a proxy name of its own skips every one of them (its
@@ -94,6 +94,31 @@ pub(super) struct ServiceSpec {
 const DEFAULT_AFFINITY_TIMEOUT_S: i32 = 10_800;
 const MAX_AFFINITY_TIMEOUT_S: i32 = 86_400;
 
+/// Why a Service is not proxied: a category for the metric, the words for
+/// the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Rejection {
+    pub category: SkipReason,
+    pub reason: String,
+}
+
+impl Rejection {
+    fn invalid(reason: impl Into<String>) -> Self {
+        Self {
+            category: SkipReason::Invalid,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The validation helpers say what is wrong in words; all of that is
+/// invalid input.
+impl From<String> for Rejection {
+    fn from(reason: String) -> Self {
+        Self::invalid(reason)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Classified {
     Proxied(ServiceSpec),
@@ -104,7 +129,7 @@ pub(super) enum Classified {
 
 /// Decides whether kube-proxy would proxy this Service, and validates it.
 /// An invalid Service is an `Err` with the reason; the caller skips only it.
-pub(super) fn classify(name: &ObjectName, service: &Service) -> Result<Classified, String> {
+pub(super) fn classify(name: &ObjectName, service: &Service) -> Result<Classified, Rejection> {
     let labels = service.metadata.labels.as_ref();
     if labels
         .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
@@ -112,10 +137,10 @@ pub(super) fn classify(name: &ObjectName, service: &Service) -> Result<Classifie
         return Ok(Classified::Ignored);
     }
     if name.name.is_empty() {
-        return Err("metadata.name is empty".into());
+        return Err(Rejection::invalid("metadata.name is empty"));
     }
     let Some(spec) = service.spec.as_ref() else {
-        return Err("has no spec".into());
+        return Err(Rejection::invalid("has no spec"));
     };
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(Classified::Ignored);
@@ -132,21 +157,30 @@ pub(super) fn classify(name: &ObjectName, service: &Service) -> Result<Classifie
     for ip in declared_ips {
         match ip.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_broadcast() => {
-                return Err(format!("clusterIP {ip} is not a usable address"));
+                return Err(Rejection::invalid(format!(
+                    "clusterIP {ip} is not a usable address"
+                )));
             }
             Ok(IpAddr::V4(v4)) => cluster_ips.push(v4),
             // The IPv6 family of a dual-stack Service waits for the IPv6
             // datapath; its IPv4 family is still served.
             Ok(IpAddr::V6(_)) => {}
-            Err(_) => return Err(format!("clusterIP {ip:?} is not an IP address")),
+            Err(_) => {
+                return Err(Rejection::invalid(format!(
+                    "clusterIP {ip:?} is not an IP address"
+                )));
+            }
         }
     }
     if cluster_ips.is_empty() {
-        return Err("has only IPv6 clusterIPs, which are not supported yet".into());
+        return Err(Rejection {
+            category: SkipReason::UnsupportedIpFamily,
+            reason: "has only IPv6 clusterIPs, which are not supported yet".into(),
+        });
     }
     let ports = spec.ports.as_deref().unwrap_or(&[]);
     if ports.is_empty() {
-        return Err("has no ports".into());
+        return Err(Rejection::invalid("has no ports"));
     }
     let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     let has_node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
@@ -163,7 +197,9 @@ pub(super) fn classify(name: &ObjectName, service: &Service) -> Result<Classifie
             .iter()
             .any(|p: &ServicePort| p.port == number && p.protocol == protocol)
         {
-            return Err(format!("port {number}/{protocol} is declared twice"));
+            return Err(Rejection::invalid(format!(
+                "port {number}/{protocol} is declared twice"
+            )));
         }
         let node_port = match port.node_port.filter(|_| has_node_ports) {
             None | Some(0) => None,
@@ -189,13 +225,17 @@ pub(super) fn classify(name: &ObjectName, service: &Service) -> Result<Classifie
                 .and_then(|c| c.timeout_seconds)
                 .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S);
             if !(1..=MAX_AFFINITY_TIMEOUT_S).contains(&timeout) {
-                return Err(format!(
+                return Err(Rejection::invalid(format!(
                     "sessionAffinity timeoutSeconds {timeout} is outside 1..={MAX_AFFINITY_TIMEOUT_S}"
-                ));
+                )));
             }
             u32::try_from(timeout).ok()
         }
-        Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),
+        Some(other) => {
+            return Err(Rejection::invalid(format!(
+                "unknown sessionAffinity {other:?}"
+            )));
+        }
     };
     let external_ips = ipv4_addresses(spec.external_ips.as_deref().unwrap_or(&[]), "externalIP")?;
     let load_balancer_ips = if service_type == "LoadBalancer" {

@@ -36,6 +36,7 @@ fn desired(frontends: &[(u8, &[u8])]) -> DesiredDataplane {
         health_checks: BTreeMap::new(),
         node_addresses: BTreeSet::new(),
         skipped: vec![],
+        no_local_endpoints: Default::default(),
     }
 }
 

@@ -160,3 +160,54 @@ fn a_conflict_is_reported_when_the_loser_changes_and_resolved_when_the_owner_goe
     // The conflict is gone; svc-1's slice is now the one reported.
     assert_eq!(model.skipped_count(), 1);
 }
+
+#[test]
+fn change_events_are_counted_as_kube_proxys_trackers_count_them() {
+    let mut model = synced_model(3);
+    assert_eq!(
+        model.changes(),
+        ChangeTally {
+            service_events: 3,
+            slice_events: 3,
+            services_pending: 0,
+            slice_changes_pending: 0,
+        },
+        "the first lists, recomputed"
+    );
+    let svc = |n: u8, ip: &str| {
+        let object = service(&format!("svc-{n}"), ip, WEB);
+        let name = ObjectName::of(&object.metadata);
+        Update::Service(name.clone(), Some(ServiceRecord::new(&name, &object)))
+    };
+    // svc-1 changes twice, svc-2 is resent unchanged: three events, one
+    // Service pending.
+    model.update(svc(1, "10.96.1.1"));
+    model.update(svc(1, "10.96.2.1"));
+    model.update(svc(2, "10.96.0.2"));
+    let endpoints = slice("svc-3-1", "svc-3", WEB_EP, &[ready("10.0.9.9")]);
+    let slice_name = ObjectName::of(&endpoints.metadata);
+    model.update(Update::Slice(
+        slice_name.clone(),
+        Some(SliceRecord::new(&endpoints)),
+    ));
+    model.update(Update::Slice(
+        slice_name,
+        Some(SliceRecord::new(&endpoints)),
+    ));
+    assert_eq!(
+        model.changes(),
+        ChangeTally {
+            service_events: 6,
+            slice_events: 5,
+            services_pending: 1,
+            slice_changes_pending: 1,
+        }
+    );
+    model.recompute();
+    let after = model.changes();
+    assert_eq!(
+        (after.services_pending, after.slice_changes_pending),
+        (0, 0)
+    );
+    assert_eq!((after.service_events, after.slice_events), (6, 5));
+}
