@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use crate::dataplane::{conntrack, state::Limits};
+use crate::{
+    dataplane::{conntrack, state::Limits},
+    model::SourceRange,
+};
 
 /// Where cluster state comes from.
 #[derive(Clone, Debug)]
@@ -71,4 +74,96 @@ pub struct ExternalConfig {
     pub conntrack: conntrack::Timeouts,
     pub conntrack_sweep_period: Duration,
     pub conntrack_max_entries: u32,
+    pub nodeport_addresses: NodePortAddresses,
+}
+
+/// Which of this node's addresses serve nodePorts: kube-proxy's
+/// `--nodeport-addresses`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// Every address of the node interfaces (kube-proxy's iptables mode
+    /// default).
+    All,
+    /// The node's primary address: its Node object's InternalIP.
+    Primary,
+    /// The addresses in these IPv4 prefixes.
+    Cidrs(Vec<SourceRange>),
+}
+
+impl NodePortAddresses {
+    /// kube-proxy's syntax: a list of CIDRs, or `primary` alone; empty
+    /// means all. As in kube-proxy, the IPv4 datapath reads the IPv4 CIDRs
+    /// of the list, and a list of IPv6 CIDRs only leaves IPv4 unfiltered.
+    pub fn parse(values: &[String]) -> Result<Self, String> {
+        let values: Vec<&str> = values
+            .iter()
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if values.contains(&"primary") {
+            return match values.as_slice() {
+                ["primary"] => Ok(Self::Primary),
+                _ => Err("\"primary\" cannot be combined with CIDRs".into()),
+            };
+        }
+        let mut cidrs = Vec::new();
+        for value in values {
+            match SourceRange::parse(value) {
+                Ok(Some(cidr)) => cidrs.push(cidr),
+                Ok(None) => {}
+                Err(_) => return Err(format!("{value:?} is not a CIDR (nor \"primary\")")),
+            }
+        }
+        Ok(if cidrs.is_empty() {
+            Self::All
+        } else {
+            Self::Cidrs(cidrs)
+        })
+    }
+
+    /// Whether `address` serves nodePorts; `primary` is the node's
+    /// InternalIP when known.
+    pub fn selects(&self, address: Ipv4Addr, primary: Option<Ipv4Addr>) -> bool {
+        match self {
+            Self::All => true,
+            Self::Primary => primary == Some(address),
+            Self::Cidrs(cidrs) => cidrs.iter().any(|cidr| cidr.contains(address)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(values: &[&str]) -> Result<NodePortAddresses, String> {
+        let values: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        NodePortAddresses::parse(&values)
+    }
+
+    #[test]
+    fn nodeport_addresses_read_as_kube_proxy_reads_them() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(parse(&[]), Ok(NodePortAddresses::All));
+        assert_eq!(parse(&["primary"]), Ok(NodePortAddresses::Primary));
+        assert!(parse(&["primary", "10.0.0.0/8"]).is_err());
+        assert!(parse(&["10.0.0.1"]).is_err(), "an address is not a CIDR");
+        assert!(parse(&["10.0.0.0/33"]).is_err());
+        // IPv6 CIDRs filter the IPv6 family only.
+        assert_eq!(parse(&["fd00::/64"]), Ok(NodePortAddresses::All));
+        let cidrs = parse(&["fd00::/64", "192.0.2.0/24", "10.1.2.3/32"]).unwrap();
+        for (address, selected) in [
+            ("192.0.2.77", true),
+            ("10.1.2.3", true),
+            ("10.1.2.4", false),
+            ("198.51.100.1", false),
+        ] {
+            assert_eq!(cidrs.selects(ip(address), None), selected, "{address}");
+        }
+        let primary = NodePortAddresses::Primary;
+        assert!(primary.selects(ip("192.0.2.1"), Some(ip("192.0.2.1"))));
+        assert!(!primary.selects(ip("192.0.2.2"), Some(ip("192.0.2.1"))));
+        assert!(!primary.selects(ip("192.0.2.1"), None), "unknown: none");
+        assert!(NodePortAddresses::All.selects(ip("203.0.113.9"), None));
+    }
 }

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use dataplane_agent::{
-    config::{ExternalConfig, ExternalMode, RunConfig, SourceConfig},
+    config::{ExternalConfig, ExternalMode, NodePortAddresses, RunConfig, SourceConfig},
     dataplane::{conntrack, interfaces, maps, names, pins, state::Limits},
     dump, run,
 };
@@ -106,6 +106,12 @@ struct RunArgs {
     /// IPv4 address of the first --interfaces entry.
     #[arg(long)]
     node_ip: Option<std::net::Ipv4Addr>,
+    /// Which node addresses serve nodePorts (kube-proxy's flag): CIDRs,
+    /// comma-separated, or `primary` (the Node object's InternalIP).
+    /// Default: every address of --interfaces. Addresses that come or go
+    /// at run time are followed at once.
+    #[arg(long, value_delimiter = ',', value_parser = parse_nodeport_address)]
+    nodeport_addresses: Vec<String>,
     /// UDP port of the VXLAN tunnel between nodes (must be the same on all
     /// nodes and differ from any other VXLAN device's port).
     #[arg(long, default_value_t = 4789)]
@@ -228,6 +234,12 @@ fn parse_port_range(value: &str) -> Result<(u16, u16), String> {
     Ok((min, max))
 }
 
+/// One `--nodeport-addresses` entry, checked alone (the list is checked
+/// whole when the flags are resolved).
+fn parse_nodeport_address(value: &str) -> Result<String, String> {
+    NodePortAddresses::parse(&[value.to_owned()]).map(|_| value.to_owned())
+}
+
 /// `--external-mode`, as the command line spells it.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum ExternalModeArg {
@@ -253,6 +265,8 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             kubeconfig: args.kubeconfig,
         },
     };
+    let nodeport_addresses = NodePortAddresses::parse(&args.nodeport_addresses)
+        .map_err(|error| anyhow::anyhow!("--nodeport-addresses: {error}"))?;
     let interfaces = interfaces::resolve(&args.interfaces)?;
     interfaces::check_exist(&interfaces)?;
     if args.sync_period.is_zero() {
@@ -297,6 +311,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             },
             conntrack_sweep_period: args.conntrack_sweep_period,
             conntrack_max_entries: args.conntrack_max_entries,
+            nodeport_addresses,
         }),
         health_check_bind_ip: args.health_check_bind_ip,
     };

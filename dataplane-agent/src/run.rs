@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use dataplane_common::{
     BackendKey, CONNTRACK_MAX_ENTRIES, ConfigValue, EXTERNAL_MODE_SNAT, EXTERNAL_MODE_TUNNEL,
-    IPPROTO_UDP, ServiceKey, ServiceValue,
+    IPPROTO_UDP, NODE_IP_SERVES_NODE_PORTS, ServiceKey, ServiceValue,
 };
 use tokio::{
     sync::{Notify, mpsc, watch},
@@ -19,8 +19,9 @@ use tokio::{
 use tracing::{error, info, info_span, warn};
 
 use crate::{
-    config::{ExternalConfig, ExternalMode, RunConfig, SourceConfig},
+    config::{ExternalConfig, ExternalMode, NodePortAddresses, RunConfig, SourceConfig},
     conntrack_sweeper::{self, FlowPorts, LiveBackendsSender},
+    dataplane::address_events::AddressEvents,
     dataplane::{
         codec::{self, ipv4_be, ipv4_of_be},
         interfaces,
@@ -160,6 +161,8 @@ struct Agent {
     /// The address tunnel packets leave from, when the programs run.
     tunnel_source: Option<Ipv4Addr>,
     warned_tunnel_source: Option<Ipv4Addr>,
+    /// NODE_IPS as this agent wrote it.
+    node_ips: BTreeMap<Ipv4Addr, u32>,
 }
 
 /// How much a sync looks at.
@@ -234,6 +237,11 @@ impl Agent {
         if udp_changed {
             self.publish_live_backends();
             self.cut_lost_udp_backends(udp_before);
+        }
+        if recomputed.nodes_changed
+            && let Err(error) = self.refresh_node_ips()
+        {
+            error!(error = format!("{error:#}"), "node addresses not updated");
         }
         if (full || recomputed.nodes_changed)
             && let Some(maps) = &mut self.interface_maps
@@ -342,6 +350,27 @@ impl Agent {
     /// Other nodes accept tunnel packets from this node's InternalIP only:
     /// a different tunnel source (the first address of the first interface
     /// by default) would make every tunnelled flow vanish on the way.
+    /// Re-reads this node's addresses into NODE_IPS: at an address event,
+    /// at each resync, and when the Node object's InternalIP (the
+    /// `--nodeport-addresses primary`) may have changed.
+    fn refresh_node_ips(&mut self) -> Result<()> {
+        let (Some(maps), Some(external)) = (&mut self.interface_maps, &self.config.external) else {
+            return Ok(());
+        };
+        let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
+        let uses = interfaces::node_ip_uses(
+            &addresses,
+            &external.nodeport_addresses,
+            self.model.node().internal_ip,
+        );
+        if uses != self.node_ips {
+            maps.set_node_ips(&uses)?;
+            info!(node_ports = ?serving_node_ports(&uses), addresses = ?addresses, "node addresses");
+            self.node_ips = uses;
+        }
+        Ok(())
+    }
+
     fn check_tunnel_source(&mut self, node: &NodeInfo) {
         let (Some(source), Some(internal)) = (self.tunnel_source, node.internal_ip) else {
             return;
@@ -475,11 +504,9 @@ impl Agent {
     /// takes tens of milliseconds, which a change arriving meanwhile would
     /// otherwise wait for); [`Agent::finish_services_check`] compares.
     fn resync(&mut self) -> Result<Option<ServicesCheck>> {
-        if let (Some(maps), Some(external)) = (&mut self.interface_maps, &self.config.external) {
-            // Node addresses can change (DHCP, a new LB address on the node).
-            let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
-            maps.set_node_ips(&addresses)?;
-        }
+        // Address events wake the agent too; this catches one that was
+        // missed.
+        self.refresh_node_ips()?;
         if self.last_full_resync.elapsed() < self.config.full_resync_period {
             return Ok(Some(self.start_services_check(1)));
         }
@@ -709,14 +736,19 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let mut loaded = LoadedObject::load_with(layout, conntrack_entries)?;
     loaded.forward_program_logs();
     let maps = loaded.take_maps()?;
-    let (interface_maps, port_filter, tunnel_source) = match &config.external {
+    let (interface_maps, port_filter, tunnel_source, node_ips) = match &config.external {
         Some(external) => {
             let mut interface_maps = loaded.take_interface_maps()?;
-            let tunnel_source = configure_interfaces(&mut interface_maps, external)?;
+            let (tunnel_source, node_ips) = configure_interfaces(&mut interface_maps, external)?;
             let filter = PortFilter::open(&loaded.layout)?;
-            (Some(interface_maps), Some(filter), Some(tunnel_source))
+            (
+                Some(interface_maps),
+                Some(filter),
+                Some(tunnel_source),
+                node_ips,
+            )
         }
-        None => (None, None, None),
+        None => (None, None, None, BTreeMap::new()),
     };
     let mirror = maps
         .read()
@@ -780,6 +812,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         port_filter,
         tunnel_source,
         warned_tunnel_source: None,
+        node_ips,
     };
     // Slots a previous agent retired but did not free get a fresh grace.
     agent.retire_all_unreachable();
@@ -883,8 +916,24 @@ pub async fn run(config: RunConfig) -> Result<()> {
     full_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     full_resync.reset();
     let mut services_check: Option<ServicesCheck> = None;
+    let mut address_events = match &agent.config.external {
+        Some(_) => AddressEvents::subscribe()
+            .inspect_err(|error| {
+                warn!(
+                    error = format!("{error:#}"),
+                    "address changes reach nodePorts only at the next resync"
+                );
+            })
+            .ok(),
+        None => None,
+    };
     loop {
         tokio::select! {
+            changed = address_changed(&mut address_events) => {
+                if let Err(error) = changed.and_then(|()| agent.refresh_node_ips()) {
+                    error!(error = format!("{error:#}"), "node addresses not updated");
+                }
+            }
             change = changes.recv() => {
                 let Some(change) = change else {
                     anyhow::bail!("the source stopped sending changes");
@@ -932,15 +981,37 @@ pub async fn run(config: RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// The addresses of a NODE_IPS content that serve nodePorts.
+fn serving_node_ports(uses: &BTreeMap<Ipv4Addr, u32>) -> Vec<Ipv4Addr> {
+    uses.iter()
+        .filter(|(_, uses)| *uses & NODE_IP_SERVES_NODE_PORTS != 0)
+        .map(|(address, _)| *address)
+        .collect()
+}
+
 /// Writes CONFIG and NODE_IPS before the interface programs attach;
-/// returns the tunnel's source address.
-fn configure_interfaces(maps: &mut InterfaceMaps, external: &ExternalConfig) -> Result<Ipv4Addr> {
+/// returns the tunnel's source address and what NODE_IPS holds.
+fn configure_interfaces(
+    maps: &mut InterfaceMaps,
+    external: &ExternalConfig,
+) -> Result<(Ipv4Addr, BTreeMap<Ipv4Addr, u32>)> {
     let addresses = interfaces::ipv4_addresses(&external.interfaces)?;
     let node_ip = match external.node_ip {
         Some(ip) => ip,
         None => first_address_of_first_interface(external)?,
     };
-    maps.set_node_ips(&addresses)?;
+    let mut uses = interfaces::node_ip_uses(&addresses, &external.nodeport_addresses, None);
+    if external.nodeport_addresses == NodePortAddresses::Primary {
+        // The primary address comes with the Node object, after the first
+        // sync; until then the addresses a previous agent served keep
+        // serving, so a restart interrupts no nodePort.
+        for (address, previous) in maps.node_ips() {
+            if let Some(uses) = uses.get_mut(&address) {
+                *uses |= previous & NODE_IP_SERVES_NODE_PORTS;
+            }
+        }
+    }
+    maps.set_node_ips(&uses)?;
     maps.set_config(&ConfigValue {
         external_mode: match external.mode {
             ExternalMode::Tunnel => EXTERNAL_MODE_TUNNEL,
@@ -953,8 +1024,8 @@ fn configure_interfaces(maps: &mut InterfaceMaps, external: &ExternalConfig) -> 
         snat_port_max: external.snat_ports.1,
         _pad: 0,
     })?;
-    info!(%node_ip, node_addresses = ?addresses, "interface programs configured");
-    Ok(node_ip)
+    info!(%node_ip, node_addresses = ?addresses, node_ports = ?serving_node_ports(&uses), "interface programs configured");
+    Ok((node_ip, uses))
 }
 
 fn first_address_of_first_interface(external: &ExternalConfig) -> Result<Ipv4Addr> {
@@ -997,6 +1068,14 @@ async fn services_read(
 ) -> Result<Result<BTreeMap<ServiceKey, ServiceValue>>, tokio::task::JoinError> {
     match check {
         Some(check) => (&mut check.read).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next address change; never, without a subscription.
+async fn address_changed(events: &mut Option<AddressEvents>) -> Result<()> {
+    match events {
+        Some(events) => events.changed().await,
         None => std::future::pending().await,
     }
 }

@@ -172,10 +172,11 @@ impl Datapath for PinnedDatapath {
         self.services.get(key, 0).ok()
     }
 
+    /// An address whose nodePorts the programs serve.
     fn is_node_ip(&self, ip: Ipv4Addr) -> bool {
         self.node_ips
             .get(&u32::from_ne_bytes(ip.octets()), 0)
-            .is_ok()
+            .is_ok_and(|uses| uses & dataplane_common::NODE_IP_SERVES_NODE_PORTS != 0)
     }
 
     fn is_member(&self, key: &MemberKey) -> bool {

@@ -85,6 +85,12 @@ pub const SOCK_REV_MAX_ENTRIES: u32 = 262_144;
 pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
 pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
+
+/// NODE_IPS values: what an address of this node is used for. nodePorts
+/// answer only on the addresses `--nodeport-addresses` selects; the tunnel
+/// ends on every address (peers dial the one their Node object names).
+pub const NODE_IP_SERVES_NODE_PORTS: u32 = 1;
+pub const NODE_IP_ENDS_TUNNELS: u32 = 2;
 pub const TUNNEL_PEERS_MAX_ENTRIES: u32 = 16_384;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 

@@ -52,8 +52,9 @@ pub static SOCK_REV: LruHashMap<SockRevKey, SockRevValue> =
 #[map]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CONNTRACK_MAX_ENTRIES, 0);
 
-/// This node's own IPv4 addresses (network order) on its interfaces: where
-/// nodePorts are served and tunnels end.
+/// This node's own IPv4 addresses (network order) on its interfaces, each
+/// with what it is used for (`NODE_IP_*` bits): where nodePorts are served
+/// and where tunnels end.
 #[map]
 pub static NODE_IPS: HashMap<u32, u32> = HashMap::pinned(NODE_IPS_MAX_ENTRIES, NO_PREALLOC);
 

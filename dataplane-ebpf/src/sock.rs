@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use dataplane_common::{
-    AFFINITY_CLIENT_NETNS, BackendValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER,
-    SCOPE_NODEPORT_LOCAL, ServiceKey, SockRevKey, SockRevValue, Stat,
+    AFFINITY_CLIENT_NETNS, BackendValue, IPPROTO_TCP, IPPROTO_UDP, NODE_IP_SERVES_NODE_PORTS,
+    SCOPE_CLUSTER, SCOPE_NODEPORT_LOCAL, ServiceKey, SockRevKey, SockRevValue, Stat,
 };
 
 use crate::{
@@ -123,8 +123,11 @@ fn find_frontend(
     if let Some(service) = lb::frontend(&key) {
         return Some((key, service));
     }
-    // SAFETY: presence check only.
-    unsafe { NODE_IPS.get(vip_be) }?;
+    // SAFETY: the value is copied out at once.
+    let use_of = *unsafe { NODE_IPS.get(vip_be) }?;
+    if use_of & NODE_IP_SERVES_NODE_PORTS == 0 {
+        return None;
+    }
     let node_port = ServiceKey {
         vip_be: 0,
         scope: SCOPE_NODEPORT_LOCAL,

@@ -15,7 +15,8 @@ use std::{
 use aya::maps::{Array, MapData};
 use dataplane_agent::dataplane::{failpoint, maps, pins::PinLayout, ports};
 use dataplane_common::{
-    IPPROTO_TCP, IPPROTO_UDP, PORT_KIND_BACKEND, PORT_KIND_FRONTEND, PORTS_WORDS, map_names,
+    IPPROTO_TCP, IPPROTO_UDP, NODE_IP_ENDS_TUNNELS, NODE_IP_SERVES_NODE_PORTS, PORT_KIND_BACKEND,
+    PORT_KIND_FRONTEND, PORTS_WORDS, map_names,
 };
 use dataplane_testbed::{
     Host,
@@ -975,4 +976,135 @@ fn a_syn_flood_through_a_node_port_evicts_the_flood_and_keeps_active_flows() {
     );
     // And new connections still work.
     assert_all_ok(&c.exchange(&setup.client, &dialled, 10, "tcp").unwrap());
+}
+
+/// NODE_IPS of node `index`: address -> `NODE_IP_*` bits.
+fn node_ips(cluster: &Cluster, index: usize) -> BTreeMap<String, u32> {
+    let layout = PinLayout::new(&cluster.nodes[index].pin_dir);
+    let map: aya::maps::HashMap<MapData, u32, u32> =
+        maps::open_pinned(&layout, map_names::NODE_IPS).unwrap();
+    map.iter()
+        .map(|entry| {
+            let (key, uses) = entry.unwrap();
+            (
+                std::net::Ipv4Addr::from(key.to_ne_bytes()).to_string(),
+                uses,
+            )
+        })
+        .collect()
+}
+
+/// Adds (`add`) or removes (`del`) `address`/24 on node `index`'s
+/// interface.
+fn node_address(cluster: &Cluster, index: usize, verb: &str, address: &str) {
+    cluster
+        .run_in(
+            &cluster.nodes[index].node_netns,
+            "ip",
+            &[
+                "addr",
+                verb,
+                &format!("{address}/24"),
+                "dev",
+                NODE_INTERFACE,
+            ],
+        )
+        .unwrap();
+}
+
+#[test]
+fn nodeport_addresses_select_the_serving_addresses_and_follow_address_changes_at_once() {
+    let setup = two_nodes();
+    let c = &setup.cluster;
+    // node-1 has a second address outside the selected prefix.
+    node_address(c, 0, "add", "192.0.2.51");
+    let yaml = manifests(&setup, web("NodePort"), &both_pods(&setup));
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    // A resync an hour away: only an address event can explain a change
+    // taken in during the test.
+    c.start_agents(&[
+        "--nodeport-addresses",
+        "192.0.2.0/28",
+        "--sync-period",
+        "1h",
+    ])
+    .unwrap();
+    let client_ip = setup.client.ip.to_string();
+    let expected = [
+        (&setup.pod1, client_ip.clone()),
+        (&setup.pod2, client_ip.clone()),
+    ];
+    let selected = format!("{}:{NODE_PORT}", c.node_ip(0));
+    assert_answers(
+        &c.exchange(&setup.client, &selected, 20, "tcp").unwrap(),
+        &selected,
+        &expected,
+    );
+    // Outside the prefix: the node's own stack answers, with nothing
+    // listening.
+    let outside = format!("192.0.2.51:{NODE_PORT}");
+    for attempt in c.exchange(&setup.client, &outside, 5, "tcp").unwrap() {
+        assert_eq!(attempt.errno, Some(libc::ECONNREFUSED), "{attempt:?}");
+    }
+    assert_eq!(
+        node_ips(c, 0),
+        BTreeMap::from([
+            (
+                "192.0.2.11".to_string(),
+                NODE_IP_ENDS_TUNNELS | NODE_IP_SERVES_NODE_PORTS
+            ),
+            ("192.0.2.51".to_string(), NODE_IP_ENDS_TUNNELS),
+        ])
+    );
+
+    // An address added inside the prefix serves at once; removed, it
+    // leaves NODE_IPS at once.
+    node_address(c, 0, "add", "192.0.2.14");
+    let added = format!("192.0.2.14:{NODE_PORT}");
+    c.nodes[0]
+        .wait_until(
+            "the new address serves the nodePort",
+            Duration::from_secs(10),
+            || Ok(c.exchange(&setup.client, &added, 1, "tcp")?[0].ok),
+        )
+        .unwrap();
+    assert_answers(
+        &c.exchange(&setup.client, &added, 20, "tcp").unwrap(),
+        &added,
+        &expected,
+    );
+    node_address(c, 0, "del", "192.0.2.14");
+    c.nodes[0]
+        .wait_until(
+            "the removed address leaves NODE_IPS",
+            Duration::from_secs(10),
+            || Ok(!node_ips(c, 0).contains_key("192.0.2.14")),
+        )
+        .unwrap();
+}
+
+#[test]
+fn nodeport_addresses_primary_serves_the_node_objects_internal_ip_only() {
+    let setup = two_nodes();
+    let c = &setup.cluster;
+    node_address(c, 0, "add", "192.0.2.51");
+    let yaml = manifests(&setup, web("NodePort"), &both_pods(&setup));
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    c.start_agents(&["--nodeport-addresses", "primary"])
+        .unwrap();
+    let primary = format!("{}:{NODE_PORT}", c.node_ip(0));
+    // The Node object arrives with the first sync; the address serves
+    // from then on.
+    c.nodes[0]
+        .wait_until(
+            "the InternalIP serves the nodePort",
+            Duration::from_secs(10),
+            || Ok(c.exchange(&setup.client, &primary, 1, "tcp")?[0].ok),
+        )
+        .unwrap();
+    assert_all_ok(&c.exchange(&setup.client, &primary, 20, "tcp").unwrap());
+    let secondary = format!("192.0.2.51:{NODE_PORT}");
+    for attempt in c.exchange(&setup.client, &secondary, 5, "tcp").unwrap() {
+        assert_eq!(attempt.errno, Some(libc::ECONNREFUSED), "{attempt:?}");
+    }
 }

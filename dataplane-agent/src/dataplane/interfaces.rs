@@ -1,9 +1,37 @@
 //! This node's IPv4 addresses on the interfaces the node-interface
 //! programs serve: where nodePorts answer and tunnels end.
 
-use std::{collections::BTreeSet, ffi::CStr, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CStr,
+    net::Ipv4Addr,
+};
 
 use anyhow::{Context as _, Result, bail};
+use dataplane_common::{NODE_IP_ENDS_TUNNELS, NODE_IP_SERVES_NODE_PORTS};
+
+use crate::config::NodePortAddresses;
+
+/// NODE_IPS as it should be: every address ends tunnels; those
+/// `--nodeport-addresses` selects also serve nodePorts. `primary` is the
+/// Node object's InternalIP, when known.
+pub fn node_ip_uses(
+    addresses: &BTreeSet<Ipv4Addr>,
+    nodeport_addresses: &NodePortAddresses,
+    primary: Option<Ipv4Addr>,
+) -> BTreeMap<Ipv4Addr, u32> {
+    addresses
+        .iter()
+        .map(|address| {
+            let node_ports = if nodeport_addresses.selects(*address, primary) {
+                NODE_IP_SERVES_NODE_PORTS
+            } else {
+                0
+            };
+            (*address, NODE_IP_ENDS_TUNNELS | node_ports)
+        })
+        .collect()
+}
 
 /// The IPv4 addresses of `interfaces`, per `getifaddrs(3)`.
 pub fn ipv4_addresses(interfaces: &[String]) -> Result<BTreeSet<Ipv4Addr>> {
@@ -102,6 +130,37 @@ pub fn check_exist(interfaces: &[String]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_address_ends_tunnels_and_the_selected_ones_serve_node_ports() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let addresses: BTreeSet<Ipv4Addr> = [ip("192.0.2.10"), ip("198.51.100.10")].into();
+        let both = NODE_IP_ENDS_TUNNELS | NODE_IP_SERVES_NODE_PORTS;
+        let selection = NodePortAddresses::parse(&["192.0.2.0/24".into()]).unwrap();
+        assert_eq!(
+            node_ip_uses(&addresses, &selection, None),
+            BTreeMap::from([
+                (ip("192.0.2.10"), both),
+                (ip("198.51.100.10"), NODE_IP_ENDS_TUNNELS),
+            ])
+        );
+        assert_eq!(
+            node_ip_uses(
+                &addresses,
+                &NodePortAddresses::Primary,
+                Some(ip("198.51.100.10"))
+            ),
+            BTreeMap::from([
+                (ip("192.0.2.10"), NODE_IP_ENDS_TUNNELS),
+                (ip("198.51.100.10"), both),
+            ])
+        );
+        assert!(
+            node_ip_uses(&addresses, &NodePortAddresses::All, None)
+                .values()
+                .all(|uses| *uses == both)
+        );
+    }
 
     #[test]
     fn default_routes_are_read_from_the_route_table() {

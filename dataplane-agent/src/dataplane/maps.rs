@@ -281,32 +281,43 @@ impl InterfaceMaps {
         self.config.set(0, config, 0).context("writing CONFIG")
     }
 
-    /// Makes NODE_IPS hold exactly this node's `addresses`.
-    pub fn set_node_ips(&mut self, addresses: &BTreeSet<Ipv4Addr>) -> Result<()> {
+    /// Makes NODE_IPS hold exactly this node's addresses, each with what
+    /// it is used for (`NODE_IP_*` bits).
+    pub fn set_node_ips(&mut self, addresses: &BTreeMap<Ipv4Addr, u32>) -> Result<()> {
         set_addresses(&mut self.node_ips, addresses, map_names::NODE_IPS)
+    }
+
+    /// NODE_IPS as the maps hold it (a previous agent's, at start).
+    pub fn node_ips(&self) -> BTreeMap<Ipv4Addr, u32> {
+        self.node_ips
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, uses)| (ipv4_of_be(key), uses))
+            .collect()
     }
 
     /// Makes TUNNEL_PEERS hold exactly the cluster's node `addresses`.
     pub fn set_tunnel_peers(&mut self, addresses: &BTreeSet<Ipv4Addr>) -> Result<()> {
-        set_addresses(&mut self.tunnel_peers, addresses, map_names::TUNNEL_PEERS)
+        let present = addresses.iter().map(|address| (*address, 1)).collect();
+        set_addresses(&mut self.tunnel_peers, &present, map_names::TUNNEL_PEERS)
     }
 }
 
-/// Makes an address set map hold exactly `addresses` (new ones first, then
-/// the stale ones removed).
+/// Makes an address map hold exactly `addresses` (new and changed ones
+/// first, then the stale ones removed).
 fn set_addresses(
     map: &mut HashMap<MapData, u32, u32>,
-    addresses: &BTreeSet<Ipv4Addr>,
+    addresses: &BTreeMap<Ipv4Addr, u32>,
     name: &str,
 ) -> Result<()> {
-    for address in addresses {
-        map.insert(ipv4_be(*address), 1, 0)
+    for (address, value) in addresses {
+        map.insert(ipv4_be(*address), value, 0)
             .with_context(|| format!("adding {address} to {name}"))?;
     }
     let stale: Vec<u32> = map
         .keys()
         .filter_map(Result::ok)
-        .filter(|key| !addresses.contains(&ipv4_of_be(*key)))
+        .filter(|key| !addresses.contains_key(&ipv4_of_be(*key)))
         .collect();
     for key in stale {
         ignore_missing(map.remove(&key))

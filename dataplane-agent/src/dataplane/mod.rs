@@ -1,5 +1,6 @@
 //! Makes the kernel match the model: loads and attaches the programs, pins
 //! them, and writes the maps safely. The only module that touches BPF.
+pub mod address_events;
 pub mod batch;
 pub mod capabilities;
 pub mod codec;

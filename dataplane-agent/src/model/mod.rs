@@ -186,7 +186,12 @@ impl fmt::Display for Backend {
     }
 }
 
-/// An IPv4 prefix of loadBalancerSourceRanges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not a CIDR")]
+pub struct NotACidr;
+
+/// An IPv4 prefix of loadBalancerSourceRanges (or of
+/// --nodeport-addresses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SourceRange {
     pub ip: Ipv4Addr,
@@ -194,6 +199,32 @@ pub struct SourceRange {
 }
 
 impl SourceRange {
+    /// A CIDR as Go's net.ParseCIDR reads it (host bits ignored); None for
+    /// an IPv6 one, which the IPv4 datapath has no use for yet.
+    pub fn parse(cidr: &str) -> Result<Option<Self>, NotACidr> {
+        let (ip, prefix_len) = cidr.trim().split_once('/').ok_or(NotACidr)?;
+        let prefix_len: u8 = prefix_len.parse().map_err(|_| NotACidr)?;
+        match ip.parse::<std::net::IpAddr>().map_err(|_| NotACidr)? {
+            std::net::IpAddr::V4(ip) if prefix_len <= 32 => Ok(Some(Self {
+                ip: Ipv4Addr::from(u32::from(ip) & Self::mask(prefix_len)),
+                prefix_len,
+            })),
+            std::net::IpAddr::V4(_) => Err(NotACidr),
+            std::net::IpAddr::V6(_) if prefix_len <= 128 => Ok(None),
+            std::net::IpAddr::V6(_) => Err(NotACidr),
+        }
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & Self::mask(self.prefix_len) == u32::from(self.ip)
+    }
+
+    fn mask(prefix_len: u8) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(prefix_len.min(32)))
+            .unwrap_or(0)
+    }
+
     pub const MIN: Self = Self {
         ip: Ipv4Addr::UNSPECIFIED,
         prefix_len: 0,

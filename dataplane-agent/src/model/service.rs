@@ -306,21 +306,6 @@ fn load_balancer_ips(service: &Service) -> Result<Vec<Ipv4Addr>, String> {
 
 /// An IPv4 CIDR of loadBalancerSourceRanges; `None` for IPv6 ones.
 fn parse_source_range(cidr: &str) -> Result<Option<SourceRange>, String> {
-    let bad = || format!("loadBalancerSourceRanges entry {cidr:?} is not a CIDR");
-    let (ip, prefix_len) = cidr.trim().split_once('/').ok_or_else(bad)?;
-    let prefix_len: u8 = prefix_len.parse().map_err(|_| bad())?;
-    match ip.parse::<IpAddr>().map_err(|_| bad())? {
-        IpAddr::V4(ip) if prefix_len <= 32 => {
-            // Host bits are ignored, as net.ParseCIDR does.
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(prefix_len))
-                .unwrap_or(0);
-            Ok(Some(SourceRange {
-                ip: Ipv4Addr::from(u32::from(ip) & mask),
-                prefix_len,
-            }))
-        }
-        IpAddr::V4(_) => Err(bad()),
-        IpAddr::V6(_) => Ok(None),
-    }
+    SourceRange::parse(cidr)
+        .map_err(|_| format!("loadBalancerSourceRanges entry {cidr:?} is not a CIDR"))
 }
