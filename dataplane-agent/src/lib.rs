@@ -4,6 +4,7 @@ pub mod conntrack_sweeper;
 pub mod dataplane;
 pub mod dump;
 pub mod health;
+pub mod kube_proxy_config;
 pub mod kube_proxy_rules;
 pub mod metrics;
 pub mod model;

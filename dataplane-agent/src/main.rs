@@ -3,11 +3,14 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{
+    ArgMatches, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum,
+    parser::ValueSource,
+};
 use dataplane_agent::{
     config::{ExternalConfig, ExternalMode, NodePortAddresses, RunConfig, SourceConfig},
     dataplane::{conntrack, interfaces, maps, names, pins, state::Limits},
-    dump, run,
+    dump, kube_proxy_config, run,
 };
 
 #[derive(Parser)]
@@ -76,6 +79,14 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// kube-proxy's own configuration file (a KubeProxyConfiguration,
+    /// kubeproxy.config.k8s.io/v1alpha1, as in the kube-proxy ConfigMap's
+    /// config.conf): the settings that mean something here are taken from
+    /// it, flags given on the command line (or by their environment
+    /// variable) win, and settings this agent cannot honour are refused
+    /// (docs/install.md, "Coming from kube-proxy").
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Directory of Service/EndpointSlice/Node YAML to serve, watched for
     /// changes, instead of the API server.
     #[arg(long, conflicts_with = "kubeconfig")]
@@ -373,9 +384,121 @@ fn print_dump(what: DumpWhat, output: Output, bpffs_dir: PathBuf) -> Result<()> 
     Ok(())
 }
 
+/// Whether the user set `id` (a flag, or its environment variable): then it
+/// wins over --config, as kube-proxy's flags win over its file.
+fn given_explicitly(matches: &ArgMatches, id: &str) -> bool {
+    matches!(
+        matches.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// Puts the file's `value` in `slot` unless the user set `id` explicitly.
+fn from_file<T>(matches: &ArgMatches, id: &str, slot: &mut T, value: Option<T>) {
+    if let Some(value) = value
+        && !given_explicitly(matches, id)
+    {
+        *slot = value;
+    }
+}
+
+/// Applies `run --config FILE` to the parsed command line: the file's
+/// settings replace the flags the user left at their defaults. Returns the
+/// file and its warnings, for the log (which starts only after this, since
+/// the file may set its format).
+fn apply_kube_proxy_config(
+    cli: &mut Cli,
+    matches: &ArgMatches,
+) -> Result<Option<(PathBuf, Vec<String>)>> {
+    let Command::Run(args) = &mut cli.command else {
+        return Ok(None);
+    };
+    let Some(path) = args.config.clone() else {
+        return Ok(None);
+    };
+    let run = matches
+        .subcommand_matches("run")
+        .context("the run subcommand's arguments")?;
+    let file = kube_proxy_config::load(&path)?;
+    if !file.node_port_addresses.is_empty() {
+        bail!(
+            "kube-proxy configuration {}: nodePortAddresses {:?} is not supported yet: NodePorts are served on every address of --interfaces; remove the list from the copy the agent reads",
+            path.display(),
+            file.node_port_addresses
+        );
+    }
+    from_file(
+        matches,
+        "log_format",
+        &mut cli.log_format,
+        file.log_format.map(|format| match format {
+            kube_proxy_config::LogFormat::Text => LogFormat::Text,
+            kube_proxy_config::LogFormat::Json => LogFormat::Json,
+        }),
+    );
+    from_file(
+        run,
+        "hostname_override",
+        &mut args.hostname_override,
+        file.hostname_override.map(Some),
+    );
+    from_file(
+        run,
+        "kubeconfig",
+        &mut args.kubeconfig,
+        file.kubeconfig.map(Some),
+    );
+    from_file(
+        run,
+        "healthz_bind_address",
+        &mut args.healthz_bind_address,
+        file.healthz_bind_address.map(|a| a.to_string()),
+    );
+    from_file(
+        run,
+        "metrics_bind_address",
+        &mut args.metrics_bind_address,
+        file.metrics_bind_address.map(|a| a.to_string()),
+    );
+    from_file(run, "sync_period", &mut args.sync_period, file.sync_period);
+    from_file(
+        run,
+        "min_sync_period",
+        &mut args.min_sync_period,
+        file.min_sync_period,
+    );
+    from_file(
+        run,
+        "conntrack_max_entries",
+        &mut args.conntrack_max_entries,
+        file.conntrack_max_entries,
+    );
+    from_file(
+        run,
+        "conntrack_tcp_timeout_established",
+        &mut args.conntrack_tcp_timeout_established,
+        file.conntrack_tcp_timeout_established,
+    );
+    from_file(
+        run,
+        "conntrack_udp_timeout",
+        &mut args.conntrack_udp_timeout,
+        file.conntrack_udp_timeout,
+    );
+    Ok(Some((path, file.warnings)))
+}
+
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let kube_proxy_config = apply_kube_proxy_config(&mut cli, &matches)?;
     init_logging(cli.log_format);
+    if let Some((path, warnings)) = kube_proxy_config {
+        tracing::info!(config = %path.display(), "settings read from kube-proxy's configuration; flags given explicitly win");
+        for warning in warnings {
+            tracing::warn!(config = %path.display(), "{warning}");
+        }
+    }
     match cli.command {
         // At least two workers: a sync holds one for its map writes, and the
         // health server and watches must keep answering meanwhile, also on a
@@ -429,5 +552,164 @@ fn main() -> Result<()> {
             println!("dataplane-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// A KubeProxyConfiguration setting every field `run` takes from it.
+    const FILE: &str = r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+hostnameOverride: from-file
+clientConnection:
+  kubeconfig: /from/file/kubeconfig
+healthzBindAddress: 127.0.0.2:10256
+metricsBindAddress: 127.0.0.2:10249
+logging:
+  format: json
+mode: nftables
+nftables:
+  syncPeriod: 1m0s
+  minSyncPeriod: 2s
+conntrack:
+  maxPerCore: 0
+  tcpEstablishedTimeout: 2h0m0s
+  udpStreamTimeout: 3m0s
+"#;
+
+    /// `dataplane-agent <args>` with --config pointing at `file`.
+    fn cli_with(file: &str, args: &[&str]) -> Result<Cli> {
+        let path = std::env::temp_dir().join(format!(
+            "dataplane-agent-main-test-{}-{}.conf",
+            std::process::id(),
+            next_file_number()
+        ));
+        std::fs::write(&path, file)?;
+        let mut argv = vec!["dataplane-agent", "run", "--config", path.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        let matches = Cli::command().try_get_matches_from(argv)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        let applied = apply_kube_proxy_config(&mut cli, &matches);
+        std::fs::remove_file(&path)?;
+        applied?;
+        Ok(cli)
+    }
+
+    /// Tests run in parallel threads of one process: one file each.
+    fn next_file_number() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn run_args(cli: &Cli) -> &RunArgs {
+        match &cli.command {
+            Command::Run(args) => args,
+            _ => panic!("not run"),
+        }
+    }
+
+    #[test]
+    fn the_files_settings_replace_the_defaults() {
+        let cli = cli_with(FILE, &[]).unwrap();
+        assert!(matches!(cli.log_format, LogFormat::Json));
+        let args = run_args(&cli);
+        assert_eq!(args.hostname_override.as_deref(), Some("from-file"));
+        assert_eq!(
+            args.kubeconfig.as_deref(),
+            Some(Path::new("/from/file/kubeconfig"))
+        );
+        assert_eq!(args.healthz_bind_address, "127.0.0.2:10256");
+        assert_eq!(args.metrics_bind_address, "127.0.0.2:10249");
+        assert_eq!(args.sync_period, Duration::from_secs(60));
+        assert_eq!(args.min_sync_period, Duration::from_secs(2));
+        // maxPerCore 0: kube-proxy leaves the limit alone, so do we.
+        assert_eq!(
+            args.conntrack_max_entries,
+            dataplane_common::CONNTRACK_MAX_ENTRIES
+        );
+        assert_eq!(
+            args.conntrack_tcp_timeout_established,
+            Duration::from_secs(7200)
+        );
+        assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(180));
+        // Not in the file: the flag's default.
+        assert_eq!(args.conntrack_tcp_timeout_closing, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn flags_given_explicitly_win_over_the_file() {
+        // Each flag given explicitly, even with its default value.
+        let cli = cli_with(
+            &FILE.replace("maxPerCore: 0", "maxPerCore: 1"),
+            &[
+                "--log-format=text",
+                "--hostname-override=from-flag",
+                "--kubeconfig=/from/flag",
+                "--healthz-bind-address=0.0.0.0:10256",
+                "--metrics-bind-address=",
+                "--sync-period=30s",
+                "--min-sync-period=100ms",
+                "--conntrack-max-entries=1000",
+                "--conntrack-tcp-timeout-established=24h",
+                "--conntrack-udp-timeout=60s",
+            ],
+        )
+        .unwrap();
+        assert!(matches!(cli.log_format, LogFormat::Text));
+        let args = run_args(&cli);
+        assert_eq!(args.hostname_override.as_deref(), Some("from-flag"));
+        assert_eq!(args.kubeconfig.as_deref(), Some(Path::new("/from/flag")));
+        assert_eq!(args.healthz_bind_address, "0.0.0.0:10256");
+        assert_eq!(args.metrics_bind_address, "");
+        assert_eq!(args.sync_period, Duration::from_secs(30));
+        assert_eq!(args.min_sync_period, Duration::from_millis(100));
+        assert_eq!(args.conntrack_max_entries, 1000);
+        assert_eq!(
+            args.conntrack_tcp_timeout_established,
+            Duration::from_secs(86_400)
+        );
+        assert_eq!(args.conntrack_udp_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_global_flag_after_the_subcommand_still_wins() {
+        let matches = Cli::command()
+            .try_get_matches_from(["dataplane-agent", "run", "--log-format", "text"])
+            .unwrap();
+        assert!(given_explicitly(&matches, "log_format"));
+        let matches = Cli::command()
+            .try_get_matches_from(["dataplane-agent", "run"])
+            .unwrap();
+        assert!(!given_explicitly(&matches, "log_format"));
+    }
+
+    #[test]
+    fn node_port_addresses_are_refused_until_the_flag_exists() {
+        let error = cli_with(&format!("{FILE}nodePortAddresses: [primary]\n"), &[])
+            .err()
+            .unwrap();
+        assert!(
+            format!("{error:#}").contains("nodePortAddresses [\"primary\"] is not supported yet"),
+            "{error:#}"
+        );
+    }
+
+    #[test]
+    fn without_config_nothing_changes() {
+        let matches = Cli::command()
+            .try_get_matches_from(["dataplane-agent", "run"])
+            .unwrap();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap();
+        assert!(
+            apply_kube_proxy_config(&mut cli, &matches)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(run_args(&cli).metrics_bind_address, "127.0.0.1:10249");
     }
 }

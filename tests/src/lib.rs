@@ -2,6 +2,7 @@
 //! their little clusters with it.
 pub mod apiserver;
 pub mod cluster;
+pub mod deploy;
 pub mod interrupt;
 pub mod manifests;
 pub mod packets;

@@ -588,6 +588,26 @@ impl Testbed {
     /// The command [`Testbed::start_agent_on`] runs, to adjust (say, its
     /// RUST_LOG) before [`Testbed::launch_agent`].
     pub fn agent_command(&self, source: &AgentSource, extra_args: &[&str]) -> Result<Command> {
+        self.agent_command_named(source, Some(&self.node_name), extra_args)
+    }
+
+    /// [`Testbed::agent_command`] without a node name (no
+    /// --hostname-override, no NODE_NAME), for tests of where else the
+    /// agent takes it from.
+    pub fn agent_command_unnamed(
+        &self,
+        source: &AgentSource,
+        extra_args: &[&str],
+    ) -> Result<Command> {
+        self.agent_command_named(source, None, extra_args)
+    }
+
+    fn agent_command_named(
+        &self,
+        source: &AgentSource,
+        node_name: Option<&str>,
+        extra_args: &[&str],
+    ) -> Result<Command> {
         let mut command =
             self.command_in(&self.node_netns, false, sibling_binary("dataplane-agent")?)?;
         command.arg("run");
@@ -599,10 +619,12 @@ impl Testbed {
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs-dir")
-            .arg(&self.pin_dir)
-            .args(["--hostname-override", &self.node_name])
-            .args(extra_args)
-            .env("RUST_LOG", "info");
+            .arg(&self.pin_dir);
+        match node_name {
+            Some(name) => command.args(["--hostname-override", name]),
+            None => command.env_remove("NODE_NAME"),
+        };
+        command.args(extra_args).env("RUST_LOG", "info");
         Ok(command)
     }
 

@@ -5,11 +5,12 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, path::Path};
+use std::collections::BTreeMap;
 
 use dataplane_testbed::{
     Testbed,
     apiserver::ApiServer,
+    deploy::{self, strings},
     manifests::{Ep, Svc, http_service_on, join, objects, slice},
     probe::tally,
     testbed::sibling_binary,
@@ -18,26 +19,7 @@ use serde_yaml::Value;
 
 /// The agent container of deploy/daemonset.yaml.
 fn agent_container() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
-    let daemonset: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    daemonset["spec"]["template"]["spec"]["containers"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "agent")
-        .expect("an agent container")
-        .clone()
-}
-
-fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_sequence()
-        .map(|s| {
-            s.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    deploy::agent_container("daemonset.yaml").unwrap()
 }
 
 #[test]

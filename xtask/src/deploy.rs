@@ -156,7 +156,11 @@ pub(crate) fn validate() -> Result<()> {
         .arg(dir.join("uninstall/cleanup-daemonset.yaml"))
         .arg(dir.join("examples/demo.yaml")))
     .context("a manifest in deploy/ does not match the Kubernetes schemas")?;
-    for patch in ["kube-proxy/park.yaml", "kube-proxy/unpark.yaml"] {
+    for patch in [
+        "kube-proxy/park.yaml",
+        "kube-proxy/unpark.yaml",
+        "kube-proxy-config/daemonset-patch.yaml",
+    ] {
         let path = dir.join(patch);
         let text = std::fs::read_to_string(&path)?;
         let value: Value =
