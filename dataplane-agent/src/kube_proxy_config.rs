@@ -61,8 +61,7 @@ pub struct KubeProxyFile {
     pub conntrack_udp_timeout: Option<Duration>,
     /// `logging.format` -> `--log-format`.
     pub log_format: Option<LogFormat>,
-    /// `nodePortAddresses`, kept for the `--nodeport-addresses` flag to come;
-    /// `main.rs` refuses a non-empty list until then.
+    /// `nodePortAddresses` -> `--nodeport-addresses` (same syntax).
     pub node_port_addresses: Vec<String>,
     /// Settings accepted but done differently here, one line each, for the
     /// operator's log.

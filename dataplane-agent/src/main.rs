@@ -420,13 +420,6 @@ fn apply_kube_proxy_config(
         .subcommand_matches("run")
         .context("the run subcommand's arguments")?;
     let file = kube_proxy_config::load(&path)?;
-    if !file.node_port_addresses.is_empty() {
-        bail!(
-            "kube-proxy configuration {}: nodePortAddresses {:?} is not supported yet: NodePorts are served on every address of --interfaces; remove the list from the copy the agent reads",
-            path.display(),
-            file.node_port_addresses
-        );
-    }
     from_file(
         matches,
         "log_format",
@@ -459,6 +452,12 @@ fn apply_kube_proxy_config(
         "metrics_bind_address",
         &mut args.metrics_bind_address,
         file.metrics_bind_address.map(|a| a.to_string()),
+    );
+    from_file(
+        run,
+        "nodeport_addresses",
+        &mut args.nodeport_addresses,
+        (!file.node_port_addresses.is_empty()).then_some(file.node_port_addresses),
     );
     from_file(run, "sync_period", &mut args.sync_period, file.sync_period);
     from_file(
@@ -689,14 +688,12 @@ conntrack:
     }
 
     #[test]
-    fn node_port_addresses_are_refused_until_the_flag_exists() {
-        let error = cli_with(&format!("{FILE}nodePortAddresses: [primary]\n"), &[])
-            .err()
-            .unwrap();
-        assert!(
-            format!("{error:#}").contains("nodePortAddresses [\"primary\"] is not supported yet"),
-            "{error:#}"
-        );
+    fn node_port_addresses_come_from_the_file_unless_the_flag_is_given() {
+        let file = format!("{FILE}nodePortAddresses: [primary]\n");
+        let cli = cli_with(&file, &[]).unwrap();
+        assert_eq!(run_args(&cli).nodeport_addresses, ["primary"]);
+        let cli = cli_with(&file, &["--nodeport-addresses=192.0.2.0/24"]).unwrap();
+        assert_eq!(run_args(&cli).nodeport_addresses, ["192.0.2.0/24"]);
     }
 
     #[test]

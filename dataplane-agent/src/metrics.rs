@@ -376,6 +376,16 @@ impl Metrics {
             sockets_destroyed_total: Counter::default(),
             conntrack_evicted: Gauge::default(),
         };
+        // Present from the first scrape, before the first sync.
+        for policy in ["internal", "external"] {
+            metrics
+                .no_local_endpoints
+                .get_or_create(&TrafficPolicyLabels {
+                    traffic_policy: policy.into(),
+                    ip_family: IPV4.into(),
+                })
+                .set(0);
+        }
         let mut registry = Registry::default();
         registry.register(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -580,4 +590,36 @@ pub fn unix_now_seconds() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kube_proxy_series_carry_kube_proxys_types_labels_and_buckets() {
+        let (metrics, registry) = Metrics::new(PinLayout::new("/nonexistent"));
+        metrics.network_programming_duration_seconds.observe(0.3);
+        metrics.record_health_answer(false, 503);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let buckets = text
+            .lines()
+            .filter(|l| l.starts_with("kubeproxy_network_programming_duration_seconds_bucket"))
+            .count();
+        // 0, 0.25, 0.5, 1..59, 60..115 by 5, 120..300 by 30, and +Inf.
+        assert_eq!(buckets, 1 + 2 + 59 + 12 + 7 + 1, "{text}");
+        assert!(text.contains(
+            r#"kubeproxy_network_programming_duration_seconds_bucket{le="0.5",ip_family="IPv4"} 1"#
+        ));
+        for line in [
+            "# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
+            "# TYPE kubeproxy_sync_proxy_rules_endpoint_changes counter",
+            r#"kubeproxy_proxy_healthz_total{code="503"} 1"#,
+            r#"kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="16.384",ip_family="IPv4"} 0"#,
+            r#"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
 }

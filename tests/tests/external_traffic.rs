@@ -1108,3 +1108,130 @@ fn nodeport_addresses_primary_serves_the_node_objects_internal_ip_only() {
         assert_eq!(attempt.errno, Some(libc::ECONNREFUSED), "{attempt:?}");
     }
 }
+
+/// Every series selector of a PromQL expression that names one of the
+/// agent's series: (name, [(label, value)]) for its `label="value"`
+/// matchers.
+fn selectors(expr: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let (name, after) = tail.split_at(end);
+        rest = after;
+        if !(name.starts_with("kubeproxy_") || name.starts_with("dataplane_")) {
+            continue;
+        }
+        let mut matchers = Vec::new();
+        if let Some(inside) = after.strip_prefix('{') {
+            let close = inside.find('}').expect("a closed selector");
+            for matcher in inside[..close].split(',').filter(|m| !m.trim().is_empty()) {
+                let (label, value) = matcher.split_once('=').expect("an = matcher");
+                matchers.push((label.trim().into(), value.trim().trim_matches('"').into()));
+            }
+            rest = &inside[close..];
+        }
+        out.push((name.to_owned(), matchers));
+    }
+    out
+}
+
+#[test]
+fn every_series_the_grafana_dashboard_queries_exists_on_a_running_agent() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/grafana/dataplane-dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let setup = two_nodes();
+    let c = &setup.cluster;
+    let yaml = manifests(&setup, web("NodePort"), &both_pods(&setup));
+    c.write_manifest("web.yaml", &yaml).unwrap();
+    // A Service over the backend limit, so a frontend fails (its
+    // endpoints need not exist).
+    let unreachable: Vec<Ep> = (50..53)
+        .map(|i| {
+            Ep::ready(&Host {
+                name: format!("ghost{i}"),
+                netns: String::new(),
+                ip: std::net::Ipv4Addr::new(10, 201, 0, i),
+            })
+            .on_node("node-1")
+        })
+        .collect();
+    c.write_manifest(
+        "big.yaml",
+        &join(&[
+            Svc::new("big", "10.96.0.20")
+                .port("http", 80, "TCP", 8080)
+                .yaml(),
+            slice("big-1", "big", &[("http", 8080, "TCP")], &unreachable),
+        ]),
+    )
+    .unwrap();
+    c.start_agents(&[
+        "--conntrack-sweep-period",
+        "200ms",
+        "--max-backends-per-service",
+        "2",
+    ])
+    .unwrap();
+    // Traffic, a failing frontend, a conntrack sweep and health answers,
+    // so that every series has had a reason to appear.
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    assert_all_ok(&c.exchange(&setup.client, &dialled, 5, "tcp").unwrap());
+    for path in ["/healthz", "/livez"] {
+        c.nodes[0]
+            .http_get_in_node("127.0.0.1:10256", path)
+            .unwrap();
+    }
+    let before = sweeps(c, 0);
+    c.nodes[0]
+        .wait_until("a conntrack sweep", Duration::from_secs(10), || {
+            Ok(sweeps(c, 0) > before)
+        })
+        .unwrap();
+    let metrics = c.nodes[0].metrics().unwrap();
+    let samples: Vec<&str> = metrics.lines().filter(|l| !l.starts_with('#')).collect();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (name, matchers) in selectors(expr) {
+                queried += 1;
+                // A family without members now (no frontend failing) is
+                // declared all the same.
+                let base = ["_total", "_bucket", "_count", "_sum"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(&name);
+                let declared = matchers.is_empty() && metrics.contains(&format!("# TYPE {base} "));
+                let found = declared
+                    || samples.iter().any(|sample| {
+                        let Some(labels) = sample.strip_prefix(name.as_str()) else {
+                            return false;
+                        };
+                        (labels.starts_with(' ') || labels.starts_with('{'))
+                            && matchers.iter().all(|(label, value)| {
+                                labels.contains(&format!("{label}=\"{value}\""))
+                            })
+                    });
+                assert!(
+                    found,
+                    "panel {:?} queries {name}{matchers:?}, which the agent does not export:\n{metrics}",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    assert!(
+        queried >= 25,
+        "the dashboard's queries were read: {queried}"
+    );
+}
