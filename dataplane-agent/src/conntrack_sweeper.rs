@@ -82,6 +82,7 @@ pub fn spawn(
                         report.entries,
                         external.conntrack_max_entries,
                         report.expired,
+                        report.backend_gone,
                         evicted,
                         walked_at.elapsed(),
                     );

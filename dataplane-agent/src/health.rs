@@ -33,8 +33,15 @@ impl Default for Times {
     }
 }
 
-/// Called with (`/livez`?, status code) for every answer the server gives.
-type AnswerCounter = Arc<dyn Fn(bool, u16) + Send + Sync>;
+/// The two endpoints of the health server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Healthz,
+    Livez,
+}
+
+/// Called with the endpoint and the status code of every answer.
+type AnswerCounter = Arc<dyn Fn(Probe, u16) + Send + Sync>;
 
 /// Shared between the sync loop (which reports) and the server.
 #[derive(Clone)]
@@ -75,7 +82,7 @@ impl Health {
     /// `kubeproxy_proxy_healthz_total` and `..._livez_total`).
     pub fn with_answer_counter(
         mut self,
-        count: impl Fn(bool, u16) + Send + Sync + 'static,
+        count: impl Fn(Probe, u16) + Send + Sync + 'static,
     ) -> Self {
         self.count_answer = Some(Arc::new(count));
         self
@@ -90,6 +97,12 @@ impl Health {
     /// A change arrived that the dataplane does not reflect yet.
     pub fn queued(&self, at: SystemTime) {
         self.times().oldest_queued.get_or_insert(at);
+    }
+
+    /// What was queued turned out to need no sync (a Node heartbeat, an
+    /// object resent unchanged): nothing waits any more.
+    pub fn settled(&self) {
+        self.times().oldest_queued = None;
     }
 
     /// A sync completed: everything queued before it is programmed.
@@ -138,16 +151,16 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Health) -> Result<
 }
 
 async fn respond_healthz(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
-    respond(&health, false, health.check(SystemTime::now()))
+    respond(&health, Probe::Healthz, health.check(SystemTime::now()))
 }
 
 async fn respond_livez(State(health): State<Health>) -> (StatusCode, Json<HealthBody>) {
-    respond(&health, true, health.live(SystemTime::now()))
+    respond(&health, Probe::Livez, health.live(SystemTime::now()))
 }
 
 fn respond(
     health: &Health,
-    livez: bool,
+    probe: Probe,
     (healthy, body): (bool, HealthBody),
 ) -> (StatusCode, Json<HealthBody>) {
     let status = if healthy {
@@ -156,7 +169,7 @@ fn respond(
         StatusCode::SERVICE_UNAVAILABLE
     };
     if let Some(count) = &health.count_answer {
-        count(livez, status.as_u16());
+        count(probe, status.as_u16());
     }
     (status, Json(body))
 }

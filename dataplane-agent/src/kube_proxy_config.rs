@@ -461,9 +461,20 @@ fn map(config: KubeProxyConfiguration, cores: u32) -> Result<KubeProxyFile> {
         conntrack_tcp_timeout_established: tcp_established,
         conntrack_udp_timeout,
         log_format,
-        node_port_addresses: config.node_port_addresses.unwrap_or_default(),
+        node_port_addresses: node_port_addresses(section, config.node_port_addresses),
         warnings,
     })
+}
+
+/// The file's nodePortAddresses; in nftables mode an empty list means
+/// `primary`, as kube-proxy defaults it there (its iptables mode keeps
+/// every address).
+fn node_port_addresses(mode_section: &str, listed: Option<Vec<String>>) -> Vec<String> {
+    let listed = listed.unwrap_or_default();
+    if listed.is_empty() && mode_section == "nftables" {
+        return vec!["primary".to_owned()];
+    }
+    listed
 }
 
 // The file's shape. Every field is an Option: Go decodes a missing field and
@@ -812,11 +823,13 @@ winkernel:
             1,
         )
         .unwrap();
-        // kube-proxy sizes conntrack even when the section is absent.
+        // kube-proxy sizes conntrack even when the section is absent, and
+        // serves nodePorts on the primary address in nftables mode.
         assert_eq!(
             file,
             KubeProxyFile {
                 conntrack_max_entries: Some(262_144),
+                node_port_addresses: vec!["primary".into()],
                 ..KubeProxyFile::default()
             }
         );

@@ -276,8 +276,12 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             kubeconfig: args.kubeconfig,
         },
     };
-    let nodeport_addresses = NodePortAddresses::parse(&args.nodeport_addresses)
-        .map_err(|error| anyhow::anyhow!("--nodeport-addresses: {error}"))?;
+    let nodeport_addresses =
+        NodePortAddresses::parse(&args.nodeport_addresses).map_err(|error| {
+            anyhow::anyhow!(
+                "--nodeport-addresses (or the --config file's nodePortAddresses): {error}"
+            )
+        })?;
     let interfaces = interfaces::resolve(&args.interfaces)?;
     interfaces::check_exist(&interfaces)?;
     if args.sync_period.is_zero() {

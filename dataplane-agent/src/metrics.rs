@@ -27,6 +27,7 @@ use crate::{
         pins::PinLayout,
         state::{FrontendError, PinnedState},
     },
+    health::Probe,
     model::{ChangeTally, Frontend, NoLocalEndpoints, SkipCounts, SkipReason},
 };
 
@@ -43,6 +44,15 @@ pub struct IpFamilyLabels {
 pub struct TrafficPolicyLabels {
     pub traffic_policy: String,
     pub ip_family: String,
+}
+
+impl TrafficPolicyLabels {
+    fn ipv4(policy: &str) -> Self {
+        Self {
+            traffic_policy: policy.into(),
+            ip_family: IPV4.into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +114,11 @@ pub struct SyncOutcome<'a> {
 
 /// A count as a gauge value.
 pub fn gauge(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// A 64-bit count as a gauge value.
+fn gauge_of_u64(count: u64) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }
 
@@ -176,13 +191,15 @@ impl Metrics {
         entries: usize,
         capacity: u32,
         expired: usize,
+        backend_gone: usize,
         evicted: Option<u64>,
         elapsed: std::time::Duration,
     ) {
         self.conntrack_reconciler_duration_seconds
             .observe(elapsed.as_secs_f64());
+        // kube-proxy's reconciler deletes only flows whose endpoint left.
         self.conntrack_reconciler_deleted_total
-            .inc_by(expired as u64);
+            .inc_by(backend_gone as u64);
         let labels = MapLabels {
             map: map_names::CONNTRACK.into(),
         };
@@ -191,8 +208,7 @@ impl Metrics {
             .get_or_create(&labels)
             .set(i64::from(capacity));
         if let Some(evicted) = evicted {
-            self.conntrack_evicted
-                .set(i64::try_from(evicted).unwrap_or(i64::MAX));
+            self.conntrack_evicted.set(gauge_of_u64(evicted));
         }
         self.conntrack_expired_total.inc_by(expired as u64);
         self.conntrack_sweeps_total.inc();
@@ -219,15 +235,14 @@ impl Metrics {
         self.service_changes_pending
             .set(gauge(changes.services_pending));
         self.endpoint_changes_pending
-            .set(i64::try_from(changes.slice_changes_pending).unwrap_or(i64::MAX));
+            .set(gauge_of_u64(changes.slice_changes_pending));
     }
 
-    /// A `/healthz` (or `/livez`) answer.
-    pub fn record_health_answer(&self, livez: bool, code: u16) {
-        let family = if livez {
-            &self.livez_total
-        } else {
-            &self.healthz_total
+    /// An answer of the health server.
+    pub fn record_health_answer(&self, probe: Probe, code: u16) {
+        let family = match probe {
+            Probe::Healthz => &self.healthz_total,
+            Probe::Livez => &self.livez_total,
         };
         family
             .get_or_create(&CodeLabels {
@@ -264,10 +279,7 @@ impl Metrics {
             ("external", no_local_endpoints.external),
         ] {
             m.no_local_endpoints
-                .get_or_create(&TrafficPolicyLabels {
-                    traffic_policy: policy.into(),
-                    ip_family: IPV4.into(),
-                })
+                .get_or_create(&TrafficPolicyLabels::ipv4(policy))
                 .set(gauge(count));
         }
         m.frontends_programmed.set(gauge(programmed.services.len()));
@@ -380,10 +392,7 @@ impl Metrics {
         for policy in ["internal", "external"] {
             metrics
                 .no_local_endpoints
-                .get_or_create(&TrafficPolicyLabels {
-                    traffic_policy: policy.into(),
-                    ip_family: IPV4.into(),
-                })
+                .get_or_create(&TrafficPolicyLabels::ipv4(policy))
                 .set(0);
         }
         let mut registry = Registry::default();
@@ -476,7 +485,7 @@ impl Metrics {
         );
         registry.register(
             "dataplane_invalid_objects",
-            "Manifests and Kubernetes objects skipped as invalid at the last sync",
+            "Manifests and Kubernetes objects (or parts of one) not served at the last sync, for every reason; by reason: dataplane_objects_skipped",
             metrics.invalid_objects.clone(),
         );
         registry.register(
@@ -600,7 +609,7 @@ mod tests {
     fn the_kube_proxy_series_carry_kube_proxys_types_labels_and_buckets() {
         let (metrics, registry) = Metrics::new(PinLayout::new("/nonexistent"));
         metrics.network_programming_duration_seconds.observe(0.3);
-        metrics.record_health_answer(false, 503);
+        metrics.record_health_answer(Probe::Healthz, 503);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let buckets = text

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use dataplane_common::{
     BackendKey, CONNTRACK_MAX_ENTRIES, ConfigValue, EXTERNAL_MODE_SNAT, EXTERNAL_MODE_TUNNEL,
-    IPPROTO_UDP, NODE_IP_SERVES_NODE_PORTS, ServiceKey, ServiceValue,
+    IPPROTO_UDP, ServiceKey, ServiceValue, node_ip_serves_node_ports,
 };
 use tokio::{
     sync::{Notify, mpsc, watch},
@@ -108,6 +108,11 @@ impl Source {
             model.update(update);
         }
         Ok(())
+    }
+
+    /// The manifest directory changed since it was last read.
+    fn has_unread_changes(&self) -> bool {
+        matches!(self, Self::Manifests { changed: true, .. })
     }
 
     fn problem_count(&self) -> usize {
@@ -293,6 +298,7 @@ impl Agent {
                 compute_ms,
                 apply_ms,
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                nodes_changed = recomputed.nodes_changed,
                 full,
                 "synced"
             );
@@ -347,9 +353,22 @@ impl Agent {
         }
     }
 
-    /// Other nodes accept tunnel packets from this node's InternalIP only:
-    /// a different tunnel source (the first address of the first interface
-    /// by default) would make every tunnelled flow vanish on the way.
+    /// Takes one change from the source in; a change that matters is
+    /// queued for the next sync, as kube-proxy's trackers queue one.
+    fn take(&mut self, change: Change) {
+        self.source.take(change, &mut self.model);
+        if self.needs_sync() {
+            self.metrics.record_queued();
+        }
+        self.metrics.record_changes(&self.model.changes());
+    }
+
+    /// Whether a sync has work: changes taken in, a manifest directory
+    /// to re-read, or frontends that failed and are retried.
+    fn needs_sync(&self) -> bool {
+        self.model.has_changes() || self.source.has_unread_changes() || !self.failing.is_empty()
+    }
+
     /// Re-reads this node's addresses into NODE_IPS: at an address event,
     /// at each resync, and when the Node object's InternalIP (the
     /// `--nodeport-addresses primary`) may have changed.
@@ -366,11 +385,21 @@ impl Agent {
         if uses != self.node_ips {
             maps.set_node_ips(&uses)?;
             info!(node_ports = ?serving_node_ports(&uses), addresses = ?addresses, "node addresses");
+            if external.nodeport_addresses == NodePortAddresses::Primary
+                && self.model.node().internal_ip.is_none()
+            {
+                warn!(
+                    "--nodeport-addresses primary: this node's Node object has no InternalIP, so no address serves nodePorts"
+                );
+            }
             self.node_ips = uses;
         }
         Ok(())
     }
 
+    /// Other nodes accept tunnel packets from this node's InternalIP only:
+    /// a different tunnel source (the first address of the first interface
+    /// by default) would make every tunnelled flow vanish on the way.
     fn check_tunnel_source(&mut self, node: &NodeInfo) {
         let (Some(source), Some(internal)) = (self.tunnel_source, node.internal_ip) else {
             return;
@@ -736,6 +765,19 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let mut loaded = LoadedObject::load_with(layout, conntrack_entries)?;
     loaded.forward_program_logs();
     let maps = loaded.take_maps()?;
+    // Subscribed before the addresses are first read, so no change falls
+    // between the read and the subscription.
+    let mut address_events = match &config.external {
+        Some(_) => AddressEvents::subscribe()
+            .inspect_err(|error| {
+                warn!(
+                    error = format!("{error:#}"),
+                    "address changes reach nodePorts only at the next resync"
+                );
+            })
+            .ok(),
+        None => None,
+    };
     let (interface_maps, port_filter, tunnel_source, node_ips) = match &config.external {
         Some(external) => {
             let mut interface_maps = loaded.take_interface_maps()?;
@@ -762,7 +804,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let (metrics, registry) = Metrics::new(PinLayout::new(&config.bpffs_dir));
     let health = Health::new(2 * config.sync_period).with_answer_counter({
         let metrics = metrics.clone();
-        move |livez, code| metrics.record_health_answer(livez, code)
+        move |probe, code| metrics.record_health_answer(probe, code)
     });
     start_servers(&config, registry, &health);
 
@@ -770,11 +812,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     // previous agent left keep serving the pinned state untouched.
     let (changes_sender, mut changes) = mpsc::unbounded_channel();
     let queued = health.clone();
-    let queued_metrics = metrics.clone();
-    let notifier = Changes::new(changes_sender, move || {
-        queued.queued(SystemTime::now());
-        queued_metrics.record_queued();
-    });
+    let notifier = Changes::new(changes_sender, move || queued.queued(SystemTime::now()));
     let mut source = Source::start(&config, notifier, prefetch).await?;
     let config_health_ip = config.health_check_bind_ip;
     let health_for_checks = health.clone();
@@ -916,21 +954,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
     full_resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     full_resync.reset();
     let mut services_check: Option<ServicesCheck> = None;
-    let mut address_events = match &agent.config.external {
-        Some(_) => AddressEvents::subscribe()
-            .inspect_err(|error| {
-                warn!(
-                    error = format!("{error:#}"),
-                    "address changes reach nodePorts only at the next resync"
-                );
-            })
-            .ok(),
-        None => None,
-    };
     loop {
         tokio::select! {
             changed = address_changed(&mut address_events) => {
-                if let Err(error) = changed.and_then(|()| agent.refresh_node_ips()) {
+                if let Err(error) = changed {
+                    // Not retried in a loop: the resync re-reads addresses.
+                    warn!(error = format!("{error:#}"), "address changes reach nodePorts only at the next resync from now on");
+                    address_events = None;
+                } else if let Err(error) = agent.refresh_node_ips() {
                     error!(error = format!("{error:#}"), "node addresses not updated");
                 }
             }
@@ -938,16 +969,18 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 let Some(change) = change else {
                     anyhow::bail!("the source stopped sending changes");
                 };
-                agent.source.take(change, &mut agent.model);
-                agent.metrics.record_changes(&agent.model.changes());
+                agent.take(change);
                 // Coalesce a burst of changes into one sync, as kube-proxy's
                 // BoundedFrequencyRunner does.
                 tokio::time::sleep(agent.config.min_sync_period).await;
                 while let Ok(change) = changes.try_recv() {
-                    agent.source.take(change, &mut agent.model);
+                    agent.take(change);
                 }
-                agent.metrics.record_changes(&agent.model.changes());
-                if let Err(error) = agent.sync(SyncScope::Changes) {
+                if !agent.needs_sync() {
+                    // Node heartbeats, resent objects: nothing to program,
+                    // as kube-proxy's trackers would say.
+                    agent.health.settled();
+                } else if let Err(error) = agent.sync(SyncScope::Changes) {
                     error!(error = format!("{error:#}"), "sync failed; the dataplane keeps its last state");
                 }
             }
@@ -984,7 +1017,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
 /// The addresses of a NODE_IPS content that serve nodePorts.
 fn serving_node_ports(uses: &BTreeMap<Ipv4Addr, u32>) -> Vec<Ipv4Addr> {
     uses.iter()
-        .filter(|(_, uses)| *uses & NODE_IP_SERVES_NODE_PORTS != 0)
+        .filter(|(_, uses)| node_ip_serves_node_ports(**uses))
         .map(|(address, _)| *address)
         .collect()
 }
@@ -1000,17 +1033,11 @@ fn configure_interfaces(
         Some(ip) => ip,
         None => first_address_of_first_interface(external)?,
     };
-    let mut uses = interfaces::node_ip_uses(&addresses, &external.nodeport_addresses, None);
-    if external.nodeport_addresses == NodePortAddresses::Primary {
-        // The primary address comes with the Node object, after the first
-        // sync; until then the addresses a previous agent served keep
-        // serving, so a restart interrupts no nodePort.
-        for (address, previous) in maps.node_ips() {
-            if let Some(uses) = uses.get_mut(&address) {
-                *uses |= previous & NODE_IP_SERVES_NODE_PORTS;
-            }
-        }
-    }
+    let uses = interfaces::node_ip_uses_at_start(
+        &addresses,
+        &external.nodeport_addresses,
+        &maps.node_ips(),
+    );
     maps.set_node_ips(&uses)?;
     maps.set_config(&ConfigValue {
         external_mode: match external.mode {

@@ -176,7 +176,7 @@ impl Datapath for PinnedDatapath {
     fn is_node_ip(&self, ip: Ipv4Addr) -> bool {
         self.node_ips
             .get(&u32::from_ne_bytes(ip.octets()), 0)
-            .is_ok_and(|uses| uses & dataplane_common::NODE_IP_SERVES_NODE_PORTS != 0)
+            .is_ok_and(dataplane_common::node_ip_serves_node_ports)
     }
 
     fn is_member(&self, key: &MemberKey) -> bool {

@@ -86,11 +86,21 @@ pub const AFFINITY_MAX_ENTRIES: u32 = 262_144;
 pub const CONNTRACK_MAX_ENTRIES: u32 = 524_288;
 pub const NODE_IPS_MAX_ENTRIES: u32 = 256;
 
-/// NODE_IPS values: what an address of this node is used for. nodePorts
-/// answer only on the addresses `--nodeport-addresses` selects; the tunnel
-/// ends on every address (peers dial the one their Node object names).
-pub const NODE_IP_SERVES_NODE_PORTS: u32 = 1;
-pub const NODE_IP_ENDS_TUNNELS: u32 = 2;
+/// NODE_IPS values. Any value marks an address of this node, where the
+/// tunnel ends (peers dial the one their Node object names);
+/// [`NODE_IP_NO_NODE_PORTS`] marks one `--nodeport-addresses` leaves out.
+/// Agents from before that flag wrote [`NODE_IP_PRESENT`] for every
+/// address, which reads the same here: programs and agents of either
+/// version read each other's values right, through an upgrade and a
+/// rollback alike.
+pub const NODE_IP_PRESENT: u32 = 1;
+pub const NODE_IP_NO_NODE_PORTS: u32 = 2;
+
+/// Whether a NODE_IPS value lets nodePorts answer on its address.
+#[inline(always)]
+pub const fn node_ip_serves_node_ports(value: u32) -> bool {
+    value & NODE_IP_NO_NODE_PORTS == 0
+}
 pub const TUNNEL_PEERS_MAX_ENTRIES: u32 = 16_384;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 

@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use dataplane_common::{
-    AFFINITY_CLIENT_NETNS, BackendValue, IPPROTO_TCP, IPPROTO_UDP, NODE_IP_SERVES_NODE_PORTS,
-    SCOPE_CLUSTER, SCOPE_NODEPORT_LOCAL, ServiceKey, SockRevKey, SockRevValue, Stat,
+    AFFINITY_CLIENT_NETNS, BackendValue, IPPROTO_TCP, IPPROTO_UDP, SCOPE_CLUSTER,
+    SCOPE_NODEPORT_LOCAL, ServiceKey, SockRevKey, SockRevValue, Stat, node_ip_serves_node_ports,
 };
 
 use crate::{
@@ -125,7 +125,7 @@ fn find_frontend(
     }
     // SAFETY: the value is copied out at once.
     let use_of = *unsafe { NODE_IPS.get(vip_be) }?;
-    if use_of & NODE_IP_SERVES_NODE_PORTS == 0 {
+    if !node_ip_serves_node_ports(use_of) {
         return None;
     }
     let node_port = ServiceKey {

@@ -20,9 +20,9 @@ use aya_ebpf::{
 use dataplane_common::{
     AFFINITY_CLIENT_IPV4, BACKEND_FLAG_REMOTE, BackendValue, CT_FLAG_REMOTE, CT_FLAG_SNAT,
     CT_FORWARD, CT_REPLY, CT_TUNNEL_RETURN, ConfigValue, CtKey, CtValue, EXTERNAL_MODE_SNAT,
-    IPPROTO_UDP, NODE_IP_SERVES_NODE_PORTS, PORT_KIND_BACKEND, PORT_KIND_FRONTEND, SCOPE_CLUSTER,
-    SCOPE_EXTERNAL, SCOPE_NODEPORT, SERVICE_FLAG_DROP_WITHOUT_BACKENDS, SERVICE_FLAG_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRangeKey, Stat,
+    IPPROTO_UDP, PORT_KIND_BACKEND, PORT_KIND_FRONTEND, SCOPE_CLUSTER, SCOPE_EXTERNAL,
+    SCOPE_NODEPORT, SERVICE_FLAG_DROP_WITHOUT_BACKENDS, SERVICE_FLAG_SOURCE_RANGES, ServiceKey,
+    ServiceValue, SourceRangeKey, Stat, node_ip_serves_node_ports,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -198,8 +198,7 @@ fn find_frontend(flow: &Flow) -> Option<ServiceValue> {
         return Some(service);
     }
     // SAFETY: the value is copied out at once.
-    if unsafe { NODE_IPS.get(flow.dst_be) }
-        .is_some_and(|use_of| use_of & NODE_IP_SERVES_NODE_PORTS != 0)
+    if unsafe { NODE_IPS.get(flow.dst_be) }.is_some_and(|use_of| node_ip_serves_node_ports(*use_of))
     {
         let node_port = ServiceKey {
             vip_be: 0,

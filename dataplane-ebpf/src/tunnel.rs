@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_get_hash_recalc},
     programs::TcContext,
 };
-use dataplane_common::{ConfigValue, IPPROTO_UDP, NODE_IP_ENDS_TUNNELS};
+use dataplane_common::{ConfigValue, IPPROTO_UDP};
 
 use crate::{
     csum,
@@ -55,9 +55,8 @@ pub fn is_ours(ctx: &TcContext, ip: &Ipv4, flow: &Flow, config: &ConfigValue) ->
     {
         return false;
     }
-    // SAFETY: the NODE_IPS value is copied out at once; the other is a
-    // presence check.
-    if unsafe { NODE_IPS.get(flow.dst_be) }.is_none_or(|use_of| use_of & NODE_IP_ENDS_TUNNELS == 0)
+    // SAFETY: presence checks only.
+    if unsafe { NODE_IPS.get(flow.dst_be) }.is_none()
         || unsafe { TUNNEL_PEERS.get(flow.src_be) }.is_none()
     {
         return false;

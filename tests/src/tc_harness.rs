@@ -31,8 +31,8 @@ use dataplane_agent::{
     },
 };
 use dataplane_common::{
-    ConfigValue, CtKey, CtValue, EXTERNAL_MODE_TUNNEL, NODE_IP_ENDS_TUNNELS,
-    NODE_IP_SERVES_NODE_PORTS, Stat, map_names, program_names,
+    ConfigValue, CtKey, CtValue, EXTERNAL_MODE_TUNNEL, NODE_IP_PRESENT, Stat, map_names,
+    program_names,
 };
 
 use crate::testbed::{ip, unique_id};
@@ -171,9 +171,8 @@ impl TcHarness {
             .want(ports::of_frontends(desired.frontends.iter()))?;
         let mut interface = loaded.take_interface_maps()?;
         interface.set_config(&config)?;
-        // Every address serves both, as without --nodeport-addresses.
-        let uses = NODE_IP_ENDS_TUNNELS | NODE_IP_SERVES_NODE_PORTS;
-        interface.set_node_ips(&node_ips.iter().map(|ip| (*ip, uses)).collect())?;
+        // Every address serves nodePorts, as without --nodeport-addresses.
+        interface.set_node_ips(&node_ips.iter().map(|ip| (*ip, NODE_IP_PRESENT)).collect())?;
         interface.set_tunnel_peers(peers)?;
         for hook in [Hook::Ingress, Hook::Egress, Hook::Noop] {
             loaded.load_tc_program(hook.program())?;

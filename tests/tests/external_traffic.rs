@@ -15,7 +15,7 @@ use std::{
 use aya::maps::{Array, MapData};
 use dataplane_agent::dataplane::{failpoint, maps, pins::PinLayout, ports};
 use dataplane_common::{
-    IPPROTO_TCP, IPPROTO_UDP, NODE_IP_ENDS_TUNNELS, NODE_IP_SERVES_NODE_PORTS, PORT_KIND_BACKEND,
+    IPPROTO_TCP, IPPROTO_UDP, NODE_IP_NO_NODE_PORTS, NODE_IP_PRESENT, PORT_KIND_BACKEND,
     PORT_KIND_FRONTEND, PORTS_WORDS, map_names,
 };
 use dataplane_testbed::{
@@ -1049,11 +1049,11 @@ fn nodeport_addresses_select_the_serving_addresses_and_follow_address_changes_at
     assert_eq!(
         node_ips(c, 0),
         BTreeMap::from([
+            ("192.0.2.11".to_string(), NODE_IP_PRESENT),
             (
-                "192.0.2.11".to_string(),
-                NODE_IP_ENDS_TUNNELS | NODE_IP_SERVES_NODE_PORTS
+                "192.0.2.51".to_string(),
+                NODE_IP_PRESENT | NODE_IP_NO_NODE_PORTS
             ),
-            ("192.0.2.51".to_string(), NODE_IP_ENDS_TUNNELS),
         ])
     );
 
@@ -1129,6 +1129,10 @@ fn selectors(expr: &str) -> Vec<(String, Vec<(String, String)>)> {
         if let Some(inside) = after.strip_prefix('{') {
             let close = inside.find('}').expect("a closed selector");
             for matcher in inside[..close].split(',').filter(|m| !m.trim().is_empty()) {
+                assert!(
+                    !matcher.contains("=~") && !matcher.contains("!="),
+                    "only = matchers are checked: {matcher}"
+                );
                 let (label, value) = matcher.split_once('=').expect("an = matcher");
                 matchers.push((label.trim().into(), value.trim().trim_matches('"').into()));
             }
@@ -1137,6 +1141,15 @@ fn selectors(expr: &str) -> Vec<(String, Vec<(String, String)>)> {
         out.push((name.to_owned(), matchers));
     }
     out
+}
+
+/// The labels of every `by (...)` clause of a PromQL expression.
+fn grouping_labels(expr: &str) -> Vec<String> {
+    expr.split("by (")
+        .skip(1)
+        .filter_map(|rest| rest.split_once(')'))
+        .flat_map(|(labels, _)| labels.split(',').map(|l| l.trim().to_owned()))
+        .collect()
 }
 
 #[test]
@@ -1234,4 +1247,24 @@ fn every_series_the_grafana_dashboard_queries_exists_on_a_running_agent() {
         queried >= 25,
         "the dashboard's queries were read: {queried}"
     );
+    // The labels panels group by are labels of the series they read.
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let names: Vec<String> = selectors(expr).into_iter().map(|(name, _)| name).collect();
+            for label in grouping_labels(expr)
+                .into_iter()
+                .filter(|l| *l != "le" && *l != "instance")
+            {
+                assert!(
+                    samples.iter().any(|sample| names.iter().any(|name| {
+                        sample.starts_with(&format!("{name}{{"))
+                            && sample.contains(&format!("{label}=\""))
+                    })),
+                    "panel {:?} groups by {label}, which none of {names:?} carries",
+                    panel["title"]
+                );
+            }
+        }
+    }
 }

@@ -54,7 +54,7 @@ pub fn expired(
     now_ns: u64,
     timeouts: &Timeouts,
     live: Option<&BTreeSet<LiveBackend>>,
-) -> Vec<CtKey> {
+) -> Vec<(CtKey, Expiry)> {
     let idle_longer_than = |last_seen_ns: u64, timeout: Duration| {
         u128::from(now_ns.saturating_sub(last_seen_ns)) > timeout.as_nanos()
     };
@@ -69,10 +69,10 @@ pub fn expired(
     for (key, value) in entries.iter().filter(|(_, v)| v.kind == CT_FORWARD) {
         let reply_key = key.reply_of(value);
         if stale(key, value) {
-            out.push(*key);
+            out.push((*key, Expiry::BackendGone));
             if entries.contains_key(&reply_key) {
                 paired.insert(reply_key);
-                out.push(reply_key);
+                out.push((reply_key, Expiry::BackendGone));
             }
             continue;
         }
@@ -82,8 +82,8 @@ pub fn expired(
                 let last_seen = value.last_seen_ns.max(reply.last_seen_ns);
                 let timeout = timeouts.for_flow(key.protocol, value.flags | reply.flags);
                 if idle_longer_than(last_seen, timeout) {
-                    out.push(*key);
-                    out.push(reply_key);
+                    out.push((*key, Expiry::Idle));
+                    out.push((reply_key, Expiry::Idle));
                 }
             }
             None => {
@@ -91,7 +91,7 @@ pub fn expired(
                     value.last_seen_ns,
                     timeouts.for_flow(key.protocol, value.flags),
                 ) {
-                    out.push(*key);
+                    out.push((*key, Expiry::Idle));
                 }
             }
         }
@@ -104,10 +104,20 @@ pub fn expired(
             value.last_seen_ns,
             timeouts.for_flow(key.protocol, value.flags),
         ) {
-            out.push(*key);
+            out.push((*key, Expiry::Idle));
         }
     }
     out
+}
+
+/// Why a conntrack entry goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Idle for longer than its timeout.
+    Idle,
+    /// A UDP flow whose backend left its frontend (what kube-proxy's
+    /// conntrack reconciler deletes).
+    BackendGone,
 }
 
 /// What one sweep saw and did.
@@ -115,6 +125,8 @@ pub fn expired(
 pub struct SweepReport {
     pub entries: usize,
     pub expired: usize,
+    /// Of `expired`, UDP flows cut because their backend left.
+    pub backend_gone: usize,
     /// The ports the remaining flows need in PORTS.
     pub ports_in_use: ports::Bitmap,
 }
@@ -140,7 +152,8 @@ pub fn sweep(
     let live = live();
     let expired = expired(&entries, now_ns, timeouts, live.as_ref());
     let mut removed = 0;
-    for key in &expired {
+    let mut backend_gone = 0;
+    for (key, why) in &expired {
         // The tuple may have started a new flow since the walk (a client
         // reusing its port): its entry then has a newer timestamp, and
         // stays.
@@ -162,10 +175,14 @@ pub fn sweep(
         }
         entries.remove(key);
         removed += 1;
+        if *why == Expiry::BackendGone {
+            backend_gone += 1;
+        }
     }
     Ok(SweepReport {
         entries: entries.len(),
         expired: removed,
+        backend_gone,
         ports_in_use: ports::of_flows(&entries),
     })
 }
@@ -245,14 +262,19 @@ mod tests {
             value(CT_TUNNEL_RETURN, (0, 0), 100, 0),
         );
         let due = expired(&entries, 61 * SECOND, &TIMEOUTS, None);
-        assert_eq!(due, vec![key(5, 8080, 1, 1000, IPPROTO_UDP)]);
+        assert_eq!(
+            due,
+            vec![(key(5, 8080, 1, 1000, IPPROTO_UDP), Expiry::Idle)]
+        );
     }
 
     #[test]
     fn udp_flows_to_a_removed_backend_go_at_once_tcp_flows_stay() {
         let live = BTreeSet::from([(1, 6, 8080)]);
         let udp = pair(IPPROTO_UDP, 100, 100, 0);
-        assert_eq!(expired(&udp, 101 * SECOND, &TIMEOUTS, Some(&live)).len(), 2);
+        let cut = expired(&udp, 101 * SECOND, &TIMEOUTS, Some(&live));
+        assert_eq!(cut.len(), 2);
+        assert!(cut.iter().all(|(_, why)| *why == Expiry::BackendGone));
         let still_used = BTreeSet::from([(1, 5, 8080)]);
         assert!(expired(&udp, 101 * SECOND, &TIMEOUTS, Some(&still_used)).is_empty());
         let tcp = pair(IPPROTO_TCP, 100, 100, 0);

@@ -8,13 +8,13 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use dataplane_common::{NODE_IP_ENDS_TUNNELS, NODE_IP_SERVES_NODE_PORTS};
+use dataplane_common::{NODE_IP_NO_NODE_PORTS, NODE_IP_PRESENT, node_ip_serves_node_ports};
 
 use crate::config::NodePortAddresses;
 
 /// NODE_IPS as it should be: every address ends tunnels; those
-/// `--nodeport-addresses` selects also serve nodePorts. `primary` is the
-/// Node object's InternalIP, when known.
+/// `--nodeport-addresses` leaves out are marked as serving no nodePort.
+/// `primary` is the Node object's InternalIP, when known.
 pub fn node_ip_uses(
     addresses: &BTreeSet<Ipv4Addr>,
     nodeport_addresses: &NodePortAddresses,
@@ -23,14 +23,37 @@ pub fn node_ip_uses(
     addresses
         .iter()
         .map(|address| {
-            let node_ports = if nodeport_addresses.selects(*address, primary) {
-                NODE_IP_SERVES_NODE_PORTS
-            } else {
+            let no_node_ports = if nodeport_addresses.selects(*address, primary) {
                 0
+            } else {
+                NODE_IP_NO_NODE_PORTS
             };
-            (*address, NODE_IP_ENDS_TUNNELS | node_ports)
+            (*address, NODE_IP_PRESENT | no_node_ports)
         })
         .collect()
+}
+
+/// NODE_IPS as an agent writes it at start, before it has read the Node
+/// object: with `primary`, the addresses the previous agent's NODE_IPS
+/// (`previous`) served keep serving until the first sync names the
+/// primary address, so a restart interrupts no nodePort.
+pub fn node_ip_uses_at_start(
+    addresses: &BTreeSet<Ipv4Addr>,
+    nodeport_addresses: &NodePortAddresses,
+    previous: &BTreeMap<Ipv4Addr, u32>,
+) -> BTreeMap<Ipv4Addr, u32> {
+    let mut uses = node_ip_uses(addresses, nodeport_addresses, None);
+    if *nodeport_addresses == NodePortAddresses::Primary {
+        for (address, uses) in &mut uses {
+            if previous
+                .get(address)
+                .is_some_and(|p| node_ip_serves_node_ports(*p))
+            {
+                *uses &= !NODE_IP_NO_NODE_PORTS;
+            }
+        }
+    }
+    uses
 }
 
 /// The IPv4 addresses of `interfaces`, per `getifaddrs(3)`.
@@ -135,14 +158,12 @@ mod tests {
     fn every_address_ends_tunnels_and_the_selected_ones_serve_node_ports() {
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         let addresses: BTreeSet<Ipv4Addr> = [ip("192.0.2.10"), ip("198.51.100.10")].into();
-        let both = NODE_IP_ENDS_TUNNELS | NODE_IP_SERVES_NODE_PORTS;
+        let both = NODE_IP_PRESENT;
+        let tunnel_only = NODE_IP_PRESENT | NODE_IP_NO_NODE_PORTS;
         let selection = NodePortAddresses::parse(&["192.0.2.0/24".into()]).unwrap();
         assert_eq!(
             node_ip_uses(&addresses, &selection, None),
-            BTreeMap::from([
-                (ip("192.0.2.10"), both),
-                (ip("198.51.100.10"), NODE_IP_ENDS_TUNNELS),
-            ])
+            BTreeMap::from([(ip("192.0.2.10"), both), (ip("198.51.100.10"), tunnel_only),])
         );
         assert_eq!(
             node_ip_uses(
@@ -150,15 +171,49 @@ mod tests {
                 &NodePortAddresses::Primary,
                 Some(ip("198.51.100.10"))
             ),
-            BTreeMap::from([
-                (ip("192.0.2.10"), NODE_IP_ENDS_TUNNELS),
-                (ip("198.51.100.10"), both),
-            ])
+            BTreeMap::from([(ip("192.0.2.10"), tunnel_only), (ip("198.51.100.10"), both),])
         );
         assert!(
             node_ip_uses(&addresses, &NodePortAddresses::All, None)
                 .values()
                 .all(|uses| *uses == both)
+        );
+    }
+
+    #[test]
+    fn at_start_primary_keeps_what_the_previous_agent_served_until_the_node_is_read() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let addresses: BTreeSet<Ipv4Addr> = [ip("192.0.2.10"), ip("198.51.100.10")].into();
+        let tunnel_only = NODE_IP_PRESENT | NODE_IP_NO_NODE_PORTS;
+        // An agent from before --nodeport-addresses wrote 1 everywhere, a
+        // newer one marked what it left out; an address it did not know
+        // serves nothing yet.
+        let previous = BTreeMap::from([
+            (ip("192.0.2.10"), NODE_IP_PRESENT),
+            (ip("198.51.100.10"), tunnel_only),
+        ]);
+        let expected = BTreeMap::from([
+            (ip("192.0.2.10"), NODE_IP_PRESENT),
+            (ip("198.51.100.10"), tunnel_only),
+        ]);
+        assert_eq!(
+            node_ip_uses_at_start(&addresses, &NodePortAddresses::Primary, &previous),
+            expected
+        );
+        assert!(
+            node_ip_uses_at_start(&addresses, &NodePortAddresses::Primary, &BTreeMap::new())
+                .values()
+                .all(|uses| *uses == tunnel_only),
+            "a first start serves nodePorts once the Node is read"
+        );
+        // CIDRs never depend on the previous agent.
+        let cidrs = NodePortAddresses::parse(&["198.51.100.0/24".into()]).unwrap();
+        assert_eq!(
+            node_ip_uses_at_start(&addresses, &cidrs, &previous),
+            BTreeMap::from([
+                (ip("192.0.2.10"), tunnel_only),
+                (ip("198.51.100.10"), NODE_IP_PRESENT),
+            ])
         );
     }
 

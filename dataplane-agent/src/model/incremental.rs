@@ -162,11 +162,22 @@ impl Model {
     /// Sets or removes an EndpointSlice: its Service (before and after) is
     /// recomputed.
     pub fn set_slice(&mut self, name: &ObjectName, record: Option<SliceRecord>) -> bool {
-        self.changes.slice_events += 1;
-        if self.cluster.endpoint_slices.get(name) == record.as_ref() {
+        let previous = self.cluster.endpoint_slices.get(name);
+        // kube-proxy's tracker counts only the slices of its family (FQDN
+        // and IPv6 slices, headless Services' slices are not its events).
+        let counted = [record.as_ref(), previous]
+            .into_iter()
+            .flatten()
+            .any(|slice| !slice.is_ignored());
+        if counted {
+            self.changes.slice_events += 1;
+        }
+        if previous == record.as_ref() {
             return false;
         }
-        self.changes.slice_changes_pending += 1;
+        if counted {
+            self.changes.slice_changes_pending += 1;
+        }
         let previous = match record {
             Some(record) => {
                 if let Some(service) = record.service() {

@@ -202,6 +202,12 @@ impl SliceRecord {
             SliceOwner::Ignored | SliceOwner::Invalid(_) => None,
         }
     }
+
+    /// Not for this proxy: a headless Service's, another proxy's, an FQDN
+    /// or (until the IPv6 datapath) IPv6 slice.
+    pub fn is_ignored(&self) -> bool {
+        matches!(self.owner, SliceOwner::Ignored)
+    }
 }
 
 impl EndpointRecord {

@@ -335,7 +335,9 @@ impl SkipCounts {
     }
 
     fn remove(&mut self, reason: SkipReason, count: usize) {
-        self.0[reason as usize] -= count;
+        let slot = &mut self.0[reason as usize];
+        debug_assert!(*slot >= count);
+        *slot = slot.saturating_sub(count);
     }
 }
 
@@ -388,14 +390,18 @@ impl NoLocalEndpoints {
     }
 
     fn remove(&mut self, other: Self) {
-        self.internal -= other.internal;
-        self.external -= other.external;
+        debug_assert!(self.internal >= other.internal && self.external >= other.external);
+        self.internal = self.internal.saturating_sub(other.internal);
+        self.external = self.external.saturating_sub(other.external);
     }
 }
 
 impl ServiceOutput {
     fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.health_check.is_none() && self.skipped.is_empty()
+        self.frontends.is_empty()
+            && self.health_check.is_none()
+            && self.skipped.is_empty()
+            && self.no_local_endpoints == NoLocalEndpoints::default()
     }
 
     fn entry(&self, frontend: &Frontend) -> Option<&FrontendEntry> {
