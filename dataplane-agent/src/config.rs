@@ -75,6 +75,23 @@ pub struct ExternalConfig {
     pub conntrack_sweep_period: Duration,
     pub conntrack_max_entries: u32,
     pub nodeport_addresses: NodePortAddresses,
+    /// CONFIG's `tunnel_mss_clamp`, from [`parse_tunnel_mss_clamp`].
+    pub tunnel_mss_clamp: u16,
+}
+
+/// `--tunnel-mss-clamp`: `auto` (the interface MTU minus the VXLAN
+/// encapsulation and the IPv4 and TCP headers), `off`, or an MSS in
+/// bytes (Linux's own floor, 88, to 65,534).
+pub fn parse_tunnel_mss_clamp(value: &str) -> Result<u16, String> {
+    match value.trim() {
+        "auto" => Ok(dataplane_common::TUNNEL_MSS_CLAMP_AUTO),
+        "off" => Ok(dataplane_common::TUNNEL_MSS_CLAMP_OFF),
+        number => number
+            .parse::<u16>()
+            .ok()
+            .filter(|mss| (88..dataplane_common::TUNNEL_MSS_CLAMP_AUTO).contains(mss))
+            .ok_or_else(|| format!("{value:?} is not auto, off, nor an MSS from 88 to 65534")),
+    }
 }
 
 /// Which of this node's addresses serve nodePorts: kube-proxy's
@@ -139,6 +156,22 @@ mod tests {
     fn parse(values: &[&str]) -> Result<NodePortAddresses, String> {
         let values: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
         NodePortAddresses::parse(&values)
+    }
+
+    #[test]
+    fn tunnel_mss_clamp_reads_auto_off_and_a_size() {
+        assert_eq!(
+            parse_tunnel_mss_clamp("auto"),
+            Ok(dataplane_common::TUNNEL_MSS_CLAMP_AUTO)
+        );
+        assert_eq!(
+            parse_tunnel_mss_clamp("off"),
+            Ok(dataplane_common::TUNNEL_MSS_CLAMP_OFF)
+        );
+        assert_eq!(parse_tunnel_mss_clamp("1310"), Ok(1310));
+        for bad in ["0", "87", "65535", "big", ""] {
+            assert!(parse_tunnel_mss_clamp(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

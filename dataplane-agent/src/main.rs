@@ -8,7 +8,10 @@ use clap::{
     parser::ValueSource,
 };
 use dataplane_agent::{
-    config::{ExternalConfig, ExternalMode, NodePortAddresses, RunConfig, SourceConfig},
+    config::{
+        ExternalConfig, ExternalMode, NodePortAddresses, RunConfig, SourceConfig,
+        parse_tunnel_mss_clamp,
+    },
     dataplane::{conntrack, interfaces, maps, names, pins, state::Limits},
     dump, kube_proxy_config, run,
 };
@@ -123,6 +126,14 @@ struct RunArgs {
     /// at run time are followed at once.
     #[arg(long, value_delimiter = ',', value_parser = parse_nodeport_address)]
     nodeport_addresses: Vec<String>,
+    /// MSS clamping of tunnelled TCP flows: their SYN and SYN-ACK announce
+    /// at most this, so segments fit the tunnel even where a firewall
+    /// drops ICMP "fragmentation needed". `auto`: the node interface's MTU
+    /// minus the VXLAN encapsulation (50) and the IPv4 and TCP headers
+    /// (40); `off`; or an MSS in bytes, for a smaller MTU further on the
+    /// path.
+    #[arg(long, default_value = "auto", value_parser = parse_tunnel_mss_clamp)]
+    tunnel_mss_clamp: u16,
     /// UDP port of the VXLAN tunnel between nodes (must be the same on all
     /// nodes and differ from any other VXLAN device's port).
     #[arg(long, default_value_t = 4789)]
@@ -327,6 +338,7 @@ async fn run_agent(args: RunArgs) -> Result<()> {
             conntrack_sweep_period: args.conntrack_sweep_period,
             conntrack_max_entries: args.conntrack_max_entries,
             nodeport_addresses,
+            tunnel_mss_clamp: args.tunnel_mss_clamp,
         }),
         health_check_bind_ip: args.health_check_bind_ip,
     };

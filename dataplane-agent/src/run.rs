@@ -1049,7 +1049,7 @@ fn configure_interfaces(
         tunnel_port_be: external.tunnel_port.to_be(),
         snat_port_min: external.snat_ports.0,
         snat_port_max: external.snat_ports.1,
-        _pad: 0,
+        tunnel_mss_clamp: external.tunnel_mss_clamp,
     })?;
     info!(%node_ip, node_addresses = ?addresses, node_ports = ?serving_node_ports(&uses), "interface programs configured");
     Ok((node_ip, uses))

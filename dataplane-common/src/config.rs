@@ -25,8 +25,16 @@ pub struct ConfigValue {
     /// (host order).
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub _pad: u16,
+    /// The MSS that TCP SYNs and SYN-ACKs of tunnelled flows are lowered
+    /// to: [`TUNNEL_MSS_CLAMP_OFF`], [`TUNNEL_MSS_CLAMP_AUTO`] (the
+    /// interface's MTU minus the encapsulation and the IPv4 and TCP
+    /// headers) or the MSS itself (host order). Agents before this field
+    /// wrote 0 here: off.
+    pub tunnel_mss_clamp: u16,
 }
+
+pub const TUNNEL_MSS_CLAMP_OFF: u16 = 0;
+pub const TUNNEL_MSS_CLAMP_AUTO: u16 = u16::MAX;
 const _: () = assert!(size_of::<ConfigValue>() == 20);
 
 /// PORTS: a bitmap that lets the interface programs skip every packet that

@@ -8,6 +8,7 @@ mod csum;
 mod icmp;
 mod lb;
 mod maps;
+mod mss;
 mod nat;
 mod packet;
 mod reject;

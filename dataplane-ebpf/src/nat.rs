@@ -65,20 +65,12 @@ fn rewrite(
             flow.l4_off + L4_DST_PORT,
         ),
     };
-    // A UDP checksum of 0 means "none" and must stay 0; a computed 0 is
-    // sent as 0xffff (MARK_MANGLED_0 does both).
-    let l4_flags = if flow.is_tcp() {
-        0
-    } else {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    };
-    let csum_off = flow.csum_off();
     if new_ip_be != old_ip_be {
         ctx.l4_csum_replace(
-            csum_off,
+            flow.csum_off(),
             u64::from(old_ip_be),
             u64::from(new_ip_be),
-            l4_flags | u64::from(BPF_F_PSEUDO_HDR) | 4,
+            l4_csum_flags(flow) | u64::from(BPF_F_PSEUDO_HDR) | 4,
         )
         .map_err(|_| RewriteFailed)?;
         ctx.l3_csum_replace(
@@ -92,15 +84,39 @@ fn rewrite(
             .map_err(|_| RewriteFailed)?;
     }
     if new_port_be != old_port_be {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_port_be),
-            u64::from(new_port_be),
-            l4_flags | 2,
-        )
-        .map_err(|_| RewriteFailed)?;
-        ctx.store(port_field, &new_port_be, 0)
-            .map_err(|_| RewriteFailed)?;
+        set_l4_u16(ctx, flow, port_field, old_port_be, new_port_be)?;
     }
     Ok(())
+}
+
+/// Rewrites a 16-bit field of the L4 header (a port, a TCP option's value)
+/// at an even offset from the header's start, so it is one word of the
+/// checksum.
+#[inline(always)]
+pub fn set_l4_u16(
+    ctx: &TcContext,
+    flow: &Flow,
+    field: usize,
+    old_be: u16,
+    new_be: u16,
+) -> Result<(), RewriteFailed> {
+    ctx.l4_csum_replace(
+        flow.csum_off(),
+        u64::from(old_be),
+        u64::from(new_be),
+        l4_csum_flags(flow) | 2,
+    )
+    .map_err(|_| RewriteFailed)?;
+    ctx.store(field, &new_be, 0).map_err(|_| RewriteFailed)
+}
+
+/// A UDP checksum of 0 means "none" and must stay 0; a computed 0 is sent
+/// as 0xffff (MARK_MANGLED_0 does both).
+#[inline(always)]
+fn l4_csum_flags(flow: &Flow) -> u64 {
+    if flow.is_tcp() {
+        0
+    } else {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    }
 }

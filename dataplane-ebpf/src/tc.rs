@@ -32,7 +32,8 @@ use crate::{
     icmp::{self, Translated},
     lb,
     maps::{CONFIG, NODE_IPS, SOURCE_RANGES, count, port_in_use},
-    nat,
+    mss,
+    nat::{self, RewriteFailed},
     packet::{self, Flow, Ipv4, Packet, TCP_DATA_OFFSET, TCP_MIN_HLEN, UDP_HLEN},
     reject, route, tunnel,
 };
@@ -142,9 +143,26 @@ pub fn egress(ctx: &TcContext) -> i32 {
                     Err(_) => DROP,
                 };
             }
+            // The backend's SYN-ACK: the client's segments must fit the
+            // tunnel from node to node.
+            if clamp_mss(ctx, &config, &flow).is_err() {
+                return datapath_error();
+            }
             to_tunnel(ctx, &config, value.tunnel_ip_be)
         }
         _ => PASS,
+    }
+}
+
+/// Lowers the MSS of a tunnelled TCP flow's SYN or SYN-ACK (see `mss`).
+#[inline(always)]
+fn clamp_mss(ctx: &TcContext, config: &ConfigValue, flow: &Flow) -> Result<(), RewriteFailed> {
+    if !flow.is_tcp() {
+        return Ok(());
+    }
+    match tunnel::mss_clamp(ctx, config) {
+        Some(clamp) => mss::clamp(ctx, flow, clamp),
+        None => Ok(()),
     }
 }
 
@@ -331,6 +349,12 @@ fn to_backend(
         return route::forward(ctx, value.snat_ip_be, value.nat_ip_be);
     }
     if remote {
+        // The client's SYN: the backend's segments must fit the tunnel
+        // back. Rewritten after the DNAT so the checksum update sees the
+        // packet as it now is.
+        if clamp_mss(ctx, config, flow).is_err() {
+            return datapath_error();
+        }
         return to_tunnel(ctx, config, value.tunnel_ip_be);
     }
     PASS

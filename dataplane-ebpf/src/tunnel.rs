@@ -12,12 +12,12 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_get_hash_recalc},
     programs::TcContext,
 };
-use dataplane_common::{ConfigValue, IPPROTO_UDP};
+use dataplane_common::{ConfigValue, IPPROTO_UDP, TUNNEL_MSS_CLAMP_AUTO, TUNNEL_MSS_CLAMP_OFF};
 
 use crate::{
     csum,
     maps::{NODE_IPS, TUNNEL_PEERS},
-    packet::{ETH_HLEN, ETH_P_IP_BE, Flow, IP_OFF, IPV4_MIN_HLEN, Ipv4, UDP_HLEN},
+    packet::{ETH_HLEN, ETH_P_IP_BE, Flow, IP_OFF, IPV4_MIN_HLEN, Ipv4, TCP_MIN_HLEN, UDP_HLEN},
 };
 
 const VXLAN_HLEN: usize = 8;
@@ -67,6 +67,24 @@ pub fn is_ours(ctx: &TcContext, ip: &Ipv4, flow: &Flow, config: &ConfigValue) ->
         return false;
     };
     flags & VXLAN_FLAG_VNI != 0 && u32::from_be(vni_word) >> 8 == config.vni
+}
+
+/// The MSS tunnelled TCP flows are clamped to, per CONFIG: None when off.
+/// `auto` reads the MTU of the skb's device, which the tunnel leaves from.
+#[inline(always)]
+pub fn mss_clamp(ctx: &TcContext, config: &ConfigValue) -> Option<u16> {
+    match config.tunnel_mss_clamp {
+        TUNNEL_MSS_CLAMP_OFF => None,
+        TUNNEL_MSS_CLAMP_AUTO => {
+            let mut mtu: u32 = 0;
+            // SAFETY: `mtu` is a valid in/out parameter; ifindex 0 is the
+            // skb's device. Only the MTU reported back is used.
+            unsafe { bpf_check_mtu(ctx.as_ptr(), 0, &mut mtu, 0, 0) };
+            let headers = (OVERHEAD + IPV4_MIN_HLEN + TCP_MIN_HLEN) as u32;
+            u16::try_from(mtu.checked_sub(headers)?).ok()
+        }
+        fixed => Some(fixed),
+    }
 }
 
 /// Whether the packet still fits the outgoing interface once encapsulated.

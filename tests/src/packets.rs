@@ -292,6 +292,35 @@ pub fn refresh_ipv4_checksum(frame: &mut [u8]) {
     frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&checksum.to_be_bytes());
 }
 
+/// `frame` (Ethernet/IPv4/TCP, both headers of 20 bytes) with `options`
+/// (a multiple of 4 bytes, at most 40) after its TCP header: data offset,
+/// total length and both checksums follow.
+pub fn with_tcp_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40);
+    assert_eq!(frame[ETH_HLEN] & 0x0f, 5, "an IPv4 header without options");
+    let tcp = ETH_HLEN + 20;
+    assert_eq!(frame[tcp + 12] >> 4, 5, "a TCP header without options");
+    let mut out = Vec::with_capacity(frame.len() + options.len());
+    out.extend_from_slice(&frame[..tcp + 20]);
+    out.extend_from_slice(options);
+    out.extend_from_slice(&frame[tcp + 20..]);
+    out[tcp + 12] = (((20 + options.len()) / 4) as u8) << 4;
+    let total_len = u16::from_be_bytes([frame[ETH_HLEN + 2], frame[ETH_HLEN + 3]]);
+    let total_len = total_len.wrapping_add(options.len() as u16);
+    out[ETH_HLEN + 2..ETH_HLEN + 4].copy_from_slice(&total_len.to_be_bytes());
+    refresh_ipv4_checksum(&mut out);
+    let src =
+        Ipv4Addr::from(<[u8; 4]>::try_from(&out[ETH_HLEN + 12..ETH_HLEN + 16]).unwrap_or_default());
+    let dst =
+        Ipv4Addr::from(<[u8; 4]>::try_from(&out[ETH_HLEN + 16..ETH_HLEN + 20]).unwrap_or_default());
+    let end = (ETH_HLEN + usize::from(total_len)).clamp(tcp + 18, out.len());
+    out[tcp + 16..tcp + 18].fill(0);
+    let acc = pseudo_header(src, dst, IPPROTO_TCP, end - tcp);
+    let checksum = fold(sum(&out[tcp..end], acc));
+    out[tcp + 16..tcp + 18].copy_from_slice(&checksum.to_be_bytes());
+    out
+}
+
 /// `frame` (Ethernet/IPv4 with a 20-byte header) with `options` (a multiple
 /// of 4 bytes, at most 40) inserted after its IPv4 header: header length,
 /// total length and header checksum follow; the L4 checksum does not

@@ -95,6 +95,9 @@ pub mod standard {
     pub const DROP_NODE_PORT: u16 = 30091;
     pub const TUNNEL_PORT: u16 = 4789;
     pub const VNI: u32 = 0xce11;
+    /// The MSS tunnelled SYNs and SYN-ACKs are clamped to: below what
+    /// senders usually announce, so the rewrite is exercised.
+    pub const TUNNEL_MSS_CLAMP: u16 = 1200;
 }
 
 pub struct TcHarness {
@@ -277,7 +280,7 @@ impl TcHarness {
             tunnel_port_be: TUNNEL_PORT.to_be(),
             snat_port_min: 61000,
             snat_port_max: 65535,
-            _pad: 0,
+            tunnel_mss_clamp: TUNNEL_MSS_CLAMP,
         };
         Self::new(
             desired,

@@ -22,7 +22,7 @@ use crate::{
     ICMP_DEST_UNREACHABLE, ICMP_HLEN, IP_CSUM, IP_DST, IP_SRC, VXLAN_FLAG_VNI, VXLAN_OVERHEAD,
     model::{
         Model, Tuple, View, be16, changed_outside, checksums_ok, endpoint, endpoint_of_map, ip_at,
-        is_fragment, l4_csum, quoted_flow, view_of,
+        is_fragment, l4_csum, mss_rewrite, quoted_flow, view_of,
     },
 };
 
@@ -583,11 +583,13 @@ impl Checker {
         inner.extend_from_slice(&output[VXLAN_OVERHEAD + ETH_HLEN..]);
         match (*view, hook) {
             (View::Ports { tuple, l4_off }, Hook::Ingress) => {
+                let mss = clamped_mss(&tuple, input, &inner, l4_off)?;
                 let allowed = [
                     IP_CSUM,
                     IP_DST,
                     l4_off + 2..l4_off + 4,
                     l4_csum(tuple.protocol, l4_off),
+                    mss,
                 ];
                 if let Some(at) = changed_outside(input, &inner, &allowed) {
                     return Err(broken_as(
@@ -606,8 +608,16 @@ impl Checker {
             (View::Icmp { icmp_off, .. }, Hook::Ingress) => {
                 self.check_icmp(harness, input, &inner, icmp_off, Some(outer.dst))?;
             }
-            (View::Ports { tuple, .. }, Hook::Egress) => {
-                if inner != input {
+            (View::Ports { tuple, l4_off }, Hook::Egress) => {
+                let mss = clamped_mss(&tuple, input, &inner, l4_off)?;
+                let checksum = if mss.is_empty() {
+                    0..0
+                } else {
+                    l4_csum(tuple.protocol, l4_off)
+                };
+                if inner.len() != input.len()
+                    || changed_outside(input, &inner, &[mss, checksum]).is_some()
+                {
                     return Err(broken("3: a reply changed inside the tunnel"));
                 }
                 match self.tracked(harness, &tuple) {
@@ -779,5 +789,27 @@ fn is_answer(input: &[u8], view: &View, output: &[u8]) -> bool {
                 && output[ETH_HLEN + 28..] == input[ETH_HLEN..ETH_HLEN + 28]
         }
         _ => false,
+    }
+}
+
+/// The MSS bytes of a tunnelled TCP SYN or SYN-ACK, checked: lowered to
+/// the clamp where mss.rs lowers it, and the range that may change (empty
+/// when none may).
+fn clamped_mss(
+    tuple: &Tuple,
+    input: &[u8],
+    inner: &[u8],
+    l4_off: usize,
+) -> Verdict<std::ops::Range<usize>> {
+    if tuple.protocol != IPPROTO_TCP {
+        return Ok(0..0);
+    }
+    match mss_rewrite(input, l4_off) {
+        Some((at, value)) if inner.get(at.clone()) == Some(&value[..]) => Ok(at),
+        Some((at, _)) => Err(broken_as(
+            "3: a tunnelled SYN's MSS is not clamped",
+            format!("bytes {at:?}"),
+        )),
+        None => Ok(0..0),
     }
 }

@@ -37,6 +37,7 @@ pub(super) enum Category {
     VxlanGarbage,
     VxlanStranger,
     IpOptions,
+    TcpOptions,
     Fragment,
     BadIhl,
     BadVersion,
@@ -50,7 +51,7 @@ pub(super) enum Category {
 }
 
 /// Categories and their weights in a run.
-const MIX: [(Category, usize); 26] = [
+const MIX: [(Category, usize); 27] = [
     (Category::TcpToFrontend, 10),
     (Category::UdpToFrontend, 6),
     (Category::WrongProtocol, 3),
@@ -67,6 +68,7 @@ const MIX: [(Category, usize); 26] = [
     (Category::VxlanGarbage, 3),
     (Category::VxlanStranger, 3),
     (Category::IpOptions, 4),
+    (Category::TcpOptions, 5),
     (Category::Fragment, 3),
     (Category::BadIhl, 2),
     (Category::BadVersion, 2),
@@ -275,6 +277,54 @@ impl Generator<'_> {
                     _ => self.rng.bytes(words * 4),
                 };
                 (category, hook, packets::with_ipv4_options(&base, &options))
+            }
+            Category::TcpOptions => {
+                // A SYN to a frontend (tunnelled when its backend is
+                // remote), or a backend's reply into the tunnel, with
+                // options as stacks send them, and broken ones.
+                let (hook, mut base) = match self.build(Category::ReplyIntoTunnel) {
+                    (_, Hook::Egress, frame) if self.rng.chance(40) => (Hook::Egress, frame),
+                    _ => (Hook::Ingress, self.build(Category::TcpToFrontend).2),
+                };
+                let tcp = ETH_HLEN + 20;
+                if base.len() < tcp + 20 || base[ETH_HLEN + 9] != IPPROTO_TCP {
+                    return (category, hook, base);
+                }
+                if self.rng.chance(80) {
+                    base[tcp + 13] = if hook == Hook::Egress {
+                        TCP_SYN | TCP_ACK
+                    } else {
+                        TCP_SYN
+                    };
+                }
+                let mss = |value: u16| {
+                    let [high, low] = value.to_be_bytes();
+                    [2, 4, high, low]
+                };
+                let options: Vec<u8> = match self.rng.below(8) {
+                    0 => mss(1460).to_vec(),
+                    1 => mss(536).to_vec(),
+                    // Linux: MSS, SACK permitted, timestamps, window scale.
+                    2 => [
+                        &mss(1460)[..],
+                        &[4, 2, 8, 10],
+                        &[0, 0, 1, 0, 0, 0, 0, 0],
+                        &[1, 3, 3, 7],
+                    ]
+                    .concat(),
+                    // After two NOPs: still an even offset.
+                    3 => [&[1, 1][..], &mss(9000), &[1, 1]].concat(),
+                    // After one NOP: an odd offset, left alone.
+                    4 => [&[1][..], &mss(9000), &[0, 0, 0]].concat(),
+                    // A wrong length, a length past the end, a zero length.
+                    5 => vec![2, 3, 0x23, 0x28, 2, 4, 0x23, 0x28],
+                    6 => vec![1, 1, 1, 2, 4, 0x23, 0x28, 0],
+                    _ => {
+                        let len = self.rng.range(1..=10) * 4;
+                        self.rng.bytes(len)
+                    }
+                };
+                (category, hook, packets::with_tcp_options(&base, &options))
             }
             Category::Fragment => {
                 let (_, hook, mut frame) = self.base();

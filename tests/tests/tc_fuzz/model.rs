@@ -9,7 +9,7 @@ use dataplane_testbed::{
     packets::{self, ETH_HLEN, Endpoint, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     tc_harness::{
         TcHarness,
-        standard::{NODE, PEER, TUNNEL_PORT, VNI},
+        standard::{NODE, PEER, TUNNEL_MSS_CLAMP, TUNNEL_PORT, VNI},
     },
 };
 
@@ -129,6 +129,54 @@ pub(super) fn is_fragment(frame: &[u8]) -> bool {
 pub(super) fn l4_csum(protocol: u8, l4_off: usize) -> Range<usize> {
     let at = l4_off + if protocol == IPPROTO_TCP { 16 } else { 6 };
     at..at + 2
+}
+
+/// Where mss.rs `clamp` lowers the MSS of a tunnelled TCP packet, and the
+/// bytes it writes there: its walk over the options, on the bytes the
+/// frame has. None when the packet is to be left alone (no SYN, no MSS
+/// option, one at an odd offset or malformed, or not above the clamp).
+pub(super) fn mss_rewrite(frame: &[u8], l4_off: usize) -> Option<(Range<usize>, [u8; 2])> {
+    const END: u8 = 0;
+    const NOP: u8 = 1;
+    const MSS: u8 = 2;
+    let flags = *frame.get(l4_off + 13)?;
+    let data_offset = *frame.get(l4_off + 12)?;
+    if flags & packets::TCP_SYN == 0 {
+        return None;
+    }
+    let options_end = l4_off + (usize::from(data_offset >> 4) * 4).min(60);
+    let mut offset = l4_off + 20;
+    for _ in 0..40 {
+        if offset >= options_end {
+            return None;
+        }
+        match *frame.get(offset)? {
+            END => return None,
+            NOP => {
+                offset += 1;
+                continue;
+            }
+            _ => {}
+        }
+        if offset + 1 >= options_end {
+            return None;
+        }
+        let len = *frame.get(offset + 1)?;
+        if len < 2 {
+            return None;
+        }
+        if frame[offset] == MSS {
+            let value = offset + 2;
+            if len != 4 || offset + 4 > options_end || !(value - l4_off).is_multiple_of(2) {
+                return None;
+            }
+            let mss = u16::from_be_bytes([*frame.get(value)?, *frame.get(value + 1)?]);
+            return (mss > TUNNEL_MSS_CLAMP)
+                .then(|| (value..value + 2, TUNNEL_MSS_CLAMP.to_be_bytes()));
+        }
+        offset += usize::from(len);
+    }
+    None
 }
 
 /// IPv4 header and TCP/UDP/ICMP checksums both right (the L4 one needs the
