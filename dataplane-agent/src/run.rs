@@ -250,9 +250,13 @@ impl Agent {
         }
         if (full || recomputed.nodes_changed)
             && let Some(maps) = &mut self.interface_maps
-            && let Err(error) = maps.set_tunnel_peers(&self.model.node_addresses())
         {
-            error!(error = format!("{error:#}"), "tunnel peers not updated");
+            if let Err(error) = maps.set_tunnel_peers(&self.model.node_addresses()) {
+                error!(error = format!("{error:#}"), "tunnel peers not updated");
+            }
+            if let Err(error) = maps.set_pod_cidrs(self.model.pod_cidrs()) {
+                error!(error = format!("{error:#}"), "pod CIDRs not updated");
+            }
         }
         if full || recomputed.health_checks_changed || self.health_checks_failing {
             self.serve_health_checks();

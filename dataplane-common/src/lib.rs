@@ -44,7 +44,8 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "SOURCE_RANGES";
     pub const TUNNEL_PEERS: &str = "TUNNEL_PEERS";
     pub const PORTS: &str = "PORTS";
-    pub const ALL: [&str; 12] = [
+    pub const POD_CIDRS: &str = "POD_CIDRS";
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         SOCK_REV,
@@ -57,6 +58,7 @@ pub mod map_names {
         SOURCE_RANGES,
         TUNNEL_PEERS,
         PORTS,
+        POD_CIDRS,
     ];
 }
 
@@ -102,6 +104,8 @@ pub const fn node_ip_serves_node_ports(value: u32) -> bool {
     value & NODE_IP_NO_NODE_PORTS == 0
 }
 pub const TUNNEL_PEERS_MAX_ENTRIES: u32 = 16_384;
+/// Pod CIDRs over all nodes (a node usually has one per address family).
+pub const POD_CIDRS_MAX_ENTRIES: u32 = 16_384;
 pub const SOURCE_RANGES_MAX_ENTRIES: u32 = 65_536;
 
 #[cfg(feature = "user")]

@@ -8,9 +8,9 @@ use aya_ebpf::{
 use dataplane_common::{
     AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BackendKey,
     BackendValue, CONNTRACK_MAX_ENTRIES, ConfigValue, CtKey, CtValue, MemberKey,
-    NODE_IPS_MAX_ENTRIES, PORTS_WORDS, SERVICES_MAX_ENTRIES, SOCK_REV_MAX_ENTRIES,
-    SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey,
-    Stat, TUNNEL_PEERS_MAX_ENTRIES,
+    NODE_IPS_MAX_ENTRIES, POD_CIDRS_MAX_ENTRIES, PORTS_WORDS, SERVICES_MAX_ENTRIES,
+    SOCK_REV_MAX_ENTRIES, SOURCE_RANGES_MAX_ENTRIES, ServiceKey, ServiceValue, SockRevKey,
+    SockRevValue, SourceRangeKey, Stat, TUNNEL_PEERS_MAX_ENTRIES,
 };
 
 /// `BPF_F_NO_PREALLOC`: a preallocated hash map recycles the element an
@@ -85,6 +85,12 @@ pub fn port_in_use(kind: u8, protocol: u8, port_be: u16) -> bool {
 #[map]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);
+
+/// Every node's pod CIDRs (the prefix of the address, network order) ->
+/// that node's InternalIP: a client whose pods' node is the backend's own
+/// must be answered through this node (see `tc::new_flow`).
+#[map]
+pub static POD_CIDRS: LpmTrie<u32, u32> = LpmTrie::pinned(POD_CIDRS_MAX_ENTRIES, 0);
 
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);

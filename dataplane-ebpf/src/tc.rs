@@ -31,7 +31,7 @@ use crate::{
     conntrack,
     icmp::{self, Translated},
     lb,
-    maps::{CONFIG, NODE_IPS, SOURCE_RANGES, count, port_in_use},
+    maps::{CONFIG, NODE_IPS, POD_CIDRS, SOURCE_RANGES, count, port_in_use},
     mss,
     nat::{self, RewriteFailed},
     packet::{self, Flow, Ipv4, Packet, TCP_DATA_OFFSET, TCP_MIN_HLEN, UDP_HLEN},
@@ -249,12 +249,16 @@ fn new_flow(
         return no_backend(ctx, ip, flow, service);
     };
     let remote = backend.flags & BACKEND_FLAG_REMOTE != 0 && backend.node_ip_be != 0;
-    // Hairpin: a client on the backend's own node (the backend itself, or
-    // the node's address: host processes and masqueraded pods) must see
-    // the answer come from this node, so this node stands in as the source
-    // (kube-proxy masquerades such traffic too). Tunnelled, the backend's
-    // node would get a packet from itself, and the reply would stay there.
-    let hairpin = backend.ip_be == flow.src_be || (remote && backend.node_ip_be == flow.src_be);
+    // Hairpin: a client on the backend's own node (the backend itself, the
+    // node's address: host processes and masqueraded pods, or a pod of
+    // that node with its own address) must see the answer come from this
+    // node, so this node stands in as the source (kube-proxy masquerades
+    // such traffic too). Tunnelled, the backend would answer the client
+    // directly on their node, from an address it never dialled.
+    let hairpin = backend.ip_be == flow.src_be
+        || (remote
+            && (backend.node_ip_be == flow.src_be
+                || pods_node(flow.src_be) == Some(backend.node_ip_be)));
     if (remote && config.external_mode == EXTERNAL_MODE_SNAT) || hairpin {
         return new_snat_flow(ctx, config, ip, flow, service, &backend);
     }
@@ -526,6 +530,13 @@ fn snat_reply_to_client(ctx: &TcContext, flow: &Flow, value: &CtValue) -> i32 {
         return datapath_error();
     }
     route::forward(ctx, value.nat_ip_be, value.snat_ip_be)
+}
+
+/// The InternalIP (network order) of the node whose pod CIDR holds
+/// `address_be`, if any.
+#[inline(always)]
+fn pods_node(address_be: u32) -> Option<u32> {
+    POD_CIDRS.get(LpmKey::new(32, address_be)).copied()
 }
 
 #[inline(always)]

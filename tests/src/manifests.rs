@@ -214,6 +214,14 @@ pub fn node_with_ip(name: &str, ip: Ipv4Addr) -> String {
     )
 }
 
+/// A Node object with an InternalIP and the pod CIDR its pods' addresses
+/// come from.
+pub fn node_with_pod_cidr(name: &str, ip: Ipv4Addr, pod_cidr: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nspec:\n  podCIDR: \"{pod_cidr}\"\n  podCIDRs: [\"{pod_cidr}\"]\nstatus:\n  addresses: [{{type: InternalIP, address: \"{ip}\"}}]\n"
+    )
+}
+
 /// Documents joined into one multi-document file.
 pub fn join(documents: &[String]) -> String {
     documents.join("---\n")

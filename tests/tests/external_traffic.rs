@@ -21,7 +21,7 @@ use dataplane_common::{
 use dataplane_testbed::{
     Host,
     cluster::{Cluster, NODE_INTERFACE},
-    manifests::{Ep, Svc, join, node_with_ip, slice},
+    manifests::{Ep, Svc, join, node_with_ip, node_with_pod_cidr, slice},
     probe::{Attempt, parse_attempts, tally},
     testbed::{
         AgentSource, Hold, loaded_program_ids, pinned_program_ids_of, sibling_binary, unix_ms,
@@ -55,12 +55,18 @@ fn two_nodes() -> Setup {
     }
 }
 
-/// Node objects (for the tunnel's addresses), a Service built by `service`
-/// with ports 80/TCP and 80/UDP -> 8080 and nodePort 30080, and its
-/// endpoints.
+/// Node objects (for the tunnel's addresses and the nodes' pod CIDRs), a
+/// Service built by `service` with ports 80/TCP and 80/UDP -> 8080 and
+/// nodePort 30080, and its endpoints.
 fn manifests(setup: &Setup, service: Svc, endpoints: &[Ep]) -> String {
     let mut documents: Vec<String> = (0..setup.cluster.nodes.len())
-        .map(|i| node_with_ip(&setup.cluster.nodes[i].node_name, setup.cluster.node_ip(i)))
+        .map(|i| {
+            node_with_pod_cidr(
+                &setup.cluster.nodes[i].node_name,
+                setup.cluster.node_ip(i),
+                &format!("10.{}.0.0/16", 201 + i),
+            )
+        })
         .collect();
     documents.push(service.yaml());
     documents.push(slice(
@@ -1333,4 +1339,29 @@ fn a_fixed_mss_clamp_carries_a_transfer_over_a_smaller_link_whose_icmp_is_filter
         report["ok"], true,
         "10 MiB over the 1,400-byte link: {report}"
     );
+}
+
+#[test]
+fn a_pod_reaches_another_nodes_node_port_whose_backend_is_on_its_own_node() {
+    let mut setup = two_nodes();
+    // A pod of node-2 outside the socket load balancing's cgroup, so its
+    // packets to node-1's nodePort really leave node-2.
+    let client_pod = setup.cluster.nodes[1].host("pod3").expect("pod3");
+    let c = &setup.cluster;
+    tunnelled_only(&setup, &[]);
+    let dialled = format!("{}:{NODE_PORT}", c.node_ip(0));
+    let attempts = c.nodes[1]
+        .exchange_in(&client_pod.netns, false, &dialled, 20, "tcp")
+        .unwrap();
+    // Answered through node-1 (SNAT to its address), since pod2 would
+    // answer pod3 directly on node-2, from an address pod3 never dialled.
+    assert_answers(
+        &attempts,
+        &dialled,
+        &[(&setup.pod2, c.node_ip(0).to_string())],
+    );
+    let udp = c.nodes[1]
+        .exchange_in(&client_pod.netns, false, &dialled, 20, "udp")
+        .unwrap();
+    assert_answers(&udp, &dialled, &[(&setup.pod2, c.node_ip(0).to_string())]);
 }

@@ -263,6 +263,7 @@ pub struct InterfaceMaps {
     config: Array<MapData, ConfigValue>,
     node_ips: HashMap<MapData, u32, u32>,
     tunnel_peers: HashMap<MapData, u32, u32>,
+    pod_cidrs: LpmTrie<MapData, u32, u32>,
 }
 
 impl InterfaceMaps {
@@ -274,6 +275,7 @@ impl InterfaceMaps {
                 ebpf.take_map(map_names::TUNNEL_PEERS),
                 map_names::TUNNEL_PEERS,
             )?,
+            pod_cidrs: typed_map(ebpf.take_map(map_names::POD_CIDRS), map_names::POD_CIDRS)?,
         })
     }
 
@@ -294,6 +296,33 @@ impl InterfaceMaps {
             .filter_map(Result::ok)
             .map(|(key, uses)| (ipv4_of_be(key), uses))
             .collect()
+    }
+
+    /// Makes POD_CIDRS hold exactly the cluster's pod CIDRs, each with its
+    /// node's InternalIP (new and changed ones first, then the stale ones
+    /// removed).
+    pub fn set_pod_cidrs(&mut self, cidrs: &BTreeMap<SourceRange, Ipv4Addr>) -> Result<()> {
+        let key_of = |cidr: &SourceRange| LpmKey::new(u32::from(cidr.prefix_len), ipv4_be(cidr.ip));
+        for (cidr, node) in cidrs {
+            self.pod_cidrs
+                .insert(&key_of(cidr), ipv4_be(*node), 0)
+                .with_context(|| format!("adding {cidr} to {}", map_names::POD_CIDRS))?;
+        }
+        let wanted: BTreeSet<(u32, u32)> = cidrs
+            .keys()
+            .map(|cidr| (u32::from(cidr.prefix_len), ipv4_be(cidr.ip)))
+            .collect();
+        let stale: Vec<LpmKey<u32>> = self
+            .pod_cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !wanted.contains(&(key.prefix_len(), key.data())))
+            .collect();
+        for key in stale {
+            ignore_missing(self.pod_cidrs.remove(&key))
+                .with_context(|| format!("removing a stale entry of {}", map_names::POD_CIDRS))?;
+        }
+        Ok(())
     }
 
     /// Makes TUNNEL_PEERS hold exactly the cluster's node `addresses`.

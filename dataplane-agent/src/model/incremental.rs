@@ -13,7 +13,8 @@ use std::{
 use super::{
     ClusterState, DesiredDataplane, Frontend, FrontendEntry, HealthCheck, NoLocalEndpoints,
     NodeInfo, NodeRecord, ObjectName, ServiceOutput, ServiceRecord, SkipCounts, SkipReason,
-    Skipped, SliceRecord, endpoints, node_addresses, service_output, slice_problems,
+    Skipped, SliceRecord, SourceRange, endpoints, node_addresses, pod_cidrs, service_output,
+    slice_problems,
 };
 
 /// The cluster, this node's view of it, and what every Service asks of
@@ -25,6 +26,8 @@ pub struct Model {
     cluster: ClusterState,
     /// The InternalIPs of the nodes that have one.
     node_addresses: BTreeMap<String, Ipv4Addr>,
+    /// Every node's pod CIDRs, with the node's InternalIP.
+    pod_cidrs: BTreeMap<SourceRange, Ipv4Addr>,
     /// (Service, EndpointSlice) pairs: one set rather than a set per
     /// Service, as most Services have one slice and a set's first node
     /// costs hundreds of bytes.
@@ -114,6 +117,7 @@ impl Model {
             },
             cluster: ClusterState::default(),
             node_addresses: BTreeMap::new(),
+            pod_cidrs: BTreeMap::new(),
             slices_of: BTreeSet::new(),
             outputs: BTreeMap::new(),
             claims: BTreeMap::new(),
@@ -242,7 +246,10 @@ impl Model {
         let moves_backends = node.zone != self.node.zone
             || node.internal_ip != self.node.internal_ip
             || addresses != self.node_addresses;
-        self.nodes_changed |= addresses != self.node_addresses || node != self.node;
+        let pod_cidrs = pod_cidrs(&self.cluster);
+        self.nodes_changed |=
+            addresses != self.node_addresses || node != self.node || pod_cidrs != self.pod_cidrs;
+        self.pod_cidrs = pod_cidrs;
         self.node = node;
         self.node_addresses = addresses;
         self.all_dirty |= moves_backends;
@@ -437,6 +444,11 @@ impl Model {
                 Some((*port, check))
             })
             .collect()
+    }
+
+    /// Every node's pod CIDRs, with the node's InternalIP.
+    pub fn pod_cidrs(&self) -> &BTreeMap<SourceRange, Ipv4Addr> {
+        &self.pod_cidrs
     }
 
     pub fn node_addresses(&self) -> BTreeSet<Ipv4Addr> {

@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    ObjectName,
+    ObjectName, SourceRange,
     service::{self, Classified, HEADLESS_LABEL, Protocol, Rejection, SERVICE_PROXY_NAME_LABEL},
 };
 
@@ -248,6 +248,8 @@ pub struct NodeRecord {
     pub being_deleted: bool,
     /// The first IPv4 InternalIP.
     pub internal_ip: Option<Ipv4Addr>,
+    /// `spec.podCIDRs` (IPv4): where this node's pods' addresses come from.
+    pub pod_cidrs: Vec<SourceRange>,
 }
 
 impl NodeRecord {
@@ -277,8 +279,26 @@ impl NodeRecord {
                         .filter(|a| a.type_ == "InternalIP")
                         .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
                 }),
+            pod_cidrs: pod_cidrs(node),
         }
     }
+}
+
+/// A Node's IPv4 `spec.podCIDRs` (or the older single `podCIDR`); ones
+/// that do not parse are left out, as the node IPAM never writes them.
+fn pod_cidrs(node: &Node) -> Vec<SourceRange> {
+    let Some(spec) = node.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed = match (&spec.pod_cidrs, &spec.pod_cidr) {
+        (Some(cidrs), _) if !cidrs.is_empty() => cidrs.clone(),
+        (_, Some(cidr)) => vec![cidr.clone()],
+        _ => Vec::new(),
+    };
+    listed
+        .iter()
+        .filter_map(|cidr| SourceRange::parse(cidr).ok().flatten())
+        .collect()
 }
 
 /// Everything the sources know about the cluster.

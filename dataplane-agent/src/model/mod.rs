@@ -675,6 +675,17 @@ fn node_addresses(cluster: &ClusterState) -> BTreeMap<String, Ipv4Addr> {
         .collect()
 }
 
+/// Every node's IPv4 pod CIDRs with the node's InternalIP: the interface
+/// programs tell from it that a client is a pod of a backend's node.
+pub fn pod_cidrs(cluster: &ClusterState) -> BTreeMap<SourceRange, Ipv4Addr> {
+    cluster
+        .nodes
+        .values()
+        .filter_map(|node| Some((node.internal_ip?, &node.pod_cidrs)))
+        .flat_map(|(ip, cidrs)| cidrs.iter().map(move |cidr| (*cidr, ip)))
+        .collect()
+}
+
 /// A distinct set of the Services the desired state programs, for logs.
 pub fn services_of(desired: &DesiredDataplane) -> BTreeSet<&ObjectName> {
     desired

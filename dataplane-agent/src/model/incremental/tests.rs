@@ -2,7 +2,7 @@
 //! it hands to the map writer. (Equality with the model from scratch is a
 //! property test in `properties.rs`.)
 
-use k8s_openapi::api::core::v1::{NodeAddress, NodeStatus};
+use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
 
 use super::*;
 use crate::model::fixtures::{node_object, ready, service, slice};
@@ -110,6 +110,47 @@ fn a_node_heartbeat_changes_nothing_and_a_new_address_recomputes_everything() {
     // Every Service was looked at; none of their entries changed (no
     // endpoint runs on node-b), so none is reported.
     assert!(recomputed.frontends.is_empty());
+}
+
+#[test]
+fn pod_cidrs_of_nodes_with_an_internal_ip_are_known_and_their_changes_are_news() {
+    let mut model = synced_model(1);
+    let node_with = |name: &str, ip: Option<&str>, cidrs: &[&str]| {
+        let mut node = node_object(name, None);
+        node.spec = Some(NodeSpec {
+            pod_cidrs: Some(cidrs.iter().map(|c| (*c).to_owned()).collect()),
+            ..NodeSpec::default()
+        });
+        node.status = ip.map(|ip| NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: ip.into(),
+            }]),
+            ..NodeStatus::default()
+        });
+        Update::Node(name.into(), Some(NodeRecord::new(&node)))
+    };
+    // IPv6 CIDRs wait for the IPv6 datapath; a node without an InternalIP
+    // has no tunnel to answer through.
+    model.update(node_with(
+        "node-b",
+        Some("192.0.2.2"),
+        &["10.202.0.0/16", "fd00:202::/64"],
+    ));
+    model.update(node_with("node-c", None, &["10.203.0.0/16"]));
+    assert!(model.recompute().nodes_changed);
+    let cidr = |text: &str| SourceRange::parse(text).unwrap().unwrap();
+    let ip = |text: &str| text.parse::<Ipv4Addr>().unwrap();
+    assert_eq!(
+        model.pod_cidrs(),
+        &BTreeMap::from([(cidr("10.202.0.0/16"), ip("192.0.2.2"))])
+    );
+    model.update(node_with("node-b", Some("192.0.2.2"), &["10.212.0.0/16"]));
+    assert!(model.recompute().nodes_changed, "a new pod CIDR is news");
+    assert_eq!(
+        model.pod_cidrs(),
+        &BTreeMap::from([(cidr("10.212.0.0/16"), ip("192.0.2.2"))])
+    );
 }
 
 #[test]
