@@ -22,13 +22,18 @@ const OPTION_MSS_LEN: u8 = 4;
 /// Options take at most 40 bytes and each step of the walk at least one.
 const MAX_OPTION_STEPS: usize = TCP_MAX_HLEN - TCP_MIN_HLEN;
 
-/// Lowers the MSS option of a TCP SYN or SYN-ACK to `clamp` when it
-/// announces more. Other packets, and SYNs without an MSS option (the peer
+/// Lowers the MSS option of a TCP SYN or SYN-ACK to the MSS `clamp`
+/// gives (None: no clamping) when it announces more; `clamp` is asked only
+/// for a SYN, so the other packets of a flow pay one load. Other packets, and SYNs without an MSS option (the peer
 /// then assumes 536), are left alone. An MSS option at an odd offset (no
 /// common stack sends one) is left alone too: its value would straddle two
 /// checksum words.
 #[inline(always)]
-pub fn clamp(ctx: &TcContext, flow: &Flow, clamp: u16) -> Result<(), RewriteFailed> {
+pub fn clamp(
+    ctx: &TcContext,
+    flow: &Flow,
+    clamp: impl FnOnce() -> Option<u16>,
+) -> Result<(), RewriteFailed> {
     let (Ok(flags), Ok(data_offset)) = (
         ctx.load::<u8>(flow.l4_off + TCP_FLAGS),
         ctx.load::<u8>(flow.l4_off + TCP_DATA_OFFSET),
@@ -38,6 +43,9 @@ pub fn clamp(ctx: &TcContext, flow: &Flow, clamp: u16) -> Result<(), RewriteFail
     if flags & TCP_SYN == 0 {
         return Ok(());
     }
+    let Some(clamp) = clamp() else {
+        return Ok(());
+    };
     let header_len = (usize::from(data_offset >> 4) * 4).min(TCP_MAX_HLEN);
     let options_end = flow.l4_off + header_len;
     let mut offset = flow.l4_off + TCP_MIN_HLEN;

@@ -160,10 +160,7 @@ fn clamp_mss(ctx: &TcContext, config: &ConfigValue, flow: &Flow) -> Result<(), R
     if !flow.is_tcp() {
         return Ok(());
     }
-    match tunnel::mss_clamp(ctx, config) {
-        Some(clamp) => mss::clamp(ctx, flow, clamp),
-        None => Ok(()),
-    }
+    mss::clamp(ctx, flow, || tunnel::mss_clamp(ctx, config))
 }
 
 /// Whether an inbound TCP/UDP packet can concern us at all: it goes to a
