@@ -87,8 +87,8 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::pinned(SOURCE_RANGES_MAX_ENTRIES, 0);
 
 /// Every node's pod CIDRs (the prefix of the address, network order) ->
-/// that node's InternalIP: a client whose pods' node is the backend's own
-/// must be answered through this node (see `tc::new_flow`).
+/// that node's InternalIP: a pod reaching a nodePort whose backend is on
+/// another node is answered through this node (see `tc::new_flow`).
 #[map]
 pub static POD_CIDRS: LpmTrie<u32, u32> = LpmTrie::pinned(POD_CIDRS_MAX_ENTRIES, 0);
 

@@ -24,7 +24,7 @@ const MAX_OPTION_STEPS: usize = TCP_MAX_HLEN - TCP_MIN_HLEN;
 
 /// Lowers the MSS option of a TCP SYN or SYN-ACK to the MSS `clamp`
 /// gives (None: no clamping) when it announces more; `clamp` is asked only
-/// for a SYN, so the other packets of a flow pay one load. Other packets, and SYNs without an MSS option (the peer
+/// for a SYN, so the other packets of a flow pay two byte loads. Other packets, and SYNs without an MSS option (the peer
 /// then assumes 536), are left alone. An MSS option at an odd offset (no
 /// common stack sends one) is left alone too: its value would straddle two
 /// checksum words.

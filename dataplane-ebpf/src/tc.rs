@@ -246,16 +246,17 @@ fn new_flow(
         return no_backend(ctx, ip, flow, service);
     };
     let remote = backend.flags & BACKEND_FLAG_REMOTE != 0 && backend.node_ip_be != 0;
-    // Hairpin: a client on the backend's own node (the backend itself, the
-    // node's address: host processes and masqueraded pods, or a pod of
-    // that node with its own address) must see the answer come from this
-    // node, so this node stands in as the source (kube-proxy masquerades
-    // such traffic too). Tunnelled, the backend would answer the client
-    // directly on their node, from an address it never dialled.
+    // Hairpin: a client on the backend's own node (the backend itself, or
+    // the node's address: host processes and masqueraded pods) must see
+    // the answer come from this node, so this node stands in as the source
+    // (kube-proxy masquerades such traffic too). Tunnelled, the backend
+    // would answer the client directly on their node. A pod with an
+    // address of its own, on any node, is answered through this node too:
+    // the backend's reply to it may leave by the CNI's own overlay, which
+    // no program of ours sees, and reach it from an address it never
+    // dialled.
     let hairpin = backend.ip_be == flow.src_be
-        || (remote
-            && (backend.node_ip_be == flow.src_be
-                || pods_node(flow.src_be) == Some(backend.node_ip_be)));
+        || (remote && (backend.node_ip_be == flow.src_be || is_pod(flow.src_be)));
     if (remote && config.external_mode == EXTERNAL_MODE_SNAT) || hairpin {
         return new_snat_flow(ctx, config, ip, flow, service, &backend);
     }
@@ -529,11 +530,10 @@ fn snat_reply_to_client(ctx: &TcContext, flow: &Flow, value: &CtValue) -> i32 {
     route::forward(ctx, value.nat_ip_be, value.snat_ip_be)
 }
 
-/// The InternalIP (network order) of the node whose pod CIDR holds
-/// `address_be`, if any.
+/// Whether `address_be` is in a node's pod CIDR.
 #[inline(always)]
-fn pods_node(address_be: u32) -> Option<u32> {
-    POD_CIDRS.get(LpmKey::new(32, address_be)).copied()
+fn is_pod(address_be: u32) -> bool {
+    POD_CIDRS.get(LpmKey::new(32, address_be)).is_some()
 }
 
 #[inline(always)]

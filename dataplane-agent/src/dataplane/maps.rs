@@ -299,15 +299,11 @@ impl InterfaceMaps {
     }
 
     /// Makes POD_CIDRS hold exactly the cluster's pod CIDRs, each with its
-    /// node's InternalIP (new and changed ones first, then the stale ones
-    /// removed).
+    /// node's InternalIP: stale entries go first, so a full map makes room,
+    /// and one failed insert does not keep the others out (the first error
+    /// is returned).
     pub fn set_pod_cidrs(&mut self, cidrs: &BTreeMap<SourceRange, Ipv4Addr>) -> Result<()> {
         let key_of = |cidr: &SourceRange| LpmKey::new(u32::from(cidr.prefix_len), ipv4_be(cidr.ip));
-        for (cidr, node) in cidrs {
-            self.pod_cidrs
-                .insert(&key_of(cidr), ipv4_be(*node), 0)
-                .with_context(|| format!("adding {cidr} to {}", map_names::POD_CIDRS))?;
-        }
         let wanted: BTreeSet<(u32, u32)> = cidrs
             .keys()
             .map(|cidr| (u32::from(cidr.prefix_len), ipv4_be(cidr.ip)))
@@ -318,11 +314,24 @@ impl InterfaceMaps {
             .filter_map(Result::ok)
             .filter(|key| !wanted.contains(&(key.prefix_len(), key.data())))
             .collect();
+        let mut first_error = None;
         for key in stale {
-            ignore_missing(self.pod_cidrs.remove(&key))
-                .with_context(|| format!("removing a stale entry of {}", map_names::POD_CIDRS))?;
+            if let Err(error) = ignore_missing(self.pod_cidrs.remove(&key)) {
+                first_error.get_or_insert(anyhow::Error::new(error).context(format!(
+                    "removing a stale entry of {}",
+                    map_names::POD_CIDRS
+                )));
+            }
         }
-        Ok(())
+        for (cidr, node) in cidrs {
+            if let Err(error) = self.pod_cidrs.insert(&key_of(cidr), ipv4_be(*node), 0) {
+                first_error.get_or_insert(
+                    anyhow::Error::new(error)
+                        .context(format!("adding {cidr} to {}", map_names::POD_CIDRS)),
+                );
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Makes TUNNEL_PEERS hold exactly the cluster's node `addresses`.
