@@ -120,6 +120,21 @@ impl Kind {
 /// before `a/x`, and pages and continue tokens follow it.
 type ObjectKey = (Kind, String);
 
+/// Whether `new` is `old` again, apart from what the server sets itself
+/// (uid, resourceVersion).
+fn unchanged(old: &Value, new: &Value) -> bool {
+    let mut new = new.clone();
+    if let Some(metadata) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+        for field in ["uid", "resourceVersion"] {
+            match old["metadata"].get(field) {
+                Some(value) => metadata.insert(field.into(), value.clone()),
+                None => metadata.remove(field),
+            };
+        }
+    }
+    *old == new
+}
+
 fn storage_key(namespace: &str, name: &str) -> String {
     match namespace {
         "" => name.to_owned(),
@@ -410,6 +425,16 @@ current-context: standin
         };
         Ok(self.shared.update(|store| {
             let key = (kind, storage_key(&namespace, &name));
+            if let Some(old) = store.current(&key)
+                && unchanged(old, &object)
+            {
+                // As the API server's no-op update: no new resourceVersion,
+                // no event.
+                return old["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|rv| rv.parse().ok())
+                    .unwrap_or(store.resource_version);
+            }
             let (change, uid) = match store.current(&key) {
                 Some(old) => ("MODIFIED", old["metadata"]["uid"].clone()),
                 // Real objects always carry a uid, and some clients key by it.

@@ -240,6 +240,26 @@ fn applying_again_modifies_and_keeps_the_uid() -> Result<()> {
 }
 
 #[test]
+fn applying_the_same_object_again_is_a_no_op_without_an_event() -> Result<()> {
+    let server = ApiServer::start(None)?;
+    let first = server.apply(service("web", "default", json!({})))?;
+    // As the API server: an update that changes nothing keeps the
+    // resourceVersion and tells no watcher.
+    assert_eq!(server.apply(service("web", "default", json!({})))?, first);
+    let changed = server.apply(service("web", "default", json!({"app": "web"})))?;
+    assert_eq!(changed, first + 1);
+    let mut watch = get(
+        &server,
+        &format!("/api/v1/namespaces/default/services?watch=1&resourceVersion={first}"),
+    )?;
+    assert_eq!(
+        summary(&watch.expect_event()?),
+        ("MODIFIED".into(), "web".into(), changed.to_string())
+    );
+    Ok(())
+}
+
+#[test]
 fn label_selectors_filter_like_kube_proxy_asks() -> Result<()> {
     let server = ApiServer::start(None)?;
     server.apply_all([
