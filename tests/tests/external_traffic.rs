@@ -95,10 +95,16 @@ fn serving_both_pods(agent_args: &[&str]) -> Setup {
 /// `agent_args`.
 fn serving(service: Svc, agent_args: &[&str]) -> Setup {
     let setup = two_nodes();
-    let yaml = manifests(&setup, service, &both_pods(&setup));
+    start_serving(&setup, service, &both_pods(&setup), agent_args);
+    setup
+}
+
+/// Writes the manifests of `service` on `endpoints` and starts the agents
+/// with `agent_args`.
+fn start_serving(setup: &Setup, service: Svc, endpoints: &[Ep], agent_args: &[&str]) {
+    let yaml = manifests(setup, service, endpoints);
     setup.cluster.write_manifest("web.yaml", &yaml).unwrap();
     setup.cluster.start_agents(agent_args).unwrap();
-    setup
 }
 
 /// `web` as a LoadBalancer with LB_IP and the externalIP EXTERNAL_IP.
@@ -1025,17 +1031,19 @@ fn nodeport_addresses_select_the_serving_addresses_and_follow_address_changes_at
     let c = &setup.cluster;
     // node-1 has a second address outside the selected prefix.
     node_address(c, 0, "add", "192.0.2.51");
-    let yaml = manifests(&setup, web("NodePort"), &both_pods(&setup));
-    c.write_manifest("web.yaml", &yaml).unwrap();
     // A resync an hour away: only an address event can explain a change
     // taken in during the test.
-    c.start_agents(&[
-        "--nodeport-addresses",
-        "192.0.2.0/28",
-        "--sync-period",
-        "1h",
-    ])
-    .unwrap();
+    start_serving(
+        &setup,
+        web("NodePort"),
+        &both_pods(&setup),
+        &[
+            "--nodeport-addresses",
+            "192.0.2.0/28",
+            "--sync-period",
+            "1h",
+        ],
+    );
     let client_ip = setup.client.ip.to_string();
     let expected = [
         (&setup.pod1, client_ip.clone()),
@@ -1095,10 +1103,12 @@ fn nodeport_addresses_primary_serves_the_node_objects_internal_ip_only() {
     let setup = two_nodes();
     let c = &setup.cluster;
     node_address(c, 0, "add", "192.0.2.51");
-    let yaml = manifests(&setup, web("NodePort"), &both_pods(&setup));
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    c.start_agents(&["--nodeport-addresses", "primary"])
-        .unwrap();
+    start_serving(
+        &setup,
+        web("NodePort"),
+        &both_pods(&setup),
+        &["--nodeport-addresses", "primary"],
+    );
     let primary = format!("{}:{NODE_PORT}", c.node_ip(0));
     // The Node object arrives with the first sync; the address serves
     // from then on.
@@ -1291,14 +1301,8 @@ fn drop_fragmentation_needed(cluster: &Cluster, netns: &str) {
 
 /// `web` on pod2 only: every flow through node-1's nodePort is tunnelled.
 fn tunnelled_only(setup: &Setup, agent_args: &[&str]) {
-    let c = &setup.cluster;
-    let yaml = manifests(
-        setup,
-        web("NodePort"),
-        &[Ep::ready(&setup.pod2).on_node("node-2")],
-    );
-    c.write_manifest("web.yaml", &yaml).unwrap();
-    c.start_agents(agent_args).unwrap();
+    let pod2 = [Ep::ready(&setup.pod2).on_node("node-2")];
+    start_serving(setup, web("NodePort"), &pod2, agent_args);
 }
 
 #[test]
