@@ -35,7 +35,7 @@ use crate::{
     },
     health::{self, Health},
     metrics::{self, Metrics, SyncOutcome},
-    model::{Frontend, Model, NodeInfo, ObjectName, Protocol},
+    model::{Frontend, Model, NodeInfo, ObjectName, Protocol, Skipped},
     service_health::{ServiceHealthServers, ServiceHealthTarget},
     socket_reaper::{self, Reaper},
     source::{
@@ -200,12 +200,12 @@ impl Agent {
         self.check_tunnel_source(&node);
         for service in &recomputed.services {
             for skipped in &service.skipped {
-                warn!(kind = skipped.kind, object = %skipped.object, category = skipped.category.label(), reason = %skipped.reason, "skipping invalid object");
+                log_skipped(skipped);
             }
         }
         for slice in &recomputed.slices {
             for skipped in self.model.slice_problems(slice) {
-                warn!(kind = skipped.kind, object = %skipped.object, category = skipped.category.label(), reason = %skipped.reason, "skipping invalid object");
+                log_skipped(&skipped);
             }
         }
 
@@ -1016,6 +1016,11 @@ pub async fn run(config: RunConfig) -> Result<()> {
     }
     info!("stopping; programs and maps stay pinned and keep serving");
     Ok(())
+}
+
+/// One line per skipped object, when it appears or changes.
+fn log_skipped(skipped: &Skipped) {
+    warn!(kind = skipped.kind, object = %skipped.object, category = skipped.category.label(), reason = %skipped.reason, "skipping invalid object");
 }
 
 /// The addresses of a NODE_IPS content that serve nodePorts.
